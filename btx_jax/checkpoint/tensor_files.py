@@ -1,0 +1,158 @@
+"""Reading and writing directories of safetensors files (single-file or sharded with an index).
+
+Tensors are read lazily one at a time (`safe_open`, memory-mapped), so a converter never holds two full
+copies of a model.  Pickle checkpoints (`pytorch_model*.bin`) can run code when loaded: they are refused
+unless `allow_pickle=True`.  Directories are written atomically: into a temporary sibling, then renamed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the file or tensor."""
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+class TensorReader:
+    """All tensors of a checkpoint directory, by name, read on demand as numpy arrays."""
+
+    def __init__(self, directory: str | Path, prefix: str = "model", allow_pickle: bool = False):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: checkpoint directory not found")
+        self._file_of: dict[str, Path] = {}
+        self._pickled: dict[str, np.ndarray] | None = None
+        single, index = self.directory / f"{prefix}.safetensors", self.directory / f"{prefix}.safetensors.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map'")
+            files = {name: self.directory / f for name, f in weight_map.items()}
+        elif single.is_file():
+            files = None
+            self._index_file(single)
+        else:
+            self._load_pickle(prefix, allow_pickle)
+            return
+        if files is not None:
+            for f in sorted(set(files.values())):
+                self._index_file(f)
+            missing = [n for n, f in files.items() if self._file_of.get(n) != f]
+            if missing:
+                raise CheckpointError(f"{index}: tensor {missing[0]!r} is not in {files[missing[0]].name}")
+
+    def _index_file(self, path: Path) -> None:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file not found")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                for name in f.keys():
+                    self._file_of[name] = path
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from None
+
+    def _load_pickle(self, prefix: str, allow_pickle: bool) -> None:
+        bins = sorted(self.directory.glob("pytorch_model*.bin")) + sorted(self.directory.glob(f"{prefix}*.bin"))
+        if not bins:
+            raise CheckpointError(f"{self.directory}: no {prefix}.safetensors, "
+                                  f"{prefix}.safetensors.index.json or pytorch_model.bin found")
+        if not allow_pickle:
+            raise CheckpointError(f"{bins[0]}: pickle checkpoint refused (loading it can execute code); "
+                                  "convert it to safetensors or pass --allow-pickle / allow_pickle=True")
+        try:
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{bins[0]}: reading a pickle checkpoint needs torch installed") from None
+        self._pickled = {}
+        for b in bins:
+            for k, v in torch.load(b, map_location="cpu", weights_only=False).items():
+                self._pickled[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+                self._file_of[k] = b
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.directory}: missing tensor {name!r}")
+        if self._pickled is not None:
+            return self._pickled[name]
+        with safe_open(str(self._file_of[name]), framework="numpy") as f:
+            return f.get_tensor(name)
+
+
+def write_tensors(directory: Path, tensors: Iterator[tuple[str, np.ndarray]], prefix: str = "model",
+                  max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write (name, array) pairs as `{prefix}.safetensors`, or as numbered shards plus an index file when
+    the total exceeds `max_shard_bytes`.  Arrays are consumed one shard at a time."""
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size, total = 0, 0
+    paths = []
+
+    def flush():
+        nonlocal size
+        if shards[-1] or not paths:
+            path = directory / f"{prefix}-{len(paths) + 1:05d}.safetensors"
+            save_file(shards[-1], str(path), metadata={"format": "pt"})
+            paths.append((path, list(shards[-1])))
+        shards[-1] = {}
+        size = 0
+
+    for name, arr in tensors:
+        arr = np.ascontiguousarray(arr)
+        if size and size + arr.nbytes > max_shard_bytes:
+            flush()
+        shards[-1][name] = arr
+        size += arr.nbytes
+        total += arr.nbytes
+    flush()
+    if len(paths) == 1:
+        paths[0][0].rename(directory / f"{prefix}.safetensors")
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(paths):
+        final = directory / f"{prefix}-{i + 1:05d}-of-{len(paths):05d}.safetensors"
+        path.rename(final)
+        weight_map.update({n: final.name for n in names})
+    (directory / f"{prefix}.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error it is removed."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst}: destination already exists")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,214 @@
+"""Model configuration: Llama architecture plus the optional LoRA / LoRA-MoE adapter spec.
+
+`LlamaConfig.from_hf(dict)` reads a Hugging Face `config.json` (Llama 2, Llama 3.x, and transformers 5's
+`rope_parameters` layout); `to_hf()` writes one back.  `AdapterSpec` describes the LoRA experts on the
+linears (one expert = plain LoRA; several experts + router = mergoo-style LoRA-MoE).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
+
+
+class ConfigError(ValueError):
+    """A configuration (config.json, adapter_config.json, btx config) that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSpec:
+    """One LoRA expert. `rank_pattern`/`alpha_pattern` override rank/alpha per target (PEFT semantics)."""
+    rank: int
+    alpha: float
+    rslora: bool = False
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+
+    def rank_for(self, target: str) -> int:
+        return dict(self.rank_pattern).get(target, self.rank)
+
+    def scale_for(self, target: str) -> float:
+        r, a = self.rank_for(target), dict(self.alpha_pattern).get(target, self.alpha)
+        return a / math.sqrt(r) if self.rslora else a / r
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """LoRA experts on `targets`. With `router=False` there must be exactly one expert (plain LoRA);
+    with `router=True` every target linear gets a router on its own input width (mergoo LoRA-MoE)."""
+    targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    experts: tuple[ExpertSpec, ...] = (ExpertSpec(rank=8, alpha=16.0),)
+    dropout: float = 0.0
+    router: bool = False
+    top_k: int = 2
+    seed_expert: bool = False          # a LoRA-free expert the router may pick (BTX keeps the seed FFN)
+    router_jitter: float = 0.0         # multiplicative input jitter during training (Switch)
+    router_layers: tuple[int, ...] | None = None   # mergoo's router_layers_index; None = every layer
+    init: str = "kaiming"              # LoRA A init: "kaiming" (PEFT default) or "gaussian"
+
+    @property
+    def num_choices(self) -> int:
+        """Router outputs: one per LoRA expert, plus the seed expert when enabled."""
+        return len(self.experts) + int(self.seed_expert)
+
+    def validate(self, num_layers: int) -> None:
+        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        if bad:
+            raise ConfigError(f"LoRA target module {bad[0]!r} does not exist in a Llama layer "
+                              f"(valid: {', '.join(ALL_TARGETS)})")
+        if not self.experts:
+            raise ConfigError("adapter spec has no experts")
+        if not self.router and len(self.experts) != 1:
+            raise ConfigError(f"{len(self.experts)} LoRA experts need a router (router=True)")
+        if self.router and not 1 <= self.top_k <= self.num_choices:
+            raise ConfigError(f"top_k={self.top_k} must be between 1 and the number of experts "
+                              f"({self.num_choices})")
+        if self.router_layers is not None and any(not 0 <= i < num_layers for i in self.router_layers):
+            raise ConfigError(f"router_layers {list(self.router_layers)} out of range for {num_layers} layers")
+
+    def ranks(self, target: str) -> tuple[int, ...]:
+        return tuple(e.rank_for(target) for e in self.experts)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None   # frozen dict items
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    adapter: AdapterSpec | None = None
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_kv_heads}")
+        if self.adapter is not None:
+            self.adapter.validate(self.num_layers)
+
+    @property
+    def rope_scaling_dict(self) -> dict | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    def replace(self, **kw) -> "LlamaConfig":
+        return dataclasses.replace(self, **kw)
+
+    def in_out(self, target: str) -> tuple[int, int]:
+        """(input width, output width) of a target linear."""
+        h, q, kv, m = (self.hidden_size, self.num_heads * self.head_dim,
+                       self.num_kv_heads * self.head_dim, self.intermediate_size)
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}[target]
+
+    # ---- Hugging Face config.json ----
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "LlamaConfig":
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type")
+        if model_type != "llama" or (archs and not any(a.startswith("Llama") for a in archs)):
+            name = archs[0] if archs else model_type
+            raise ConfigError(f"{source}: architecture {name!r} is not Llama (model_type={model_type!r}); "
+                              "btx_jax only supports LlamaForCausalLM")
+        try:
+            heads = int(hf["num_attention_heads"])
+            hidden = int(hf["hidden_size"])
+            rope_theta, rope_scaling = _rope_from_hf(hf)
+            return cls(
+                vocab_size=int(hf["vocab_size"]), hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
+                num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
+                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                bos_token_id=hf.get("bos_token_id"), eos_token_id=_hashable(hf.get("eos_token_id")))
+        except KeyError as e:
+            raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise ConfigError(f"{source}: {e}") from None
+            raise ConfigError(f"{source}: bad value ({e})") from None
+
+    def to_hf(self) -> dict:
+        hf = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling_dict,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": False,
+            "mlp_bias": False, "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+        }
+        return hf
+
+
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, tuple | None]:
+    """rope_theta and rope_scaling from either the classic top-level keys (Llama 2 / 3.x hub configs)
+    or transformers 5's `rope_parameters` dict."""
+    params = hf.get("rope_parameters")
+    scaling = hf.get("rope_scaling")
+    theta = hf.get("rope_theta")
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", theta)
+        if params.get("rope_type", "default") != "default":
+            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    theta = float(theta if theta is not None else 10000.0)
+    if not scaling:
+        return theta, None
+    scaling = dict(scaling)
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind not in ("linear", "llama3"):
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported (supported: linear, llama3)")
+    scaling["rope_type"] = kind
+    scaling.pop("type", None)
+    return theta, tuple(sorted((k, _hashable(v)) for k, v in scaling.items()))
+
+
+def config_to_dict(config: LlamaConfig) -> dict:
+    """JSON-able dict of a LlamaConfig (adapter included); inverse of `config_from_dict`."""
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict) -> LlamaConfig:
+    d = dict(d)
+    adapter = d.pop("adapter", None)
+    if adapter is not None:
+        adapter = dict(adapter)
+        adapter["experts"] = tuple(
+            ExpertSpec(**{**e, "rank_pattern": tuple(map(tuple, e.get("rank_pattern", ()))),
+                          "alpha_pattern": tuple(map(tuple, e.get("alpha_pattern", ())))})
+            for e in adapter["experts"])
+        adapter["targets"] = tuple(adapter["targets"])
+        if adapter.get("router_layers") is not None:
+            adapter["router_layers"] = tuple(adapter["router_layers"])
+        adapter = AdapterSpec(**adapter)
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = tuple((k, _hashable(v)) for k, v in d["rope_scaling"])
+    d["eos_token_id"] = _hashable(d.get("eos_token_id"))
+    try:
+        return LlamaConfig(**d, adapter=adapter)
+    except TypeError as e:
+        raise ConfigError(f"btx config: {e}") from None

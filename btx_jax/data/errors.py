@@ -1,0 +1,6 @@
+"""The one exception type of the data pipeline."""
+
+
+class DataError(ValueError):
+  """Bad data input (missing file, wrong field, empty dataset, bad ratios, bad encoding, tokenizer
+  too large for the model). The message is one line and names the file or field."""

@@ -1,0 +1,46 @@
+"""Autoregressive generation with a KV cache: one prefill pass, then one token per step (the prefix is
+never recomputed).  Greedy when temperature is 0, else temperature + nucleus (top-p) sampling."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from btx_jax.model import Llama, init_cache
+
+
+def sample_token(logits_BV: jnp.ndarray, rng, temperature: float, top_p: float) -> jnp.ndarray:
+    if temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logits_BV = logits_BV / temperature
+    if top_p < 1.0:
+        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+        cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+        # smallest logit still inside the nucleus (the top token always is)
+        cutoff_idx = jnp.sum(cum_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1) - 1
+        cutoff_B = jnp.take_along_axis(sorted_BV, cutoff_idx[:, None], axis=-1)
+        logits_BV = jnp.where(logits_BV < cutoff_B, -jnp.inf, logits_BV)
+    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p"))
+def generate(model: Llama, params, input_ids_BT, rng, *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0) -> jnp.ndarray:
+    """[B, T + max_new_tokens] tokens: the prompt followed by the generated ones."""
+    B, T = input_ids_BT.shape
+    cache = init_cache(model.config, B, T + max_new_tokens, model.dtype)
+    logits, cache = model.apply({"params": params}, input_ids_BT, cache=cache, cache_index=0)
+    rng, sub = jax.random.split(rng)
+    first_B = sample_token(logits[:, -1], sub, temperature, top_p)
+    out_BN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first_B)
+
+    def step(i, carry):
+        out_BN, cache, rng = carry
+        prev_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
+        logits, cache = model.apply({"params": params}, prev_B1, cache=cache, cache_index=T + i - 1)
+        rng, sub = jax.random.split(rng)
+        return out_BN.at[:, i].set(sample_token(logits[:, -1], sub, temperature, top_p)), cache, rng
+
+    out_BN, _, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out_BN, cache, rng))
+    return jnp.concatenate([input_ids_BT.astype(jnp.int32), out_BN], axis=1)

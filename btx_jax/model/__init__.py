@@ -1,0 +1,27 @@
+"""Flax Llama with LoRA / LoRA-MoE linears."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from btx_jax.config import LlamaConfig
+from btx_jax.model.llama import Llama, init_cache, routed_layers
+from btx_jax.model.lora import summarize_aux
+
+__all__ = ["Llama", "init_cache", "routed_layers", "summarize_aux", "init_params", "abstract_params"]
+
+
+def _init(config: LlamaConfig, rng, param_dtype):
+    model = Llama(config, param_dtype=param_dtype)
+    return model.init({"params": rng}, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_params(config: LlamaConfig, rng=None, param_dtype=jnp.float32) -> dict:
+    """Random parameters (HF-like init: normal(0.02), norms 1, LoRA A kaiming / B zero)."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    return jax.jit(_init, static_argnums=(0, 2))(config, rng, param_dtype)
+
+
+def abstract_params(config: LlamaConfig, param_dtype=jnp.float32) -> dict:
+    """ShapeDtypeStruct tree of the parameters; nothing is allocated (works for 7B on a laptop)."""
+    return jax.eval_shape(lambda rng: _init(config, rng, param_dtype), jax.random.PRNGKey(0))

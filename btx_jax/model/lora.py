@@ -1,0 +1,126 @@
+"""The linear layer of every projection: base kernel, optionally LoRA, optionally LoRA-MoE.
+
+One expert without router is plain LoRA:  y = x W + dropout(x) A B s.
+Several experts with a router is mergoo's LoRA-MoE: the base is always applied, a bias-free router on the
+layer's OWN input width (so down_proj routes too) picks the top-k experts, softmax over the k selected
+logits, y = x W + sum_{i in top-k} g_i * dropout(x) A_i B_i s_i.
+The experts' A and B are concatenated along the rank axis (`lora_a` [in, R], `lora_b` [R, out] with
+R = sum of ranks), so any number of experts costs two extra matmuls; the router's gates are spread over the
+rank columns by a constant [E, R] matrix, so there are no per-token gathers and no loop over experts.
+
+Auxiliary outputs are sown into the `aux` collection (per layer when scanned): the Switch/BTX load-balancing
+term N * sum_i f_i p_i, the router z-loss, and the fraction of tokens routed to each expert.
+"""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from btx_jax.config import AdapterSpec
+
+
+def kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
+    """PEFT/torch nn.Linear default for lora_A: kaiming_uniform(a=sqrt(5)) -> U(-1/sqrt(fan_in), ...)."""
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def expert_columns(spec: AdapterSpec, target: str) -> tuple[np.ndarray, np.ndarray]:
+    """([E, R] one-hot of which expert owns each rank column, [R] per-column LoRA scale)."""
+    ranks = spec.ranks(target)
+    owner_ER = np.zeros((spec.num_choices, sum(ranks)), np.float32)
+    scale_R = np.zeros((sum(ranks),), np.float32)
+    start = 0
+    for i, (r, e) in enumerate(zip(ranks, spec.experts)):
+        owner_ER[i, start:start + r] = 1.0
+        scale_R[start:start + r] = e.scale_for(target)
+        start += r
+    return owner_ER, scale_R
+
+
+def route(logits_BTE: jnp.ndarray, top_k: int) -> jnp.ndarray:
+    """Dense [.., E] gates: softmax over the top-k logits, zero elsewhere (fp32)."""
+    top_vals, top_idx = jax.lax.top_k(logits_BTE, top_k)
+    weights = jax.nn.softmax(top_vals, axis=-1)
+    return jnp.sum(jax.nn.one_hot(top_idx, logits_BTE.shape[-1], dtype=jnp.float32) * weights[..., None],
+                   axis=-2)
+
+
+def router_aux(logits_BTE: jnp.ndarray, gates_BTE: jnp.ndarray, mask_BT: jnp.ndarray, top_k: int) -> dict:
+    """Load balancing N * sum_i f_i p_i (f_i: share of routed token-slots, p_i: mean router probability),
+    z-loss mean(logsumexp^2), and f_i itself, over the tokens where mask is 1."""
+    num_experts = logits_BTE.shape[-1]
+    m = mask_BT[..., None].astype(jnp.float32)
+    denom = jnp.maximum(jnp.sum(m), 1.0)
+    frac_E = jnp.sum((gates_BTE > 0) * m, axis=(0, 1)) / (denom * top_k)
+    prob_E = jnp.sum(jax.nn.softmax(logits_BTE, axis=-1) * m, axis=(0, 1)) / denom
+    z = jnp.sum(jax.nn.logsumexp(logits_BTE, axis=-1) ** 2 * mask_BT) / denom
+    return {"lb_loss": num_experts * jnp.sum(frac_E * prob_E), "z_loss": z, "expert_frac": frac_E}
+
+
+class Linear(nn.Module):
+    """Projection `target` (q_proj ... down_proj) with kernel [in, out] and the adapter's LoRA experts."""
+    features: int
+    target: str
+    adapter: AdapterSpec | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTI: jnp.ndarray, routed: jnp.ndarray | float = 1.0,
+                 token_mask_BT: jnp.ndarray | None = None) -> jnp.ndarray:
+        in_dim = x_BTI.shape[-1]
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (in_dim, self.features), self.param_dtype)
+        x = x_BTI.astype(self.dtype)
+        y_BTO = x @ kernel.astype(self.dtype)
+        spec = self.adapter
+        if spec is None or self.target not in spec.targets:
+            return y_BTO
+        owner_ER, scale_R = expert_columns(spec, self.target)
+        init_a = kaiming_uniform_a_sqrt5 if spec.init == "kaiming" else nn.initializers.normal(1.0 / owner_ER.shape[1])
+        lora_a = self.param("lora_a", init_a, (in_dim, owner_ER.shape[1]), self.param_dtype)
+        lora_b = self.param("lora_b", nn.initializers.zeros, (owner_ER.shape[1], self.features), self.param_dtype)
+        col_BTR = jnp.asarray(scale_R)
+        if spec.router:
+            col_BTR = col_BTR * self._gates(x_BTI, in_dim, token_mask_BT, routed) @ jnp.asarray(owner_ER)
+        x_lora = nn.Dropout(spec.dropout, deterministic=self.deterministic)(x) if spec.dropout else x
+        h_BTR = (x_lora @ lora_a.astype(self.dtype)).astype(jnp.float32) * col_BTR
+        delta_BTO = h_BTR.astype(self.dtype) @ lora_b.astype(self.dtype)
+        return y_BTO + (delta_BTO * jnp.asarray(routed, self.dtype)).astype(y_BTO.dtype)
+
+    def _gates(self, x_BTI, in_dim, token_mask_BT, routed) -> jnp.ndarray:
+        spec = self.adapter
+        router = self.param("router", nn.initializers.normal(0.02), (in_dim, spec.num_choices), self.param_dtype)
+        x32 = x_BTI.astype(jnp.float32)
+        if spec.router_jitter and not self.deterministic:
+            eps = spec.router_jitter
+            x32 = x32 * jax.random.uniform(self.make_rng("dropout"), x32.shape, jnp.float32, 1 - eps, 1 + eps)
+        logits_BTE = x32 @ router.astype(jnp.float32)
+        gates_BTE = route(logits_BTE, spec.top_k)
+        mask = jnp.ones(x_BTI.shape[:2], jnp.float32) if token_mask_BT is None else token_mask_BT
+        for name, value in router_aux(logits_BTE, gates_BTE, mask, spec.top_k).items():
+            self.sow("aux", name, value * jnp.asarray(routed, jnp.float32))
+        return gates_BTE
+
+
+def summarize_aux(aux: dict, spec: AdapterSpec, num_layers: int) -> dict:
+    """Collapse the sown `aux` tree into scalars + routing statistics.
+
+    Returns lb_loss and z_loss averaged over every routed (layer, projection), and `expert_frac`:
+    {target: [layers, experts]} share of routed token-slots per expert (zeros on unrouted layers)."""
+    routed = np.zeros(num_layers, np.float32)
+    routed[list(range(num_layers) if spec.router_layers is None else spec.router_layers)] = 1.0
+    n = max(float(routed.sum()) * len(spec.targets), 1.0)
+    lb = z = 0.0
+    frac = {}
+    for _, block in aux.items():          # attn / mlp
+        for target, stats in block.items():
+            lb = lb + jnp.sum(stats["lb_loss"][0])
+            z = z + jnp.sum(stats["z_loss"][0])
+            frac[target] = stats["expert_frac"][0]
+    return {"lb_loss": lb / n, "z_loss": z / n, "expert_frac": frac}

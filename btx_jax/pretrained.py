@@ -1,0 +1,161 @@
+"""`load_pretrained` / `Pretrained`: the public face of a model (config + params) and its formats.
+
+Formats: `hf` (config.json + safetensors), `btx` (btx_config.json + an orbax checkpoint of the params),
+`peft` (adapter_config.json + adapter_model.safetensors, LoRA only), `mergoo` (LoRA-MoE config.json +
+safetensors).  Loading detects the format from the directory's files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from btx_jax import param_paths
+from btx_jax.checkpoint import hf as hf_format
+from btx_jax.checkpoint.tensor_files import CheckpointError, atomic_directory, read_json, write_tensors
+from btx_jax.config import LlamaConfig, config_from_dict, config_to_dict
+from btx_jax.generate import generate as _generate
+from btx_jax.model import Llama
+
+BTX_CONFIG = "btx_config.json"
+FORMATS = ("hf", "btx", "peft", "mergoo")
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A Llama (optionally with LoRA / LoRA-MoE) ready for inference, export or training."""
+    config: LlamaConfig
+    params: dict
+    dtype: jnp.dtype = jnp.float32          # compute dtype
+
+    def model(self, deterministic: bool = True, remat: str = "none") -> Llama:
+        param_dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
+        return Llama(self.config, dtype=self.dtype, param_dtype=param_dtype, remat=remat,
+                     deterministic=deterministic)
+
+    def logits(self, input_ids) -> np.ndarray:
+        """fp32 logits [batch, seq, vocab] for int token ids [batch, seq]."""
+        ids = jnp.asarray(np.asarray(input_ids, dtype=np.int32))
+        return np.asarray(_logits(self.model(), self.params, ids), dtype=np.float32)
+
+    def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0) -> np.ndarray:
+        """Prompt + `max_new_tokens` generated tokens, [batch, seq + max_new_tokens] (KV-cached)."""
+        ids = jnp.asarray(np.asarray(input_ids, dtype=np.int32))
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {list(ids.shape)}")
+        return np.asarray(_generate(self.model(), self.params, ids, jax.random.PRNGKey(seed),
+                                    max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                                    top_p=float(top_p)))
+
+    def flat_numpy(self) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in param_paths.flatten(self.params).items()}
+
+    def save_pretrained(self, dst: str | Path, format: str = "hf", *, merge_lora: bool = False,
+                        overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> Path:
+        """Write the model as `format` into `dst` (atomically: nothing is left at dst on error)."""
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
+        dst = Path(dst)
+        with atomic_directory(dst, overwrite=overwrite) as tmp:
+            if format == "btx":
+                save_btx(tmp, self)
+            elif format == "hf":
+                save_hf(tmp, self, merge_lora=merge_lora, max_shard_bytes=max_shard_bytes)
+            elif format == "peft":
+                from btx_jax.checkpoint import peft
+                peft.save(tmp, self)
+            else:
+                from btx_jax.checkpoint import mergoo
+                mergoo.save(tmp, self, max_shard_bytes=max_shard_bytes)
+        return dst
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model: Llama, params, ids_BT):
+    return model.apply({"params": params}, ids_BT)
+
+
+def save_hf(directory: Path, pre: Pretrained, *, merge_lora: bool = False,
+            max_shard_bytes: int = 5 * 2**30) -> None:
+    flat = pre.flat_numpy()
+    config = pre.config
+    if config.adapter is not None:
+        if not merge_lora:
+            raise CheckpointError("this model has LoRA adapters: save with merge_lora=True (fold them into the "
+                                  "base weights), format='peft' (adapter only) or format='mergoo' (LoRA-MoE)")
+        from btx_jax.checkpoint.peft import merged_kernels
+        flat = merged_kernels(flat, config)
+        config = config.replace(adapter=None)
+    (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
+    write_tensors(directory, hf_format.export_tensors(flat, config, lambda p: True),
+                  max_shard_bytes=max_shard_bytes)
+
+
+def save_btx(directory: Path, pre: Pretrained) -> None:
+    import orbax.checkpoint as ocp
+    (directory / BTX_CONFIG).write_text(json.dumps(config_to_dict(pre.config), indent=2))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save((directory / "params").absolute(), pre.params)
+
+
+def load_btx(directory: Path, dtype=None) -> Pretrained:
+    import orbax.checkpoint as ocp
+    config = config_from_dict(read_json(directory / BTX_CONFIG))
+    if not (directory / "params").is_dir():
+        raise CheckpointError(f"{directory / 'params'}: orbax checkpoint directory not found")
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore((directory / "params").absolute())
+    return _finish(config, param_paths.flatten(params), dtype)
+
+
+def _finish(config: LlamaConfig, flat: dict[str, np.ndarray], dtype) -> Pretrained:
+    """Pretrained from {path: array}: params in `dtype` (default fp32), compute in the same dtype."""
+    dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
+    params = param_paths.unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()})
+    return Pretrained(config, params, dtype)
+
+
+def detect_format(directory: Path) -> str:
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: model directory not found")
+    if (directory / BTX_CONFIG).is_file():
+        return "btx"
+    if (directory / "adapter_config.json").is_file():
+        return "peft"
+    if (directory / "config.json").is_file():
+        return "mergoo" if "adapter_configs" in read_json(directory / "config.json") else "hf"
+    raise CheckpointError(f"{directory}: no config.json, btx_config.json or adapter_config.json found")
+
+
+def load_pretrained(path: str | Path, *, dtype=None, adapter: str | Path | None = None,
+                    allow_pickle: bool = False, progress: Callable[[int], None] | None = None) -> Pretrained:
+    """Load an HF Llama directory, a mergoo LoRA-MoE directory or a btx_jax checkpoint.
+
+    `adapter`: a PEFT LoRA directory (or btx LoRA checkpoint) applied on top of an HF base.
+    `dtype`: parameter and compute dtype (default: fp32 params, fp32 compute)."""
+    directory = Path(path)
+    fmt = detect_format(directory)
+    if fmt == "peft":
+        raise CheckpointError(f"{directory}: is a PEFT adapter; pass the base model as path and this "
+                              "directory as adapter=")
+    if fmt == "btx":
+        pre = load_btx(directory, dtype)
+    elif fmt == "mergoo":
+        from btx_jax.checkpoint import mergoo
+        config, flat = mergoo.load(directory, dtype=None, allow_pickle=allow_pickle)
+        pre = _finish(config, flat, dtype)
+    else:
+        config, _ = hf_format.read_config(directory)
+        pre = _finish(config, hf_format.load_base(directory, config, allow_pickle=allow_pickle,
+                                                  progress=progress), dtype)
+    if adapter is not None:
+        from btx_jax.checkpoint import peft
+        pre = peft.attach(pre, Path(adapter))
+    return pre

@@ -87,7 +87,7 @@ class Linear(nn.Module):
         lora_b = self.param("lora_b", nn.initializers.zeros, (owner_ER.shape[1], self.features), self.param_dtype)
         col_BTR = jnp.asarray(scale_R)
         if spec.router:
-            col_BTR = col_BTR * self._gates(x_BTI, in_dim, token_mask_BT, routed) @ jnp.asarray(owner_ER)
+            col_BTR = col_BTR * (self._gates(x_BTI, in_dim, token_mask_BT, routed) @ jnp.asarray(owner_ER))
         x_lora = nn.Dropout(spec.dropout, deterministic=self.deterministic)(x) if spec.dropout else x
         h_BTR = (x_lora @ lora_a.astype(self.dtype)).astype(jnp.float32) * col_BTR
         delta_BTO = h_BTR.astype(self.dtype) @ lora_b.astype(self.dtype)

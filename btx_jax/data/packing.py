@@ -139,6 +139,7 @@ class PackedExamples:
     order = order[keep[order]]
     self._rows, self._fill = self._pack(docs, starts[order], keep_len[order] - 1, pad_id)
     self.rows_per_epoch = len(self._fill)
+    self._orders: dict[int, np.ndarray] = {}   # epoch -> row order, for the epochs in use
 
   def _pack(self, docs: TokenizedDocs, starts: np.ndarray, pairs: np.ndarray, pad_id: int):
     """Greedy in-order packing: each example goes to the current row if it fits, else a new one."""
@@ -168,8 +169,11 @@ class PackedExamples:
       return index
     out = np.empty_like(index)
     for e in np.unique(epoch):
-      sel = epoch == e
-      out[sel] = source_rng(self.seed, self.name, 1, int(e)).permutation(self.rows_per_epoch)[index[sel]]
+      if int(e) not in self._orders:
+        if len(self._orders) >= 2:
+          self._orders.pop(min(self._orders))
+        self._orders[int(e)] = source_rng(self.seed, self.name, 1, int(e)).permutation(self.rows_per_epoch)
+      out[epoch == e] = self._orders[int(e)][index[epoch == e]]
     return out
 
   def epochs_done(self, rows: int) -> float:

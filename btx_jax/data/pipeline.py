@@ -78,11 +78,9 @@ def build_store(cfg: dict, source: Source, tokenizer, *, seq_len: int, seed: int
 class Pipeline:
   """Iterator of batches; see the module docstring. Build it with `make_pipeline`."""
 
-  def __init__(self, cfg: dict, stores: list, *, seq_len: int, global_batch_size: int,
-               process_index: int, process_count: int, seed: int, pad_id: int):
-    self.kind = cfg["kind"]
-    self.names = [s.name for s in cfg["sources"]]
-    self.probs = normalize_ratios(self.names, [s.ratio for s in cfg["sources"]])
+  def __init__(self, kind: str, names: list[str], probs: np.ndarray, stores: list, *, seq_len: int,
+               global_batch_size: int, process_index: int, process_count: int, seed: int, pad_id: int):
+    self.kind, self.names, self.probs = kind, names, probs
     self.stores = stores
     self.seq_len, self.global_batch_size, self.seed, self.pad_id = seq_len, global_batch_size, seed, pad_id
     self.local_batch_size = global_batch_size // process_count
@@ -154,9 +152,10 @@ def make_pipeline(cfg: Any, tokenizer, *, seq_len: int, global_batch_size: int, 
   if not 0 <= process_index < process_count:
     raise DataError(f"process_index={process_index} not in [0, {process_count})")
   cfg = parse_config(cfg)
-  normalize_ratios([s.name for s in cfg["sources"]], [s.ratio for s in cfg["sources"]])
+  names = [s.name for s in cfg["sources"]]
+  probs = normalize_ratios(names, [s.ratio for s in cfg["sources"]])  # fail before tokenising
   stores = [build_store(cfg, s, tokenizer, seq_len=seq_len, seed=seed, training=True) for s in cfg["sources"]]
-  return Pipeline(cfg, stores, seq_len=seq_len, global_batch_size=global_batch_size,
+  return Pipeline(cfg["kind"], names, probs, stores, seq_len=seq_len, global_batch_size=global_batch_size,
                   process_index=process_index, process_count=process_count, seed=seed,
                   pad_id=tokenizer.pad_id)
 

@@ -34,9 +34,10 @@ class Pretrained:
     params: dict
     dtype: jnp.dtype = jnp.float32          # compute dtype
 
-    def model(self, deterministic: bool = True, remat: str = "none") -> Llama:
+    def model(self, deterministic: bool = True, remat: str = "none", dtype=None) -> Llama:
+        """The Flax module (compute dtype `dtype`, default this model's)."""
         param_dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
-        return Llama(self.config, dtype=self.dtype, param_dtype=param_dtype, remat=remat,
+        return Llama(self.config, dtype=jnp.dtype(dtype or self.dtype), param_dtype=param_dtype, remat=remat,
                      deterministic=deterministic)
 
     def logits(self, input_ids) -> np.ndarray:

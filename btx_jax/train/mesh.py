@@ -1,0 +1,97 @@
+"""Device mesh and sharding: logical axis names (btx_jax/param_paths.py) -> mesh axes by swappable rules.
+
+Mesh axes are `data`, `fsdp` and `tensor`. A rule maps a logical axis to a tuple of mesh axes; for each
+weight, dimensions are visited left to right and take the rule's mesh axes not already used by an earlier
+dimension and dividing the dimension.  The FSDP default shards every weight matrix over `fsdp` on one
+dimension; batches are sharded over (`data`, `fsdp`).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from btx_jax import param_paths
+from btx_jax.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", ("tensor", "fsdp")),
+    ("embed", ("fsdp",)),
+    ("mlp", ("tensor", "fsdp")),
+    ("q_heads", ("tensor", "fsdp")),
+    ("kv_heads", ("tensor", "fsdp")),
+    ("lora_rank", ()),
+    ("experts", ()),
+    ("layers", ()),
+    ("norm", ()),
+)
+
+
+def mesh_shape(sizes: dict, num_devices: int) -> tuple[int, ...]:
+    """Resolve axis sizes (one may be -1 = the rest) against the device count; ConfigError if impossible."""
+    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    fill = [i for i, s in enumerate(shape) if s == -1]
+    if len(fill) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ConfigError(f"mesh sizes {dict(zip(MESH_AXES, shape))}: at most one axis may be -1, none 0")
+    known = math.prod(s for s in shape if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices are not divisible "
+                              f"by {known}")
+        shape[fill[0]] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, "
+                          f"{num_devices} available")
+    return tuple(shape)
+
+
+def make_mesh(sizes: dict, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(sizes, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def spec_for(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES) -> P:
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        if name not in table:
+            raise ConfigError(f"logical axis {name!r} has no sharding rule")
+        picked = []
+        for mesh_axis in table[name]:
+            size = mesh.shape[mesh_axis]
+            if mesh_axis in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in picked) * size):
+                continue
+            picked.append(mesh_axis)
+        used.update(picked)
+        spec.append(None if not picked else picked[0] if len(picked) == 1 else tuple(picked))
+    return P(*spec)
+
+
+def param_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedSharding for every leaf of a params tree (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: NamedSharding(mesh, spec_for(param_paths.rule_for(param_paths.path_str(kp)).axes,
+                                                      leaf.shape, mesh, rules)), tree)
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    axes = tuple(a for a in dict(rules)["batch"] if mesh.shape[a] > 1)
+    return NamedSharding(mesh, P(axes if axes else None, None))
+
+
+def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+    return math.prod(mesh.shape[a] for a in dict(rules)["batch"])
+
+
+def bytes_per_device(tree, shardings) -> int:
+    """Largest per-device byte count of a (sharded) tree, computed from the shardings' shard shapes."""
+    total = 0
+    for leaf, sh in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
+        total += math.prod(sh.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return total

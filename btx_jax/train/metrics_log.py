@@ -1,0 +1,77 @@
+"""Training output: a start-up summary, a tqdm bar with tokens/s and ETA, `metrics.jsonl` (one JSON object
+per logged step), and TensorBoard event files in the work directory."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+
+def _scalars(metrics: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}/"))
+        elif np.ndim(v) == 0:
+            out[prefix + k] = float(v)
+        else:   # expert load [experts] -> one scalar per expert
+            out.update({f"{prefix}{k}/{i}": float(x) for i, x in enumerate(np.ravel(v))})
+    return out
+
+
+class MetricsLog:
+    def __init__(self, workdir: Path, total_steps: int, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.workdir = Path(workdir)
+        self.tokens = 0.0
+        self.t0 = time.perf_counter()
+        if not enabled:
+            return
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter
+        self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def header(self, cfg: dict, info: dict, mesh) -> None:
+        if not self.enabled:
+            return
+        gib = info["state_bytes_per_device"] / 2**30
+        print(f"[btx] phase={cfg['phase']} mesh={dict(mesh.shape)} devices={mesh.devices.size}\n"
+              f"[btx] parameters: total {info['params_total']:,}  trainable {info['params_trainable']:,}  "
+              f"frozen {info['params_frozen']:,}\n"
+              f"[btx] params+optimizer state per device: {gib:.3f} GiB", flush=True)
+        (self.workdir / "run_info.json").write_text(json.dumps({"config": cfg, **info}, indent=2))
+
+    def step(self, step: int, metrics: dict, seconds: float, log: bool) -> None:
+        self.tokens += float(metrics.get("tokens", 0.0))
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        if not log:
+            return
+        elapsed = time.perf_counter() - self.t0
+        row = _scalars(metrics)
+        row["tokens_per_s"] = self.tokens / max(elapsed, 1e-9)
+        row["step"] = step
+        self.tokens, self.t0 = 0.0, time.perf_counter()
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        for k, v in row.items():
+            if k != "step":
+                self.tb.add_scalar(k, v, step)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+    def footer(self, last: dict, info: dict) -> None:
+        if self.enabled:
+            self.bar.close()
+            print(f"[btx] done: step {last.get('step')} loss {float(last.get('loss', float('nan'))):.4f}", flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.jsonl.close()
+            self.tb.close()

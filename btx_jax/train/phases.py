@@ -1,0 +1,44 @@
+"""Which parameters train in each phase: regex tables over parameter paths (btx_jax/param_paths.py).
+
+    expert  LoRA A/B only (phase 1: one domain expert on the seed model)
+    router  routers + lm_head (phase 2, the seed recipe's choice)
+    sft     everything except the MLP base kernels and the LoRA experts (phase 3, the seed's choice)
+    full    everything (pretraining the seed model)
+
+A config may replace a phase's patterns with `config.trainable`.
+"""
+from __future__ import annotations
+
+from btx_jax import param_paths
+from btx_jax.config import ConfigError
+
+PHASES: dict[str, tuple[str, ...]] = {
+    "expert": (r"layers/\w+/\w+/lora_[ab]",),
+    "router": (r"layers/\w+/\w+/router", r"lm_head"),
+    "sft": (r"embed_tokens", r"lm_head", r"final_norm/scale", r"layers/\w+_norm/scale",
+            r"layers/attn/\w+/kernel", r"layers/\w+/\w+/router"),
+    "full": (r".*",),
+}
+
+
+def trainable_patterns(phase: str, override=None) -> tuple[str, ...]:
+    if override:
+        return tuple(override)
+    if phase not in PHASES:
+        raise ConfigError(f"unknown phase {phase!r} (choose from {', '.join(PHASES)})")
+    return PHASES[phase]
+
+
+def split(params: dict, patterns) -> tuple[dict, dict]:
+    """(trainable, frozen) sub-trees of `params`; ConfigError if nothing is trainable."""
+    flat = param_paths.flatten(params)
+    mask = param_paths.flatten(param_paths.mask_from_patterns(params, patterns))
+    trainable = {k: v for k, v in flat.items() if mask[k]}
+    if not trainable:
+        raise ConfigError(f"trainable patterns {list(patterns)} match no parameter of this model")
+    frozen = {k: v for k, v in flat.items() if not mask[k]}
+    return param_paths.unflatten(trainable), param_paths.unflatten(frozen)
+
+
+def merge(trainable: dict, frozen: dict) -> dict:
+    return param_paths.unflatten({**param_paths.flatten(frozen), **param_paths.flatten(trainable)})

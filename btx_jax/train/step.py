@@ -1,0 +1,81 @@
+"""The jit-compiled train step: token-mean cross-entropy + router aux losses, gradients with respect to the
+trainable sub-tree only, gradient accumulation over microbatches with `lax.scan`, one optimizer update.
+
+State is a plain dict pytree {step, trainable, frozen, opt_state, rng} (what orbax checkpoints).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from btx_jax.model import Llama, summarize_aux
+from btx_jax.train.phases import merge
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def forward(model: Llama, params, batch, rng=None):
+    """(fp32 logits [B, T, V], aux dict) for one batch; aux holds lb_loss, z_loss, expert_frac."""
+    rngs = {"dropout": rng} if rng is not None else {}
+    logits, variables = model.apply({"params": params}, batch["inputs"], batch["positions"],
+                                    batch["segment_ids"], rngs=rngs, mutable=["aux"])
+    spec = model.config.adapter
+    if spec is None or not spec.router:
+        return logits, {}
+    return logits, summarize_aux(variables["aux"]["layers"], spec, model.config.num_layers)
+
+
+def token_losses(logits_BTV, batch):
+    """(sum of masked token cross-entropies, number of masked tokens)."""
+    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(ce_BT * mask), jnp.sum(mask)
+
+
+def make_train_step(model: Llama, tx: optax.GradientTransformation, *, microbatches: int, lb_alpha: float,
+                    z_alpha: float):
+    """step(state, batch) -> (state, metrics).  `batch` arrays are [global_batch, seq]."""
+
+    def loss_fn(trainable, frozen, micro, rng, total_tokens):
+        logits, aux = forward(model, merge(trainable, frozen), micro, rng)
+        ce_sum, _ = token_losses(logits, micro)
+        loss = ce_sum / total_tokens
+        if aux:
+            loss = loss + (lb_alpha * aux["lb_loss"] + z_alpha * aux["z_loss"]) / microbatches
+        return loss, (ce_sum, aux)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state, batch):
+        total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        micro = jax.tree_util.tree_map(
+            lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]), batch)
+        rng, step_rng = jax.random.split(state["rng"])
+
+        def accumulate(grads, xs):
+            mb, i = xs
+            (_, (ce_sum, aux)), g = grad_fn(state["trainable"], state["frozen"], mb,
+                                            jax.random.fold_in(step_rng, i), total_tokens)
+            return jax.tree_util.tree_map(jnp.add, grads, g), (ce_sum, aux)
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state["trainable"])
+        grads, (ce_sums, auxs) = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(microbatches)))
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        ce = jnp.sum(ce_sums) / total_tokens
+        metrics = {"loss": ce, "grad_norm": optax.global_norm(grads), "tokens": total_tokens}
+        if auxs:
+            metrics.update(lb_loss=jnp.mean(auxs["lb_loss"]), z_loss=jnp.mean(auxs["z_loss"]),
+                           expert_frac={t: jnp.mean(f, axis=0) for t, f in auxs["expert_frac"].items()})
+            metrics["total_loss"] = ce + lb_alpha * metrics["lb_loss"] + z_alpha * metrics["z_loss"]
+        new_state = {"step": state["step"] + 1, "trainable": trainable, "frozen": state["frozen"],
+                     "opt_state": opt_state, "rng": rng}
+        return new_state, metrics
+
+    return step
+
+
+def init_state(trainable, frozen, tx, seed: int) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "frozen": frozen,
+            "opt_state": tx.init(trainable), "rng": jax.random.PRNGKey(seed)}

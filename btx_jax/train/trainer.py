@@ -1,0 +1,202 @@
+"""The training loop: config -> mesh, model, phase split, data, jit step, logging, checkpoints, resume.
+
+    train(config, workdir)
+
+Running the same command again resumes from the latest checkpoint in `workdir/checkpoints`.  SIGTERM
+(preemption) saves a checkpoint and exits; a non-finite loss stops with a clear message and keeps the last
+good checkpoint (or is skipped with `train.skip_nonfinite`).  The final parameters are written to
+`workdir/final` as a btx_jax checkpoint, which `load_pretrained` and the next phase read.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from btx_jax import param_paths
+from btx_jax.config import ConfigError
+from btx_jax.pretrained import Pretrained, save_btx
+from btx_jax.checkpoint.tensor_files import atomic_directory
+from btx_jax.train import checkpoints, mesh as mesh_lib, phases
+from btx_jax.train.metrics_log import MetricsLog
+from btx_jax.train.model_init import initial_model
+from btx_jax.train.optim import make_optimizer, schedule
+from btx_jax.train.step import BATCH_KEYS, init_state, make_train_step
+
+log = logging.getLogger("btx_jax.train")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (non-finite loss, ...); the message says what to do."""
+
+
+def resolved(config) -> dict:
+    """The config as plain JSON (what checkpoints store and resume compares)."""
+    return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
+
+
+def validate(cfg: dict, num_devices: int) -> tuple:
+    """Every check that needs no compilation; ConfigError with one line each."""
+    t = cfg["train"]
+    shape = mesh_lib.mesh_shape(cfg["mesh"], num_devices)
+    sizes = dict(zip(mesh_lib.MESH_AXES, shape))
+    rules = tuple((k, tuple(v)) for k, v in (cfg.get("mesh_rules") or mesh_lib.DEFAULT_RULES))
+    dp = int(np.prod([sizes[a] for a in dict(rules)["batch"]]))
+    gb, micro = int(t["global_batch_size"]), int(t["microbatches"])
+    if micro < 1 or gb % micro:
+        raise ConfigError(f"train.global_batch_size={gb} is not divisible by train.microbatches={micro}")
+    if (gb // micro) % dp:
+        raise ConfigError(f"train.global_batch_size/microbatches={gb // micro} is not divisible by the "
+                          f"data-parallel size {dp} (mesh {sizes})")
+    if gb % jax.process_count():
+        raise ConfigError(f"train.global_batch_size={gb} is not divisible by {jax.process_count()} processes")
+    if int(t["steps"]) < 1:
+        raise ConfigError(f"train.steps={t['steps']} must be >= 1")
+    phases.trainable_patterns(cfg["phase"], cfg.get("trainable"))
+    return rules
+
+
+def maybe_initialize_distributed(cfg: dict) -> None:
+    d = cfg.get("distributed") or {}
+    if not d.get("enabled"):
+        return
+    if d.get("cpu_collectives"):
+        jax.config.update("jax_cpu_collectives_implementation", d["cpu_collectives"])
+    kwargs = {k: d[k] for k in ("coordinator_address", "num_processes", "process_id") if d.get(k) is not None}
+    if d.get("local_device_ids") is not None:
+        kwargs["local_device_ids"] = list(d["local_device_ids"])
+    jax.distributed.initialize(**kwargs)
+
+
+def make_data(cfg: dict, vocab_size: int):
+    """The training batch iterator of this process (synthetic tokens when data.kind='synthetic')."""
+    t, d = cfg["train"], dict(cfg["data"])
+    kw = dict(seq_len=int(t["seq_len"]), global_batch_size=int(t["global_batch_size"]),
+              process_index=jax.process_index(), process_count=jax.process_count(), seed=int(t["seed"]))
+    if d.get("kind") == "synthetic":
+        from btx_jax.data.synthetic import SyntheticPipeline
+        return SyntheticPipeline(vocab_size=vocab_size, **kw)
+    from btx_jax.data import load_tokenizer, make_pipeline
+    tokenizer = load_tokenizer(d.pop("tokenizer"))
+    tokenizer.check_fits(vocab_size)
+    return make_pipeline(d, tokenizer, **kw)
+
+
+def summary(pre: Pretrained, trainable, frozen, state_shardings, state) -> dict:
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+    per_dev = mesh_lib.bytes_per_device(state, state_shardings)
+    return {"params_total": count(trainable) + count(frozen), "params_trainable": count(trainable),
+            "params_frozen": count(frozen), "state_bytes_per_device": per_dev,
+            "opt_state_leaves": len(jax.tree_util.tree_leaves(state["opt_state"]))}
+
+
+def train(config, workdir: str | Path) -> dict:
+    """Run (or resume) one training phase; returns the last logged metrics."""
+    cfg = resolved(config)
+    workdir = Path(workdir)
+    maybe_initialize_distributed(cfg)
+    rules = validate(cfg, jax.device_count())
+    t = cfg["train"]
+    mesh = mesh_lib.make_mesh(cfg["mesh"])
+
+    pre = initial_model(cfg["model"], seed=int(t["seed"]))
+    patterns = phases.trainable_patterns(cfg["phase"], cfg.get("trainable"))
+    trainable, frozen = phases.split(pre.params, patterns)
+    frozen = jax.tree_util.tree_map(lambda x: x.astype(t["frozen_dtype"]), frozen)
+    trainable = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), trainable)
+    model = pre.model(deterministic=False, remat=t["remat"], dtype=t["dtype"])
+    tx = make_optimizer(t)
+
+    shard = lambda tree: mesh_lib.param_shardings(tree, mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, trainable)
+    state_shardings = {"step": replicated, "trainable": shard(trainable), "frozen": shard(frozen),
+                       "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract_opt, shard(trainable),
+                                                          transform_non_params=lambda _: replicated),
+                       "rng": replicated}
+    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+    state = jax.jit(lambda tr, fr: init_state(tr, fr, tx, int(t["seed"])), out_shardings=state_shardings)(
+        jax.device_put(trainable, state_shardings["trainable"]), jax.device_put(frozen, state_shardings["frozen"]))
+    del trainable, frozen
+    data = make_data(cfg, pre.config.vocab_size)
+
+    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])
+    start = ckpt.latest_step()
+    if start is not None:
+        checkpoints.check_compatible(ckpt.saved_config(start), cfg, workdir)
+        abstract = checkpoints.abstract_with_shardings(state, state_shardings)
+        state, data_state = ckpt.restore(start, abstract)
+        data.set_state(data_state)
+        print(f"[btx] resumed {workdir} at step {start}", flush=True)
+    start = start or 0
+
+    info = summary(pre, state["trainable"], state["frozen"], state_shardings, state)
+    metrics_log = MetricsLog(workdir, total_steps=int(t["steps"]), start_step=start, enabled=jax.process_index() == 0)
+    metrics_log.header(cfg, info, mesh)
+
+    step_fn = jax.jit(make_train_step(model, tx, microbatches=int(t["microbatches"]), lb_alpha=float(t["lb_alpha"]),
+                                      z_alpha=float(t["z_alpha"])),
+                      in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+                      out_shardings=(state_shardings, None), donate_argnums=0)
+    lr_at = schedule(t)
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+    last = {}
+    try:
+        pending = None
+        for step in range(start, int(t["steps"])):
+            local = next(data)
+            batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
+                     for k in BATCH_KEYS}
+            tic = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                last = _check(pending, metrics_log, lr_at, t)
+            pending = (step + 1, metrics, tic)
+            done = step + 1 == int(t["steps"])
+            if (step + 1) % int(t["ckpt_every"]) == 0 or done or stop["signal"]:
+                last = _check(pending, metrics_log, lr_at, t)
+                pending = None
+                ckpt.save(step + 1, state, data.get_state(), cfg, force=True)
+            if stop["signal"]:
+                ckpt.wait()
+                print(f"[btx] SIGTERM: checkpoint saved at step {step + 1}, exiting", flush=True)
+                raise SystemExit(143)
+        if pending is not None:
+            last = _check(pending, metrics_log, lr_at, t)
+        ckpt.wait()
+        final = Pretrained(pre.config, phases.merge(jax.device_get(state["trainable"]),
+                                                    jax.device_get(state["frozen"])), pre.dtype)
+        if jax.process_index() == 0:
+            with atomic_directory(workdir / "final", overwrite=True) as tmp:
+                save_btx(tmp, final)
+        last["data_stats"] = data.stats()
+        metrics_log.footer(last, info)
+        return last
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ckpt.close()
+        metrics_log.close()
+
+
+def _check(pending, metrics_log: MetricsLog, lr_at, t) -> dict:
+    """Fetch a step's metrics (one step behind the device), log them, stop on a non-finite loss."""
+    step, metrics, tic = pending
+    host = jax.device_get(metrics)
+    loss = float(host["loss"])
+    if not np.isfinite(loss) and not t["skip_nonfinite"]:
+        raise TrainingError(f"non-finite loss {loss} at step {step}: training stopped; the last good checkpoint "
+                            "is kept (lower train.lr, check the data, or set train.skip_nonfinite=True)")
+    host["lr"] = float(lr_at(step - 1))
+    host["step"] = step
+    metrics_log.step(step, host, time.perf_counter() - tic, log=step % int(t["log_every"]) == 0
+                     or step == int(t["steps"]))
+    return host

@@ -1,0 +1,43 @@
+"""Defaults shared by every phase config (read top to bottom; phase files override what differs)."""
+from __future__ import annotations
+
+import ml_collections
+
+# Architectures by name: the seed's Llama-2-7B and CPU-sized ones for the demo and tests.
+ARCHS = {
+    "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                      num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096),
+    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
+                 num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, max_position_embeddings=1024),
+    "bench": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
+                  num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=2048),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.phase = "full"                      # expert | router | sft | full  (btx_jax/train/phases.py)
+    c.trainable = ()                      # regexes over parameter paths; empty = the phase's table
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init = "random"               # "random" or a model directory (HF, mergoo, btx)
+    c.model.arch = ml_collections.ConfigDict(ARCHS["tiny"])   # used when init="random"
+    c.model.lora = ml_collections.ConfigDict({})             # phase 1: fresh LoRA (targets, rank, alpha, ...)
+    c.model.compose = ml_collections.ConfigDict({})          # phase 2: experts, top_k, seed_expert, router_init
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.mesh_rules = ()                     # () = btx_jax.train.mesh.DEFAULT_RULES
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=100, global_batch_size=8, microbatches=1, seq_len=256,
+        lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0,
+        b1=0.9, b2=0.95, eps=1e-8,
+        lb_alpha=0.01, z_alpha=0.0,      # router aux losses (BTX: load balancing 0.01)
+        dtype="float32", frozen_dtype="float32", remat="none",
+        skip_nonfinite=False, max_consecutive_nonfinite=5,
+        seed=0, log_every=10, ckpt_every=50, keep_checkpoints=2,
+    ))
+    c.data = ml_collections.ConfigDict(dict(kind="synthetic"))
+    c.distributed = ml_collections.ConfigDict(dict(
+        enabled=False, coordinator_address="", num_processes=1, process_id=0, cpu_collectives=""))
+    return c

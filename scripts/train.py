@@ -1,0 +1,29 @@
+"""Train one phase:  python scripts/train.py --config=configs/expert.py:wiki --workdir=runs/wiki
+
+Overrides: --config.train.steps=100.  Rerunning the same command resumes from the latest checkpoint."""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from btx_jax.cli import run_cli  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "phase config file (configs/<phase>.py[:preset])")
+_WORKDIR = flags.DEFINE_string("workdir", None, "work directory (checkpoints, metrics.jsonl, final/)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)   # orbax logs every file at INFO
+    from btx_jax.train.trainer import train
+    run_cli(lambda: train(_CONFIG.value, _WORKDIR.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

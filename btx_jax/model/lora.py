@@ -29,6 +29,15 @@ def kaiming_uniform_a_sqrt5(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def gaussian_per_expert(ranks: tuple[int, ...]):
+    """PEFT's "gaussian" lora_A init, normal(std=1/r), with each expert's own rank r on its columns."""
+    std_R = jnp.asarray(np.concatenate([np.full(r, 1.0 / r, np.float32) for r in ranks]))
+
+    def init(key, shape, dtype=jnp.float32):
+        return (jax.random.normal(key, shape, jnp.float32) * std_R).astype(dtype)
+    return init
+
+
 def expert_columns(spec: AdapterSpec, target: str) -> tuple[np.ndarray, np.ndarray]:
     """([E, R] one-hot of which expert owns each rank column, [R] per-column LoRA scale)."""
     ranks = spec.ranks(target)
@@ -82,7 +91,7 @@ class Linear(nn.Module):
         if spec is None or self.target not in spec.targets:
             return y_BTO
         owner_ER, scale_R = expert_columns(spec, self.target)
-        init_a = kaiming_uniform_a_sqrt5 if spec.init == "kaiming" else nn.initializers.normal(1.0 / owner_ER.shape[1])
+        init_a = kaiming_uniform_a_sqrt5 if spec.init == "kaiming" else gaussian_per_expert(spec.ranks(self.target))
         lora_a = self.param("lora_a", init_a, (in_dim, owner_ER.shape[1]), self.param_dtype)
         lora_b = self.param("lora_b", nn.initializers.zeros, (owner_ER.shape[1], self.features), self.param_dtype)
         col_BTR = jnp.asarray(scale_R)

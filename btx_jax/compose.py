@@ -1,0 +1,113 @@
+"""Branch-Train-MiX "mix" step: compose domain LoRA experts on one base into a LoRA-MoE (mergoo semantics).
+
+    moe = btx_jax.compose("llama-dir", ["lora-wiki", "lora-math", "lora-novel"], top_k=2,
+                          router_init="normal")
+    moe.save_pretrained("moe-dir", format="mergoo")        # or "btx"
+
+Experts are PEFT adapter directories, btx_jax LoRA checkpoints (save_pretrained(format="btx") of a plain-LoRA
+model) or plain-LoRA `Pretrained` objects.  Every expert must fit the base (tensor shapes) and target the same
+projections; ranks, alphas and rsLoRA may differ per expert (their A/B are concatenated along the rank axis).
+
+The result routes every target projection of the layers in `router_layers` (default: all) with a bias-free
+router on the projection's own input width; the base is always applied, the top-k experts' LoRA deltas are
+mixed with a softmax over the k selected router logits (see btx_jax/model/lora.py).
+
+Router init and ties.  `router_init="zeros"` gives every expert the same logit.  Top-k then breaks the tie by
+index (jax.lax.top_k is stable: lowest indices first, as torch.topk on CPU), so EVERY token is sent to experts
+0..k-1 with weight 1/k each and the remaining experts are never selected until the router's weights separate
+(they still receive gradient through the load-balancing loss, whose router probabilities cover all experts, but
+not from the language-model loss).  That is an equal mixture of the first k experts, not of all experts.
+`router_init="normal"` (the default, N(0, router_std^2) with router_std=0.02, which is also what mergoo's
+freshly loaded gates get from HF's initializer_range) breaks the ties with small random logits, so tokens are
+spread over all experts from the start.  The seed expert (`seed_expert=True`, a LoRA-free choice that keeps the
+base projection alone, like BTX keeping the seed FFN) is the last router output.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from btx_jax import param_paths
+from btx_jax.checkpoint import peft
+from btx_jax.checkpoint.tensor_files import CheckpointError
+from btx_jax.config import AdapterSpec, ConfigError
+from btx_jax.pretrained import Pretrained, _finish, load_pretrained
+
+ROUTER_INITS = ("zeros", "normal")
+
+
+def _expert_lora(expert, base_config, label: str, allow_pickle: bool):
+    """(AdapterSpec of the single expert, {lora path: array}) of one expert argument."""
+    if isinstance(expert, Pretrained):
+        spec = expert.config.adapter
+        if spec is None or spec.router or len(spec.experts) != 1:
+            raise ConfigError(f"{label}: not a plain LoRA model (an expert needs exactly one LoRA expert and no "
+                              "router)")
+        if spec.router_layers is not None:
+            raise ConfigError(f"{label}: LoRA on a subset of layers (router_layers) cannot be used as an expert")
+        peft.check_same_base(expert.config, base_config, label)
+        return spec, {k: v for k, v in expert.flat_numpy().items() if peft.LORA_LEAF.fullmatch(k)}
+    if not isinstance(expert, (str, Path)):
+        raise TypeError(f"{label}: expected an adapter directory or a Pretrained, got {type(expert).__name__}")
+    config, lora = peft.load_adapter(expert, base_config, allow_pickle=allow_pickle)
+    return config.adapter, lora
+
+
+def _router(rng, shape, router_init: str, router_std: float) -> np.ndarray:
+    if router_init == "zeros":
+        return np.zeros(shape, np.float32)
+    return (rng.standard_normal(shape) * router_std).astype(np.float32)
+
+
+def compose(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False, router_init: str = "normal",
+            router_std: float = 0.02, router_layers: Sequence[int] | None = None, router_jitter: float = 0.0,
+            seed: int = 0, dtype=None, allow_pickle: bool = False) -> Pretrained:
+    """LoRA-MoE `Pretrained` from a base (HF Llama directory or base `Pretrained`) and LoRA experts.
+
+    `top_k`: experts mixed per token (1..len(experts) + seed_expert).  `router_init`: "normal" (default) or
+    "zeros" (see the module docstring on ties).  `router_layers`: decoder layer indices to route (mergoo's
+    router_layers_index; default all); the other layers run the base projection alone and hold zeros."""
+    experts = list(experts)
+    if not experts:
+        raise ConfigError("compose needs at least one expert")
+    if router_init not in ROUTER_INITS:
+        raise ConfigError(f"router_init {router_init!r} is not one of {', '.join(ROUTER_INITS)}")
+    choices = len(experts) + int(bool(seed_expert))
+    if not 1 <= int(top_k) <= choices:
+        raise ConfigError(f"top_k={top_k} must be between 1 and the number of experts ({choices}"
+                          f"{' including the seed expert' if seed_expert else ''})")
+    if not isinstance(base, Pretrained):
+        base = load_pretrained(base, dtype=dtype, allow_pickle=allow_pickle)
+    if base.config.adapter is not None:
+        raise ConfigError("compose: the base model already has an adapter; pass the plain base model")
+    labels = [str(e) if isinstance(e, (str, Path)) else f"experts[{i}]" for i, e in enumerate(experts)]
+    loaded = [_expert_lora(e, base.config, label, allow_pickle) for e, label in zip(experts, labels)]
+    first_targets = loaded[0][0].targets
+    for (spec, _), label in zip(loaded[1:], labels[1:]):
+        if set(spec.targets) != set(first_targets):
+            raise ConfigError(f"{label}: targets {list(spec.targets)} differ from {labels[0]}'s "
+                              f"{list(first_targets)}; all experts must target the same modules")
+    spec = AdapterSpec(targets=first_targets, experts=tuple(s.experts[0] for s, _ in loaded),
+                       dropout=max(s.dropout for s, _ in loaded), router=True, top_k=int(top_k),
+                       seed_expert=bool(seed_expert), router_jitter=float(router_jitter),
+                       router_layers=None if router_layers is None else tuple(sorted({int(i) for i in router_layers})),
+                       init=loaded[0][0].init)
+    config = base.config.replace(adapter=spec)
+    from btx_jax.model import abstract_params, routed_layers
+    flags = routed_layers(config)
+    flat = base.flat_numpy()
+    rng = np.random.default_rng(seed)
+    for path, sds in sorted(param_paths.flatten(abstract_params(config)).items()):
+        if peft.LORA_LEAF.fullmatch(path):
+            axis = 2 if path.endswith("lora_a") else 1
+            arr = np.concatenate([np.asarray(lora[path], np.float32) for _, lora in loaded], axis=axis)
+        elif path.endswith("/router"):
+            arr = _router(rng, sds.shape, router_init, router_std)
+        else:
+            continue
+        if arr.shape != tuple(sds.shape):    # cannot happen after load_adapter's checks; guards the concat
+            raise CheckpointError(f"compose: {path} has shape {list(arr.shape)}, expected {list(sds.shape)}")
+        flat[path] = arr * flags.reshape((-1,) + (1,) * (arr.ndim - 1))
+    return _finish(config, flat, dtype if dtype is not None else base.dtype)

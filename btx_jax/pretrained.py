@@ -59,8 +59,10 @@ class Pretrained:
         return {k: np.asarray(v) for k, v in param_paths.flatten(self.params).items()}
 
     def save_pretrained(self, dst: str | Path, format: str = "hf", *, merge_lora: bool = False,
-                        overwrite: bool = False, max_shard_bytes: int = 5 * 2**30) -> Path:
-        """Write the model as `format` into `dst` (atomically: nothing is left at dst on error)."""
+                        overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
+                        progress: Callable[[int], None] | None = None) -> Path:
+        """Write the model as `format` into `dst` (atomically: nothing is left at dst on error).
+        `progress(nbytes)` is called per tensor written (format 'hf')."""
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
         dst = Path(dst)
@@ -68,7 +70,7 @@ class Pretrained:
             if format == "btx":
                 save_btx(tmp, self)
             elif format == "hf":
-                save_hf(tmp, self, merge_lora=merge_lora, max_shard_bytes=max_shard_bytes)
+                save_hf(tmp, self, merge_lora=merge_lora, max_shard_bytes=max_shard_bytes, progress=progress)
             elif format == "peft":
                 from btx_jax.checkpoint import peft
                 peft.save(tmp, self)
@@ -84,7 +86,7 @@ def _logits(model: Llama, params, ids_BT):
 
 
 def save_hf(directory: Path, pre: Pretrained, *, merge_lora: bool = False,
-            max_shard_bytes: int = 5 * 2**30) -> None:
+            max_shard_bytes: int = 5 * 2**30, progress: Callable[[int], None] | None = None) -> None:
     flat = pre.flat_numpy()
     config = pre.config
     if config.adapter is not None:
@@ -96,7 +98,7 @@ def save_hf(directory: Path, pre: Pretrained, *, merge_lora: bool = False,
         config = config.replace(adapter=None)
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
     write_tensors(directory, hf_format.export_tensors(flat, config, lambda p: True),
-                  max_shard_bytes=max_shard_bytes)
+                  max_shard_bytes=max_shard_bytes, progress=progress)
 
 
 def save_btx(directory: Path, pre: Pretrained) -> None:

@@ -104,9 +104,10 @@ class TensorReader:
 
 
 def write_tensors(directory: Path, tensors: Iterator[tuple[str, np.ndarray]], prefix: str = "model",
-                  max_shard_bytes: int = 5 * 2**30) -> None:
+                  max_shard_bytes: int = 5 * 2**30, progress=None) -> None:
     """Write (name, array) pairs as `{prefix}.safetensors`, or as numbered shards plus an index file when
-    the total exceeds `max_shard_bytes`.  Arrays are consumed one shard at a time."""
+    the total exceeds `max_shard_bytes`.  Arrays are consumed one shard at a time; `progress(nbytes)` is
+    called for each array."""
     shards: list[dict[str, np.ndarray]] = [{}]
     size, total = 0, 0
     paths = []
@@ -127,6 +128,8 @@ def write_tensors(directory: Path, tensors: Iterator[tuple[str, np.ndarray]], pr
         shards[-1][name] = arr
         size += arr.nbytes
         total += arr.nbytes
+        if progress is not None:
+            progress(arr.nbytes)
     flush()
     if len(paths) == 1:
         paths[0][0].rename(directory / f"{prefix}.safetensors")

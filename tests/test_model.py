@@ -152,21 +152,26 @@ def test_classic_config_file_loads_same_model(hf_llama, tmp_path):
 def test_packed_segments_equal_separate_documents(hf_llama):
     pre = btx_jax.load_pretrained(hf_llama(**PARITY_CONFIGS["gqa_tied_llama3"]))
     model = pre.model()
+    apply = jax.jit(lambda ids, pos=None, seg=None: model.apply({"params": pre.params}, ids, pos, seg))
     lengths = [7, 5, 4]
+    total = sum(lengths)
     docs = [random_ids(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
     ids = np.concatenate(docs)[None]
     positions = np.concatenate([np.arange(n) for n in lengths])[None].astype(np.int32)
     segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])[None].astype(np.int32)
-    packed = np.asarray(model.apply({"params": pre.params}, jnp.asarray(ids), jnp.asarray(positions),
-                                    jnp.asarray(segments)))
+    packed = np.asarray(apply(ids, positions, segments))
+    # each document alone, one per row, starting at position 0 (trailing filler cannot reach back: causal)
+    alone_ids = np.zeros((len(docs), total), np.int32)
+    for row, doc in enumerate(docs):
+        alone_ids[row, :len(doc)] = doc
+    alone = np.asarray(apply(alone_ids))
     start = 0
-    for doc, n in zip(docs, lengths):
-        alone = np.asarray(model.apply({"params": pre.params}, jnp.asarray(doc[None])))
-        diff = np.max(np.abs(packed[0, start:start + n] - alone[0]))
-        assert diff <= 1e-5, f"document at {start}: max|diff| {diff}"
+    for row, n in enumerate(lengths):
+        diff = np.max(np.abs(packed[0, start:start + n] - alone[row, :n]))
+        assert diff <= 1e-5, f"document {row + 1}: max|diff| {diff}"
         start += n
     # without segment ids the later documents do see the earlier ones
-    unpacked = np.asarray(model.apply({"params": pre.params}, jnp.asarray(ids), jnp.asarray(positions)))
+    unpacked = np.asarray(apply(ids, positions, np.ones_like(segments)))
     assert np.max(np.abs(unpacked[0, lengths[0]:] - packed[0, lengths[0]:])) > 1e-2
 
 

@@ -122,6 +122,7 @@ def summarize_aux(aux: dict, spec: AdapterSpec, num_layers: int) -> dict:
 
     Returns lb_loss and z_loss averaged over every routed (layer, projection), and `expert_frac`:
     {target: [layers, experts]} share of routed token-slots per expert (zeros on unrouted layers)."""
+    aux = aux.get("layers", aux)          # accept the whole sown tree or its scanned "layers" subtree
     routed = np.zeros(num_layers, np.float32)
     routed[list(range(num_layers) if spec.router_layers is None else spec.router_layers)] = 1.0
     n = max(float(routed.sum()) * len(spec.targets), 1.0)

@@ -1,0 +1,152 @@
+"""PEFT interop: load_pretrained(base, adapter=peft_dir) reproduces PEFT's logits (plain, rsLoRA, rank/alpha
+patterns, attention targets), save_pretrained(format="peft") is loaded by PEFT, merge_lora folds into HF, and
+bad adapter configs fail with one clear line."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import btx_jax
+from btx_jax.checkpoint.peft import parse_adapter_config
+from conftest import hf_logits, hf_model, random_ids
+
+TOL = 1e-4
+
+
+def make_peft_adapter(base_dir, out_dir, seed=0, **lora_kwargs):
+    """Save a PEFT LoRA adapter with random non-zero A and B on `base_dir`; return (dir, PEFT logits fn)."""
+    import peft
+    import torch
+    torch.manual_seed(seed)
+    kw = dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj"], init_lora_weights=False)
+    kw.update(lora_kwargs)
+    model = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape))
+    model.save_pretrained(str(out_dir))
+    return out_dir, model
+
+
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(use_rslora=True, lora_alpha=6),
+    dict(target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], rank_pattern={"o_proj": 2, "down_proj": 6},
+         alpha_pattern={"v_proj": 3}),
+], ids=["plain", "rslora", "patterns_attention"])
+def test_peft_adapter_logits_match(hf_llama, tmp_path, case):
+    base = hf_llama()
+    adapter, model = make_peft_adapter(base, tmp_path / "adapter", **case)
+    ids = random_ids(2, 10)
+    pre = btx_jax.load_pretrained(base, adapter=adapter)
+    diff = np.abs(pre.logits(ids) - hf_logits(model, ids)).max()
+    print(f"PEFT {case}: max abs diff {diff:.2e}")
+    assert diff <= TOL
+    assert np.abs(hf_logits(base, ids) - hf_logits(model, ids)).max() > 1e-2      # the adapter matters
+
+
+def test_peft_export_round_trip(hf_llama, tmp_path):
+    import peft
+    base = hf_llama()
+    adapter, _ = make_peft_adapter(base, tmp_path / "adapter", use_rslora=True, rank_pattern={"up_proj": 2},
+                                   target_modules=["gate_proj", "up_proj", "down_proj", "k_proj"])
+    pre = btx_jax.load_pretrained(base, adapter=adapter)
+    out = pre.save_pretrained(tmp_path / "exported", format="peft")
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    ids = random_ids(2, 9, seed=1)
+    theirs = hf_logits(peft.PeftModel.from_pretrained(hf_model(base), str(out)).eval(), ids)
+    diff = np.abs(pre.logits(ids) - theirs).max()
+    print(f"PEFT export round trip: max abs diff {diff:.2e}")
+    assert diff <= TOL
+    again = btx_jax.load_pretrained(base, adapter=out)
+    assert again.config == pre.config
+
+
+def test_merge_lora_into_hf(hf_llama, tmp_path):
+    base = hf_llama()
+    adapter, model = make_peft_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "down_proj"])
+    pre = btx_jax.load_pretrained(base, adapter=adapter)
+    with pytest.raises(btx_jax.CheckpointError, match="merge_lora=True"):
+        pre.save_pretrained(tmp_path / "no", format="hf")
+    merged = pre.save_pretrained(tmp_path / "merged", format="hf", merge_lora=True)
+    ids = random_ids(1, 8)
+    diff = np.abs(hf_logits(merged, ids) - hf_logits(model, ids)).max()
+    print(f"merge_lora: max abs diff {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_merge_refuses_moe(hf_llama, tmp_path):
+    base = btx_jax.load_pretrained(hf_llama())
+    from test_lora import random_lora
+    moe = btx_jax.compose(base, [random_lora(base, seed=1), random_lora(base, seed=2)], top_k=1)
+    with pytest.raises(btx_jax.CheckpointError, match="not a linear fold"):
+        moe.save_pretrained(tmp_path / "m", format="hf", merge_lora=True)
+    with pytest.raises(btx_jax.CheckpointError, match="format='mergoo'"):
+        moe.save_pretrained(tmp_path / "p", format="peft")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "p").exists()
+
+
+def _one_line(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg
+    return msg
+
+
+@pytest.mark.parametrize("target_modules, expected", [
+    (["gate_proj", "up_proj"], ("gate_proj", "up_proj")),
+    ("{'up_proj', 'gate_proj'}", ("gate_proj", "up_proj")),         # mergoo's str(set)
+    (["mlp.down_proj", "self_attn.q_proj"], ("q_proj", "down_proj")),
+    (r".*\.(k_proj|v_proj)", ("k_proj", "v_proj")),                  # a regex string
+    ("all-linear", btx_jax.config.ALL_TARGETS),
+])
+def test_target_modules_forms(target_modules, expected):
+    _, targets, _ = parse_adapter_config({"r": 4, "lora_alpha": 8, "target_modules": target_modules}, 3, "x")
+    assert targets == expected
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_dora": True}, "DoRA"),
+    ({"bias": "all"}, "bias"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"layers_to_transform": [0]}, "layers_to_transform"),
+    ({"target_modules": ["gate_proj", "c_fc"]}, "'c_fc' does not exist"),
+    ({"target_modules": ["layers.0.mlp.gate_proj"]}, "only some layers"),
+    ({"rank_pattern": {"layers.1.mlp.gate_proj": 2}}, "different values in different layers"),
+    ({"peft_type": "IA3"}, "not LORA"),
+])
+def test_bad_adapter_config(change, message):
+    raw = {"r": 4, "lora_alpha": 8, "target_modules": ["gate_proj"], **change}
+    with pytest.raises(btx_jax.ConfigError, match=message) as e:
+        parse_adapter_config(raw, 2, "adapter_config.json")
+    assert _one_line(e).startswith("adapter_config.json: ")
+
+
+def test_bad_adapter_directories(hf_llama, tmp_path):
+    base = hf_llama()
+    adapter, _ = make_peft_adapter(base, tmp_path / "adapter")
+    # no adapter_config.json
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(btx_jax.CheckpointError, match="no adapter_config.json") as e:
+        btx_jax.load_pretrained(base, adapter=tmp_path / "empty")
+    _one_line(e)
+    # an adapter made for a differently shaped base: names the tensor
+    other = hf_llama(intermediate_size=64)
+    with pytest.raises(btx_jax.CheckpointError, match=r"gate_proj\.lora_B\.weight.*shape") as e:
+        btx_jax.load_pretrained(other, adapter=adapter)
+    _one_line(e)
+    # config and weights disagree (weights for a module the config does not target)
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["gate_proj"]
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(btx_jax.CheckpointError, match="up_proj.lora_A.weight") as e:
+        btx_jax.load_pretrained(base, adapter=bad)
+    _one_line(e)
+    # the adapter dir given as the model
+    with pytest.raises(btx_jax.CheckpointError, match="adapter="):
+        btx_jax.load_pretrained(adapter)

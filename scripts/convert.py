@@ -148,6 +148,9 @@ def convert(args: argparse.Namespace) -> Path:
     if max_shard is not None:
         save_kwargs["max_shard_bytes"] = max_shard
     if conv.save_format == "hf":
+        if pre.config.adapter is not None and not args.merge_lora:
+            raise CheckpointError(f"{src}: has LoRA adapters; pass --merge-lora to fold them into the base "
+                                  "weights, or use btx-to-peft / btx-to-mergoo")
         save_kwargs["merge_lora"] = args.merge_lora
         total = sum(int(leaf.size) * leaf.dtype.itemsize for leaf in pre.flat_numpy().values())
         save_kwargs["progress"] = _Progress(f"writing {dst.name}", total, show)

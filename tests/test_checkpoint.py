@@ -266,17 +266,65 @@ def test_cli_refuses_existing_dst_and_wrong_source_format(hf_llama, tmp_path, ca
     _assert_cli_failed(rc, capsys.readouterr().err, other, ["lots"])
 
 
-def test_cli_failure_while_writing_leaves_nothing(tmp_path, capsys, convert_script):
-    """An error raised after DST's temporary directory exists (a LoRA model exported to plain HF without
-    --merge-lora) removes the temporary directory and leaves no DST."""
+def _lora_btx(directory: Path, router: bool = False) -> Pretrained:
+    experts = (ExpertSpec(4, 8.0), ExpertSpec(2, 4.0)) if router else (ExpertSpec(4, 8.0),)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8,
-                         adapter=AdapterSpec(targets=("q_proj", "v_proj"), experts=(ExpertSpec(4, 8.0),)))
-    Pretrained(config, init_params(config)).save_pretrained(tmp_path / "lora_btx", format="btx")
+                         adapter=AdapterSpec(targets=("q_proj", "v_proj", "down_proj"), experts=experts,
+                                             router=router, top_k=len(experts)))
+    params = init_params(config, jax.random.PRNGKey(1))
+    params = jax.tree_util.tree_map_with_path(      # non-zero lora_b so that the adapter matters
+        lambda kp, x: x + 0.05 if "lora_b" in jax.tree_util.keystr(kp) else x, params)
+    pre = Pretrained(config, params)
+    pre.save_pretrained(directory, format="btx")
+    return pre
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, capsys, convert_script):
+    """An error raised after DST's temporary directory exists (a LoRA model saved as plain HF without
+    merging) removes the temporary directory and leaves no DST; the CLI names --merge-lora."""
+    pre = _lora_btx(tmp_path / "lora_btx")
     dst = tmp_path / "hf"
+    with pytest.raises(CheckpointError, match="merge_lora"):
+        pre.save_pretrained(dst, format="hf")
+    assert not dst.exists() and [p.name for p in tmp_path.glob(".hf*")] == []
     capsys.readouterr()
     rc = convert_script.main(["btx-to-hf", str(tmp_path / "lora_btx"), str(dst)])
-    _assert_cli_failed(rc, capsys.readouterr().err, dst, ["merge_lora"])
+    _assert_cli_failed(rc, capsys.readouterr().err, dst, ["--merge-lora"])
+
+
+def test_cli_peft_and_mergoo_conversions(hf_llama, tmp_path, convert_script):
+    """The adapter subcommands: PEFT adapter -> btx -> PEFT is bit-identical and --merge-lora export equals
+    PEFT's merged model; a LoRA-MoE btx checkpoint -> mergoo -> btx keeps every parameter."""
+    import peft
+    import torch
+    base = hf_llama()
+    model = peft.get_peft_model(hf_model(base), peft.LoraConfig(r=4, lora_alpha=8,
+                                                                target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    run = convert_script.main
+    assert run(["peft-to-btx", str(tmp_path / "adapter"), str(tmp_path / "btx"), "--base", str(base)]) == 0
+    assert run(["btx-to-peft", str(tmp_path / "btx"), str(tmp_path / "adapter2")]) == 0
+    a = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "adapter2" / "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    assert run(["btx-to-hf", str(tmp_path / "btx"), str(tmp_path / "merged"), "--merge-lora"]) == 0
+    ids = random_ids(1, 12, seed=4)
+    with torch.no_grad():
+        ref = model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    assert np.max(np.abs(hf_logits(tmp_path / "merged", ids) - ref)) <= 1e-4
+
+    moe = _lora_btx(tmp_path / "moe_btx", router=True)
+    assert run(["btx-to-mergoo", str(tmp_path / "moe_btx"), str(tmp_path / "mergoo")]) == 0
+    assert run(["mergoo-to-btx", str(tmp_path / "mergoo"), str(tmp_path / "moe_btx2")]) == 0
+    again = btx_jax.load_pretrained(tmp_path / "moe_btx2")
+    assert again.config == moe.config
+    for path, leaf in moe.flat_numpy().items():
+        np.testing.assert_array_equal(again.flat_numpy()[path], leaf, err_msg=path)
 
 
 def test_cli_subprocess_from_repo_root(hf_llama, tmp_path):

@@ -122,6 +122,10 @@ class LlamaConfig:
             name = archs[0] if archs else model_type
             raise ConfigError(f"{source}: architecture {name!r} is not Llama (model_type={model_type!r}); "
                               "btx_jax only supports LlamaForCausalLM")
+        for key, ok in (("attention_bias", (False,)), ("mlp_bias", (False,)), ("hidden_act", ("silu", "swish"))):
+            if hf.get(key, ok[0]) not in ok:   # parameters / math this model does not have: refuse, not ignore
+                raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported (btx_jax's Llama has "
+                                  f"{key}={ok[0]!r})")
         try:
             heads = int(hf["num_attention_heads"])
             hidden = int(hf["hidden_size"])

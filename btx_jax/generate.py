@@ -29,6 +29,8 @@ def generate(model: Llama, params, input_ids_BT, rng, *, max_new_tokens: int, te
              top_p: float = 1.0) -> jnp.ndarray:
     """[B, T + max_new_tokens] tokens: the prompt followed by the generated ones."""
     B, T = input_ids_BT.shape
+    if max_new_tokens <= 0:
+        return input_ids_BT.astype(jnp.int32)
     cache = init_cache(model.config, B, T + max_new_tokens, model.dtype)
     logits, cache = model.apply({"params": params}, input_ids_BT, cache=cache, cache_index=0)
     rng, sub = jax.random.split(rng)

@@ -91,3 +91,8 @@ def test_top_p_samples_stay_in_nucleus(setup):
     free = pre.generate(prompt8, NEW, temperature=1.5, top_p=1.0, seed=0)
     ranks, sizes = _nucleus_ranks(pre, free, 1.5)
     assert np.any(ranks >= sizes), "without top_p some samples should fall outside the 0.3 nucleus"
+
+
+def test_zero_new_tokens_returns_prompt(setup):
+    _, pre, prompt = setup
+    np.testing.assert_array_equal(pre.generate(prompt, 0), prompt)

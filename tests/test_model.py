@@ -128,6 +128,19 @@ def test_llama31_hub_config_fields():
     assert c2.head_dim == 12 and c2.rope_theta == 10000.0 and c2.rope_scaling is None and c2.num_kv_heads == 4
 
 
+@pytest.mark.parametrize("change, needle", [
+    ({"attention_bias": True}, "attention_bias"), ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"), ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads"), ({"hidden_size": None}, "hidden_size"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "MistralForCausalLM"),
+], ids=["attention_bias", "mlp_bias", "gelu", "yarn_rope", "heads_not_multiple", "missing_key", "mistral"])
+def test_unsupported_config_is_refused(change, needle):
+    hf = {k: v for k, v in {**LLAMA2_HUB, **change}.items() if v is not None}
+    with pytest.raises(btx_jax.ConfigError, match=needle) as info:
+        LlamaConfig.from_hf(hf, source="some/dir/config.json")
+    assert str(info.value).startswith("some/dir/config.json: ")
+
+
 def test_classic_config_file_loads_same_model(hf_llama, tmp_path):
     """A checkpoint whose config.json is hand-written in the Llama 3.x hub style gives the same config and
     logits as the transformers-5 file, and as transformers on the classic file."""

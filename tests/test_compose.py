@@ -1,0 +1,152 @@
+"""btx_jax.compose: experts (PEFT dirs, btx LoRA checkpoints, Pretrained) -> LoRA-MoE; router init, router_layers,
+bad input (one clear line each) and the scripts/compose.py CLI (exit 2, one stderr line)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+import btx_jax
+from btx_jax.pretrained import _finish
+from conftest import REPO_ROOT, random_ids
+from test_lora import random_lora
+
+
+@pytest.fixture(scope="module")
+def setup(hf_llama, tmp_path_factory):
+    """(base dir, base Pretrained, [expert Pretrained], [expert PEFT dirs])."""
+    base_dir = hf_llama()
+    base = btx_jax.load_pretrained(base_dir)
+    root = tmp_path_factory.mktemp("experts")
+    experts = [random_lora(base, rank=2 + i, alpha=4.0 + i, seed=10 + i) for i in range(3)]
+    dirs = [e.save_pretrained(root / f"e{i}", format="peft") for i, e in enumerate(experts)]
+    return base_dir, base, experts, dirs
+
+
+def test_single_expert_top1_equals_lora(setup):
+    base_dir, base, experts, dirs = setup
+    ids = random_ids(2, 8)
+    for source in (dirs[1], experts[1]):
+        moe = btx_jax.compose(base_dir, [source], top_k=1)
+        assert np.abs(moe.logits(ids) - experts[1].logits(ids)).max() <= 1e-5
+
+
+def test_compose_sources_agree(setup, tmp_path):
+    base_dir, base, experts, dirs = setup
+    btx_dir = experts[2].save_pretrained(tmp_path / "btx_lora", format="btx")
+    a = btx_jax.compose(base_dir, dirs, top_k=2, seed=5)
+    b = btx_jax.compose(base, [experts[0], dirs[1], btx_dir], top_k=2, seed=5)
+    assert a.config == b.config
+    assert a.config.adapter.ranks("gate_proj") == (2, 3, 4)
+    fa, fb = a.flat_numpy(), b.flat_numpy()
+    assert all(np.array_equal(fa[k], fb[k]) for k in fa)
+    assert fa["layers/mlp/gate_proj/lora_a"].shape == (2, 48, 9)
+
+
+def test_router_init(setup):
+    base_dir, base, experts, _ = setup
+    zeros = btx_jax.compose(base, experts, top_k=2, router_init="zeros").flat_numpy()
+    assert not zeros["layers/mlp/up_proj/router"].any()
+    normal = btx_jax.compose(base, experts, top_k=2, router_init="normal", seed=1).flat_numpy()
+    assert 0.015 < normal["layers/mlp/up_proj/router"].std() < 0.025
+    # zero router: ties -> experts 0 and 1 at 1/2 each for every token (documented), expert 2 unused
+    moe = btx_jax.compose(base, experts, top_k=2, router_init="zeros")
+    two = btx_jax.compose(base, experts[:2], top_k=2, router_init="zeros")
+    ids = random_ids(1, 6)
+    assert np.abs(moe.logits(ids) - two.logits(ids)).max() <= 1e-5
+
+
+def test_router_layers_subset_matches_masked_lora(setup):
+    base_dir, base, experts, _ = setup
+    moe = btx_jax.compose(base, [experts[0]], top_k=1, router_layers=[1])
+    assert moe.config.adapter.router_layers == (1,)
+    flat = experts[0].flat_numpy()
+    for k in flat:
+        if k.endswith("lora_b"):
+            flat[k] = flat[k].copy()
+            flat[k][0] = 0.0
+    ref = _finish(experts[0].config, flat, None)
+    ids = random_ids(2, 6, seed=4)
+    assert np.abs(moe.logits(ids) - ref.logits(ids)).max() <= 1e-5
+
+
+def test_seed_expert(setup):
+    _, base, experts, _ = setup
+    moe = btx_jax.compose(base, experts[:2], top_k=3, seed_expert=True)
+    assert moe.config.adapter.num_choices == 3
+    assert moe.flat_numpy()["layers/mlp/gate_proj/router"].shape == (2, 48, 3)
+    assert np.isfinite(moe.logits(random_ids(1, 4))).all()
+
+
+def _line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert msg and "\n" not in msg
+    return msg
+
+
+def test_bad_input(setup, hf_llama, tmp_path):
+    base_dir, base, experts, dirs = setup
+    with pytest.raises(btx_jax.ConfigError, match=r"top_k=4 must be between 1 and the number of experts \(3\)") as e:
+        btx_jax.compose(base_dir, dirs, top_k=4)
+    _line(e)
+    # expert for a differently shaped base
+    other = btx_jax.load_pretrained(hf_llama(hidden_size=32, head_dim=8))
+    wrong = random_lora(other, seed=3).save_pretrained(tmp_path / "wrong", format="peft")
+    with pytest.raises(btx_jax.CheckpointError, match=rf"{tmp_path / 'wrong'}.*lora_A\.weight.*shape") as e:
+        btx_jax.compose(base_dir, [dirs[0], wrong], top_k=1)
+    _line(e)
+    with pytest.raises(btx_jax.ConfigError, match="hidden_size=32 does not match") as e:
+        btx_jax.compose(base, [experts[0], random_lora(other)], top_k=1)
+    _line(e)
+    # mismatched target modules
+    attn = random_lora(base, targets=("q_proj", "v_proj"), seed=4).save_pretrained(tmp_path / "attn", format="peft")
+    with pytest.raises(btx_jax.ConfigError, match=r"attn: targets \['q_proj', 'v_proj'\] differ") as e:
+        btx_jax.compose(base_dir, [dirs[0], attn], top_k=1)
+    _line(e)
+    # a target module the model does not have
+    bad = tmp_path / "bad_target"
+    bad.mkdir()
+    cfg = json.loads((dirs[0] / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["gate_proj", "fc1"]}))
+    with pytest.raises(btx_jax.ConfigError, match="'fc1' does not exist") as e:
+        btx_jax.compose(base_dir, [dirs[0], bad], top_k=1)
+    assert _line(e).startswith(str(bad))
+    # no adapter_config.json
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(btx_jax.CheckpointError, match="no adapter_config.json") as e:
+        btx_jax.compose(base_dir, [tmp_path / "empty"], top_k=1)
+    _line(e)
+    with pytest.raises(btx_jax.ConfigError, match="router_init"):
+        btx_jax.compose(base_dir, dirs, router_init="uniform")
+    with pytest.raises(btx_jax.ConfigError, match="already has an adapter"):
+        btx_jax.compose(experts[0], dirs, top_k=1)
+
+
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("btx_compose_script", REPO_ROOT / "scripts" / "compose.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli(setup, cli, tmp_path, capsys):
+    base_dir, base, experts, dirs = setup
+    out = tmp_path / "moe"
+    assert cli.main([str(base_dir), *map(str, dirs), "--out", str(out), "--top-k", "2", "--format", "mergoo",
+                     "--router-init", "normal"]) == 0
+    assert json.loads((out / "config.json").read_text())["num_experts"] == 3
+    capsys.readouterr()
+    for argv in ([str(base_dir), *map(str, dirs), "--out", str(tmp_path / "x"), "--top-k", "5"],
+                 [str(base_dir), str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
+                 [str(base_dir), str(dirs[0]), "--out", str(tmp_path / "x"), "--seed-expert", "--format", "mergoo"],
+                 [str(base_dir), *map(str, dirs), "--out", str(out)],                      # exists
+                 [str(base_dir), str(dirs[0])]):                                          # no --out
+        with pytest.raises(SystemExit) as e:
+            raise SystemExit(cli.main(argv))
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("compose.py: error: "), err
+    assert not (tmp_path / "x").exists()

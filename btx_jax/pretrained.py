@@ -103,7 +103,8 @@ def save_hf(directory: Path, pre: Pretrained, *, merge_lora: bool = False,
 
 def save_btx(directory: Path, pre: Pretrained) -> None:
     import orbax.checkpoint as ocp
-    (directory / BTX_CONFIG).write_text(json.dumps(config_to_dict(pre.config), indent=2))
+    if jax.process_index() == 0:
+        (directory / BTX_CONFIG).write_text(json.dumps(config_to_dict(pre.config), indent=2))
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save((directory / "params").absolute(), pre.params)
 

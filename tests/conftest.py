@@ -21,6 +21,8 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# 8 virtual CPU devices for the mesh tests (must be set before JAX starts its backend).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -50,7 +50,10 @@ def mesh_shape(sizes: dict, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(sizes: dict, devices=None) -> Mesh:
+    """Mesh over `devices` (default: all, or the first `sizes['num_devices']` when that is > 0)."""
     devices = jax.devices() if devices is None else devices
+    if int(sizes.get("num_devices", 0)) > 0:
+        devices = devices[:int(sizes["num_devices"])]
     shape = mesh_shape(sizes, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 

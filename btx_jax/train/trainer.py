@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -23,7 +25,6 @@ import optax
 from btx_jax import param_paths
 from btx_jax.config import ConfigError
 from btx_jax.pretrained import Pretrained, save_btx
-from btx_jax.checkpoint.tensor_files import atomic_directory
 from btx_jax.train import checkpoints, mesh as mesh_lib, phases
 from btx_jax.train.metrics_log import MetricsLog
 from btx_jax.train.model_init import initial_model
@@ -31,6 +32,7 @@ from btx_jax.train.optim import make_optimizer, schedule
 from btx_jax.train.step import BATCH_KEYS, init_state, make_train_step
 
 log = logging.getLogger("btx_jax.train")
+_KILL_AT_STEP = int(os.environ.get("BTX_KILL_AT_STEP", "0"))
 
 
 class TrainingError(RuntimeError):
@@ -45,7 +47,10 @@ def resolved(config) -> dict:
 def validate(cfg: dict, num_devices: int) -> tuple:
     """Every check that needs no compilation; ConfigError with one line each."""
     t = cfg["train"]
-    shape = mesh_lib.mesh_shape(cfg["mesh"], num_devices)
+    wanted = int(cfg["mesh"].get("num_devices", 0))
+    if wanted > num_devices:
+        raise ConfigError(f"mesh.num_devices={wanted} but only {num_devices} devices are available")
+    shape = mesh_lib.mesh_shape(cfg["mesh"], wanted or num_devices)
     sizes = dict(zip(mesh_lib.MESH_AXES, shape))
     rules = tuple((k, tuple(v)) for k, v in (cfg.get("mesh_rules") or mesh_lib.DEFAULT_RULES))
     dp = int(np.prod([sizes[a] for a in dict(rules)["batch"]]))
@@ -158,6 +163,8 @@ def train(config, workdir: str | Path) -> dict:
                      for k in BATCH_KEYS}
             tic = time.perf_counter()
             state, metrics = step_fn(state, batch)
+            if step + 1 == _KILL_AT_STEP:      # fault injection for the resume test
+                os.kill(os.getpid(), signal.SIGKILL)
             if pending is not None:
                 last = _check(pending, metrics_log, lr_at, t)
             pending = (step + 1, metrics, tic)
@@ -173,11 +180,8 @@ def train(config, workdir: str | Path) -> dict:
         if pending is not None:
             last = _check(pending, metrics_log, lr_at, t)
         ckpt.wait()
-        final = Pretrained(pre.config, phases.merge(jax.device_get(state["trainable"]),
-                                                    jax.device_get(state["frozen"])), pre.dtype)
-        if jax.process_index() == 0:
-            with atomic_directory(workdir / "final", overwrite=True) as tmp:
-                save_btx(tmp, final)
+        save_final(workdir / "final", Pretrained(pre.config, phases.merge(state["trainable"], state["frozen"]),
+                                                 pre.dtype))
         last["data_stats"] = data.stats()
         metrics_log.footer(last, info)
         return last
@@ -185,6 +189,23 @@ def train(config, workdir: str | Path) -> dict:
         signal.signal(signal.SIGTERM, previous)
         ckpt.close()
         metrics_log.close()
+
+
+def save_final(dst: Path, pre: Pretrained) -> None:
+    """Write the phase's result as a btx checkpoint, every process writing its shards (orbax), atomically."""
+    from jax.experimental import multihost_utils
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if jax.process_index() == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    multihost_utils.sync_global_devices("btx_final_clean")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_btx(tmp, pre)
+    multihost_utils.sync_global_devices("btx_final_saved")
+    if jax.process_index() == 0:
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(tmp, dst)
+    multihost_utils.sync_global_devices("btx_final_done")
 
 
 def _check(pending, metrics_log: MetricsLog, lr_at, t) -> dict:

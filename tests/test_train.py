@@ -1,0 +1,163 @@
+"""Training engine: sharding over 8 virtual CPU devices, phase freezing, resume after SIGKILL, two-process
+training, config validation.  (conftest.py sets XLA_FLAGS to 8 host devices.)"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from btx_jax import param_paths
+from btx_jax.config import ConfigError
+from btx_jax.model import abstract_params
+from btx_jax.pretrained import load_pretrained
+from btx_jax.train import mesh as mesh_lib
+from btx_jax.train.model_init import initial_model
+from btx_jax.train.trainer import train
+from configs import expert
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=128)
+
+
+def tiny_config(**train):
+    c = expert.get_config("tiny")
+    c.model.arch = ARCH
+    c.train.update(dict(steps=6, global_batch_size=8, seq_len=32, log_every=1, ckpt_every=3, lr=1e-2,
+                        warmup_steps=2), **train)
+    return c
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (the last record wins for steps logged twice across a resume)."""
+    rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_every_weight_matrix_sharded_over_fsdp_once():
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    from btx_jax.config import AdapterSpec, ExpertSpec, LlamaConfig
+    cfg = LlamaConfig(**{**ARCH, "adapter": AdapterSpec(experts=(ExpertSpec(8, 16),) * 3, router=True)})
+    shapes = abstract_params(cfg)
+    for path, leaf in param_paths.flatten(shapes).items():
+        spec = mesh_lib.spec_for(param_paths.rule_for(path).axes, leaf.shape, mesh)
+        used = [a for s in spec if s for a in ((s,) if isinstance(s, str) else s)]
+        assert len(used) == len(set(used)), (path, spec)
+        axes = param_paths.rule_for(path).axes
+        matrix_dims = [d for a, d in zip(axes, leaf.shape) if a != "layers"]
+        if len(matrix_dims) == 2 and any(d % 8 == 0 for d in matrix_dims):
+            assert "fsdp" in used, (path, spec)      # every weight matrix: fsdp on one dimension
+
+
+def test_sharded_run_matches_single_device_and_memory_splits(tmp_path):
+    eight = train(tiny_config(), tmp_path / "eight")
+    one_cfg = tiny_config()
+    one_cfg.mesh.update(dict(fsdp=1, num_devices=1))
+    one = train(one_cfg, tmp_path / "one")
+    a, b = losses(tmp_path / "eight"), losses(tmp_path / "one")
+    assert sorted(a) == list(range(1, 7))
+    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=2e-5)
+    info8 = json.loads((tmp_path / "eight" / "run_info.json").read_text())
+    info1 = json.loads((tmp_path / "one" / "run_info.json").read_text())
+    assert info8["state_bytes_per_device"] <= 1.05 * info1["state_bytes_per_device"] / 8 + 64 * 1024
+    assert np.isfinite(eight["loss"]) and np.isfinite(one["loss"])
+
+
+@pytest.mark.parametrize("phase,changed", [
+    ("expert", r"layers/mlp/\w+/lora_[ab]"),
+    ("full", r".*"),
+])
+def test_phase_freezes_exactly_the_frozen_set(tmp_path, phase, changed):
+    import re
+    c = tiny_config(steps=3)
+    c.phase = phase
+    train(c, tmp_path)
+    before = param_paths.flatten(initial_model(c.model, seed=0).params)
+    after = param_paths.flatten(load_pretrained(tmp_path / "final").params)
+    assert before.keys() == after.keys()
+    for path in before:
+        same = np.array_equal(np.asarray(before[path]), np.asarray(after[path]))
+        if re.fullmatch(changed, path):
+            if not path.endswith("lora_b") or phase == "expert":
+                assert not same, f"{path} should have trained"
+        else:
+            assert same, f"{path} should be frozen"
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    trainable = sum(int(np.prod(v.shape)) for k, v in before.items() if re.fullmatch(changed, k))
+    assert info["params_trainable"] == trainable
+
+
+def test_optimizer_state_holds_trainable_leaves_only(tmp_path):
+    c = tiny_config(steps=1)
+    train(c, tmp_path)
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    # Adam's mu and nu for the 6 trainable leaves (3 projections x lora_a/lora_b, stacked over layers) and
+    # two step counters (adam, schedule); nothing for the 106,816 frozen parameters.
+    assert info["opt_state_leaves"] == 2 * 6 + 2
+
+
+def _run(args, env_extra=None, check=True):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    return proc
+
+
+def _cli(workdir, *overrides):
+    return ["--config=configs/expert.py:tiny", f"--workdir={workdir}", "--config.train.steps=8",
+            "--config.train.ckpt_every=3", "--config.train.log_every=1", "--config.train.seq_len=32",
+            "--config.model.arch.num_layers=2", *overrides]
+
+
+def test_resume_after_sigkill_replays_the_same_losses(tmp_path):
+    _run(_cli(tmp_path / "straight"))
+    killed = _run(_cli(tmp_path / "killed"), {"BTX_KILL_AT_STEP": "5"}, check=False)
+    assert killed.returncode == -9
+    assert not (tmp_path / "killed" / "final").exists()
+    _run(_cli(tmp_path / "killed"))           # the same command resumes from step 3
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert sorted(resumed) == list(range(1, 9))
+    assert [straight[s] for s in range(1, 9)] == [resumed[s] for s in range(1, 9)]   # bitwise on CPU
+
+
+def test_two_processes_train_together_like_one(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = _cli(tmp_path / "multi", "--config.distributed.enabled=True",
+                  f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                  "--config.distributed.num_processes=2", "--config.distributed.cpu_collectives=gloo")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *common,
+                               f"--config.distributed.process_id={i}"], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    env4 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    _run(_cli(tmp_path / "single"), env4)
+    multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    np.testing.assert_allclose([multi[s] for s in range(1, 9)], [single[s] for s in range(1, 9)], rtol=2e-5)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.mesh.fsdp=3", "mesh"),
+    ("--config.train.global_batch_size=12", "divisible"),
+    ("--config.phase=pretrain", "unknown phase"),
+    ("--config.trainable=('nothing_matches',)", "match no parameter"),
+    ("--config.model.lora.targets=('gate_proj','wo')", "'wo'"),
+])
+def test_bad_config_is_one_line_and_exit_2(tmp_path, override, message):
+    proc = _run(_cli(tmp_path, override), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "checkpoints").exists()

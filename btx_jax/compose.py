@@ -13,7 +13,8 @@ router on the projection's own input width; the base is always applied, the top-
 mixed with a softmax over the k selected router logits (see btx_jax/model/lora.py).
 
 Router init and ties.  `router_init="zeros"` gives every expert the same logit.  Top-k then breaks the tie by
-index (jax.lax.top_k is stable: lowest indices first, as torch.topk on CPU), so EVERY token is sent to experts
+index (jax.lax.top_k is stable: lowest indices first; torch.topk, hence mergoo, does not document its
+tie order), so EVERY token is sent to experts
 0..k-1 with weight 1/k each and the remaining experts are never selected until the router's weights separate
 (they still receive gradient through the load-balancing loss, whose router probabilities cover all experts, but
 not from the language-model loss).  That is an equal mixture of the first k experts, not of all experts.

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from btx_jax.checkpoint.tensor_files import CheckpointError  # noqa: E402
 from btx_jax.cli import run_cli  # noqa: E402
+from btx_jax.config import ConfigError  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -152,7 +153,8 @@ def convert(args: argparse.Namespace) -> Path:
             raise CheckpointError(f"{src}: has LoRA adapters; pass --merge-lora to fold them into the base "
                                   "weights, or use btx-to-peft / btx-to-mergoo")
         save_kwargs["merge_lora"] = args.merge_lora
-        total = sum(int(leaf.size) * leaf.dtype.itemsize for leaf in pre.flat_numpy().values())
+        import jax
+        total = sum(int(leaf.size) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(pre.params))
         save_kwargs["progress"] = _Progress(f"writing {dst.name}", total, show)
     try:
         pre.save_pretrained(dst, **save_kwargs)
@@ -165,12 +167,9 @@ def convert(args: argparse.Namespace) -> Path:
 def _convert_user_errors(args: argparse.Namespace) -> Path:
     try:
         return convert(args)
-    except ValueError as e:      # a bad value from btx_jax that is not a Checkpoint/ConfigError: still user input
-        if isinstance(e, CheckpointError):
-            raise
-        from btx_jax.config import ConfigError
-        if isinstance(e, ConfigError):
-            raise
+    except (CheckpointError, ConfigError):
+        raise
+    except ValueError as e:      # any other bad value reported by btx_jax is still bad user input
         raise CheckpointError(str(e)) from None
 
 

@@ -16,6 +16,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +103,54 @@ def summary(pre: Pretrained, trainable, frozen, state_shardings, state) -> dict:
             "opt_state_leaves": len(jax.tree_util.tree_leaves(state["opt_state"]))}
 
 
+def _cast(x, dtype):
+    """x.astype(dtype) for arrays and ShapeDtypeStructs alike (the plan builds on abstract shapes)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding)
+    return x.astype(dtype)
+
+
+def phase_params(params, cfg: dict) -> tuple[dict, dict]:
+    """(trainable fp32, frozen in train.frozen_dtype) sub-trees of `params` (arrays or ShapeDtypeStructs)."""
+    patterns = phases.trainable_patterns(cfg["phase"], cfg.get("trainable"))
+    trainable, frozen = phases.split(params, patterns)
+    frozen = jax.tree_util.tree_map(lambda x: _cast(x, cfg["train"]["frozen_dtype"]), frozen)
+    trainable = jax.tree_util.tree_map(lambda x: _cast(x, jnp.float32), trainable)
+    return trainable, frozen
+
+
+class BuiltStep(NamedTuple):
+    tx: optax.GradientTransformation
+    state_shardings: dict
+    batch_sharding: jax.sharding.NamedSharding
+    step_fn: Any                      # jitted step(state, batch) -> (state, metrics), state donated
+    abstract_state: dict              # ShapeDtypeStruct tree of the state, with shardings
+
+
+def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
+    """Optimizer, state/batch shardings and the jitted train step for `model` whose parameters split into
+    `trainable`/`frozen` (arrays or ShapeDtypeStructs: only shapes and dtypes are read).  Shared by train()
+    and scripts/plan.py (which lowers `step_fn` on `abstract_state` without allocating anything)."""
+    t = cfg["train"]
+    tx = make_optimizer(t)
+    shard = lambda tree: mesh_lib.param_shardings(tree, mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, trainable)
+    state_shardings = {"step": replicated, "trainable": shard(trainable), "frozen": shard(frozen),
+                       "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract_opt, shard(trainable),
+                                                          transform_non_params=lambda _: replicated),
+                       "rng": replicated}
+    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+    step_fn = jax.jit(make_train_step(model, tx, microbatches=int(t["microbatches"]), lb_alpha=float(t["lb_alpha"]),
+                                      z_alpha=float(t["z_alpha"])),
+                      in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+                      out_shardings=(state_shardings, None), donate_argnums=0)
+    abstract = jax.eval_shape(lambda tr, fr: init_state(tr, fr, tx, int(t["seed"])), trainable, frozen)
+    abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                      abstract, state_shardings)
+    return BuiltStep(tx, state_shardings, batch_sharding, step_fn, abstract)
+
+
 def train(config, workdir: str | Path) -> dict:
     """Run (or resume) one training phase; returns the last logged metrics."""
     cfg = resolved(config)
@@ -112,21 +161,10 @@ def train(config, workdir: str | Path) -> dict:
     mesh = mesh_lib.make_mesh(cfg["mesh"])
 
     pre = initial_model(cfg["model"], seed=int(t["seed"]))
-    patterns = phases.trainable_patterns(cfg["phase"], cfg.get("trainable"))
-    trainable, frozen = phases.split(pre.params, patterns)
-    frozen = jax.tree_util.tree_map(lambda x: x.astype(t["frozen_dtype"]), frozen)
-    trainable = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), trainable)
+    trainable, frozen = phase_params(pre.params, cfg)
     model = pre.model(deterministic=False, remat=t["remat"], dtype=t["dtype"])
-    tx = make_optimizer(t)
-
-    shard = lambda tree: mesh_lib.param_shardings(tree, mesh, rules)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract_opt = jax.eval_shape(tx.init, trainable)
-    state_shardings = {"step": replicated, "trainable": shard(trainable), "frozen": shard(frozen),
-                       "opt_state": optax.tree_map_params(tx, lambda _, s: s, abstract_opt, shard(trainable),
-                                                          transform_non_params=lambda _: replicated),
-                       "rng": replicated}
-    batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+    built = build_step(cfg, mesh, rules, model, trainable, frozen)
+    tx, state_shardings, batch_sharding = built.tx, built.state_shardings, built.batch_sharding
     state = jax.jit(lambda tr, fr: init_state(tr, fr, tx, int(t["seed"])), out_shardings=state_shardings)(
         jax.device_put(trainable, state_shardings["trainable"]), jax.device_put(frozen, state_shardings["frozen"]))
     del trainable, frozen
@@ -146,10 +184,7 @@ def train(config, workdir: str | Path) -> dict:
     metrics_log = MetricsLog(workdir, total_steps=int(t["steps"]), start_step=start, enabled=jax.process_index() == 0)
     metrics_log.header(cfg, info, mesh)
 
-    step_fn = jax.jit(make_train_step(model, tx, microbatches=int(t["microbatches"]), lb_alpha=float(t["lb_alpha"]),
-                                      z_alpha=float(t["z_alpha"])),
-                      in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
-                      out_shardings=(state_shardings, None), donate_argnums=0)
+    step_fn = built.step_fn
     lr_at = schedule(t)
 
     stop = {"signal": None}

@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""Train-step throughput and MFU of each phase, side by side with PyTorch baselines, in one run.
+
+    python scripts/bench.py [--arch bench] [--batch 4] [--seq 512] [--steps 5] [--quick] [--out bench.json]
+
+JAX (this engine's jitted step, `btx_jax.train.trainer.build_step`, one device):
+    expert  LoRA r on the MLP (gate/up/down), only LoRA A/B train
+    router  LoRA-MoE: --experts LoRA experts of rank r, top-k router on each MLP linear; routers + lm_head train
+    sft     the same LoRA-MoE; attention, norms, embeddings, lm_head, routers train
+PyTorch (same shape, batch, sequence, fp32, same threads):
+    expert  HF transformers LlamaForCausalLM + PEFT LoRA (sdpa attention), AdamW on the LoRA parameters
+    router  HF Llama whose MLP linears are a faithful small reimplementation of mergoo's LoRA-MoE layer
+            (base linear + bias-free router on the layer's input width + top-k + softmax over the k logits +
+            a Python loop over experts gathering each expert's tokens with torch.where), AdamW on routers+lm_head
+
+Model FLOPs per token (remat recomputation not counted): forward 2N over every matmul weight (LoRA-MoE: the
+k active experts' LoRA only), backward input gradients 2N again, weight gradients 2N over trainable matmul
+weights only, attention 2*T*d per layer forward (causal: half the T x T scores), x3 for forward+backward.
+MFU is against the peak measured in the same run: the best of a large fp32 matmul in XLA and in torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _setup_threads(n: int) -> None:
+    """Same intra-op thread count for XLA and torch (set before either starts)."""
+    os.environ["XLA_FLAGS"] = " ".join(
+        f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f
+        and "intra_op_parallelism" not in f) + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}"
+    os.environ["JAX_PLATFORMS"] = os.environ.get("JAX_PLATFORMS", "cpu")
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def time_fn(fn, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(steps):
+        tic = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - tic)
+    return out
+
+
+# ---------------------------------------------------------------- FLOPs
+def model_flops_per_token(arch: dict, seq: int, targets, rank: int, experts: int, top_k: int, router: bool,
+                          trainable: str) -> float:
+    h, m, V, L = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"], arch["num_layers"]
+    q, kv = arch["num_heads"] * arch["head_dim"], arch["num_kv_heads"] * arch["head_dim"]
+    io = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+          "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+    attn_w = sum(a * b for t, (a, b) in io.items() if t.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
+    mlp_w = sum(a * b for t, (a, b) in io.items() if t in ("gate_proj", "up_proj", "down_proj"))
+    active = top_k if router else 1
+    lora_w = sum((io[t][0] + io[t][1]) * rank for t in targets) * active
+    router_w = sum(io[t][0] * experts for t in targets) if router else 0
+    n_all = L * (attn_w + mlp_w + lora_w + router_w) + h * V
+    n_train = {"expert": L * lora_w, "router": L * router_w + h * V,
+               "sft": L * (attn_w + router_w) + h * V}[trainable]
+    attn_fwd = 2 * seq * q * L           # QK^T and AV over the causal half: 2 * (2 * T/2 * d)
+    return 2 * n_all + 2 * n_all + 2 * n_train + 3 * attn_fwd
+
+
+# ---------------------------------------------------------------- peak
+def measured_peak(n: int, reps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+    mm = jax.jit(lambda x, y: x @ y)
+    t_jax = min(time_fn(lambda: mm(a, a).block_until_ready(), 2, reps))
+    ta = torch.randn(n, n)
+    t_torch = min(time_fn(lambda: torch.mm(ta, ta), 2, reps))
+    f = 2.0 * n ** 3
+    return {"n": n, "xla_gflops": f / t_jax / 1e9, "torch_gflops": f / t_torch / 1e9,
+            "peak_gflops": max(f / t_jax, f / t_torch) / 1e9}
+
+
+# ---------------------------------------------------------------- JAX side
+def jax_phase(phase: str, arch: dict, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from btx_jax.config import AdapterSpec, ExpertSpec, LlamaConfig
+    from btx_jax.model import Llama, init_params
+    from btx_jax.train import mesh as mesh_lib
+    from btx_jax.train.step import BATCH_KEYS, init_state
+    from btx_jax.train.trainer import build_step, phase_params, resolved
+    from configs.common import base_config
+
+    c = base_config()
+    c.phase = phase
+    c.mesh.update(dict(data=1, fsdp=1, tensor=1, num_devices=1))
+    c.train.update(global_batch_size=args.batch, seq_len=args.seq, dtype=args.dtype, frozen_dtype=args.dtype,
+                   remat=args.remat)
+    cfg = resolved(c)
+    expert = ExpertSpec(rank=args.rank, alpha=2.0 * args.rank)
+    targets = ("gate_proj", "up_proj", "down_proj")
+    spec = (AdapterSpec(targets=targets, experts=(expert,)) if phase == "expert" else
+            AdapterSpec(targets=targets, experts=(expert,) * args.experts, router=True, top_k=args.top_k))
+    config = LlamaConfig(**arch, adapter=spec)
+    params = init_params(config, jax.random.PRNGKey(0))
+    # LoRA B is zero at init; make it non-zero so nothing is trivially skippable.
+    params = jax.tree_util.tree_map_with_path(
+        lambda kp, x: x + 0.01 if "lora_b" in jax.tree_util.keystr(kp) else x, params)
+    mesh = mesh_lib.make_mesh(cfg["mesh"])
+    trainable, frozen = phase_params(params, cfg)
+    model = Llama(config, dtype=jnp.dtype(args.dtype), param_dtype=jnp.float32, remat=args.remat,
+                  deterministic=False)
+    built = build_step(cfg, mesh, mesh_lib.DEFAULT_RULES, model, trainable, frozen)
+    state = jax.jit(lambda tr, fr: init_state(tr, fr, built.tx, 0), out_shardings=built.state_shardings)(
+        trainable, frozen)
+    ids = np.random.default_rng(1).integers(3, arch["vocab_size"], (args.batch, args.seq + 1)).astype(np.int32)
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((args.batch, args.seq), np.float32),
+             "segment_ids": np.ones((args.batch, args.seq), np.int32),
+             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)).copy()}
+    batch = {k: jax.device_put(batch[k], built.batch_sharding) for k in BATCH_KEYS}
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = built.step_fn(holder["state"], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    tic = time.perf_counter()
+    step()
+    compile_s = time.perf_counter() - tic
+    times = time_fn(step, args.warmup, args.steps)
+    return {"times": times, "compile_s": compile_s}
+
+
+# ---------------------------------------------------------------- PyTorch side
+def _hf_llama(arch: dict):
+    import torch
+    import transformers
+    cfg = transformers.LlamaConfig(
+        vocab_size=arch["vocab_size"], hidden_size=arch["hidden_size"], intermediate_size=arch["intermediate_size"],
+        num_hidden_layers=arch["num_layers"], num_attention_heads=arch["num_heads"],
+        num_key_value_heads=arch["num_kv_heads"], head_dim=arch["head_dim"], rms_norm_eps=arch["rms_norm_eps"],
+        max_position_embeddings=arch["max_position_embeddings"], tie_word_embeddings=False,
+        attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).float().train()
+
+
+def _torch_loop(model, params, args, vocab: int) -> dict:
+    import torch
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (args.batch, args.seq), generator=g)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    tic = time.perf_counter()
+    step()
+    first = time.perf_counter() - tic
+    return {"times": time_fn(step, args.warmup, args.steps), "compile_s": first}
+
+
+def torch_peft_expert(arch: dict, args) -> dict:
+    import peft
+    model = _hf_llama(arch)
+    lcfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                           target_modules=["gate_proj", "up_proj", "down_proj"], bias="none")
+    model = peft.get_peft_model(model, lcfg)
+    for n, p in model.named_parameters():       # B non-zero, like the JAX side
+        if "lora_B" in n:
+            p.data += 0.01
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _torch_loop(model, params, args, arch["vocab_size"])
+
+
+def mergoo_lora_moe_class():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class MergooLoraMoeLinear(nn.Module):
+        """mergoo's LoRA-MoE linear, reimplemented for timing: base always on, a bias-free gate on the input
+        width, top-k over the logits, softmax over the k selected, then for each expert the tokens that chose
+        it (torch.where) get weight * B(A(x)) * scaling added."""
+
+        def __init__(self, base: nn.Linear, num_experts: int, top_k: int, rank: int, alpha: float):
+            super().__init__()
+            self.base = base
+            self.top_k = top_k
+            self.scaling = alpha / rank
+            self.gate = nn.Linear(base.in_features, num_experts, bias=False)
+            self.lora_A = nn.ModuleList(nn.Linear(base.in_features, rank, bias=False) for _ in range(num_experts))
+            self.lora_B = nn.ModuleList(nn.Linear(rank, base.out_features, bias=False) for _ in range(num_experts))
+            for b in self.lora_B:
+                nn.init.constant_(b.weight, 0.01)
+
+        def forward(self, x):
+            result = self.base(x)
+            gate_logits = self.gate(x)
+            weights, selected = torch.topk(gate_logits, self.top_k)
+            weights = F.softmax(weights, dim=-1, dtype=torch.float).to(x.dtype)
+            for i in range(len(self.lora_A)):
+                batch_idx, tok_idx, nth = torch.where(selected == i)
+                if batch_idx.numel() == 0:
+                    continue
+                xi = x[batch_idx, tok_idx]
+                delta = self.lora_B[i](self.lora_A[i](xi)) * self.scaling
+                result[batch_idx, tok_idx] += weights[batch_idx, tok_idx, nth, None] * delta
+            return result
+
+    return MergooLoraMoeLinear
+
+
+def torch_mergoo_router(arch: dict, args) -> dict:
+    model = _hf_llama(arch)
+    cls = mergoo_lora_moe_class()
+    for layer in model.model.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(layer.mlp, name, cls(getattr(layer.mlp, name), args.experts, args.top_k, args.rank,
+                                         2.0 * args.rank))
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.endswith(".gate.weight") or n.startswith("lm_head"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return _torch_loop(model, params, args, arch["vocab_size"])
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="bench", help="configs/common.py ARCHS name")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--experts", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--phases", default="expert,router,sft")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
+    p.add_argument("--quick", action="store_true", help="3 timed steps, 1 warm-up")
+    p.add_argument("--out", default=None, help="write the results as JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = 3, 1
+    _setup_threads(args.threads)
+    sys.path.insert(0, str(REPO))
+    import jax
+    import torch
+    torch.set_num_threads(args.threads)
+    from configs.common import ARCHS
+    arch = dict(ARCHS[args.arch])
+
+    peak = measured_peak(2048, 5)
+    tokens = args.batch * args.seq
+    print(f"[bench] arch {args.arch} {arch}; batch {args.batch} x seq {args.seq} = {tokens} tokens/step, "
+          f"{args.dtype}, remat {args.remat}", flush=True)
+    print(f"[bench] threads: XLA intra_op_parallelism_threads={args.threads}, torch.set_num_threads("
+          f"{torch.get_num_threads()}) on {os.cpu_count()} cores; jax {jax.__version__} ({jax.devices()[0]}), "
+          f"torch {torch.__version__}", flush=True)
+    print(f"[bench] measured fp32 matmul peak ({peak['n']}^3): XLA {peak['xla_gflops']:.1f} GFLOP/s, "
+          f"torch {peak['torch_gflops']:.1f} GFLOP/s -> peak {peak['peak_gflops']:.1f} GFLOP/s", flush=True)
+
+    baselines = {"expert": ("HF+PEFT", torch_peft_expert), "router": ("mergoo-style", torch_mergoo_router)}
+    rows = []
+    for phase in args.phases.split(","):
+        router = phase != "expert"
+        fpt = model_flops_per_token(arch, args.seq, ("gate_proj", "up_proj", "down_proj"), args.rank,
+                                    args.experts, args.top_k, router, phase)
+        entries = [("btx_jax", lambda: jax_phase(phase, arch, args))]
+        if phase in baselines and not args.no_torch:
+            name, fn = baselines[phase]
+            entries.append((name, lambda fn=fn: fn(arch, args)))
+        for impl, fn in entries:
+            r = fn()
+            med = statistics.median(r["times"])
+            tps = tokens / med
+            row = {"phase": phase, "impl": impl, "step_s": med, "tokens_per_s": tps,
+                   "model_gflops_per_step": fpt * tokens / 1e9, "achieved_gflops": fpt * tps / 1e9,
+                   "mfu": fpt * tps / (peak["peak_gflops"] * 1e9), "times": r["times"],
+                   "first_step_s": r["compile_s"]}
+            rows.append(row)
+            print(f"[bench] {phase:6s} {impl:12s} median {med * 1e3:8.1f} ms/step  {tps:8.0f} tok/s  "
+                  f"MFU {row['mfu']:.1%}  (first step {r['compile_s']:.1f}s)", flush=True)
+
+    by = {(r["phase"], r["impl"]): r for r in rows}
+    for r in rows:
+        base = [b for (ph, impl), b in by.items() if ph == r["phase"] and impl != "btx_jax"]
+        if r["impl"] == "btx_jax" and base:
+            r["speedup_vs_" + base[0]["impl"]] = r["tokens_per_s"] / base[0]["tokens_per_s"]
+    print()
+    print(table(rows, peak))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "arch": arch, "peak": peak, "rows": rows,
+                                              "cpu": _cpu()}, indent=2))
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        import subprocess
+        return subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return ""
+
+
+def table(rows, peak) -> str:
+    lines = [f"measured matmul peak: {peak['peak_gflops']:.1f} GFLOP/s (fp32)", "",
+             "| phase | implementation | ms/step (median) | tokens/s | model GFLOP/step | GFLOP/s | MFU | btx_jax speed-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sp = next((f"{v:.2f}x vs {k[len('speedup_vs_'):]}" for k, v in r.items() if k.startswith("speedup_vs_")),
+                  "")
+        lines.append(f"| {r['phase']} | {r['impl']} | {r['step_s'] * 1e3:.0f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['model_gflops_per_step']:.0f} | {r['achieved_gflops']:.1f} | {r['mfu']:.1%} | {sp} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

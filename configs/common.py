@@ -1,17 +1,46 @@
-"""Defaults shared by every phase config (read top to bottom; phase files override what differs)."""
+"""Defaults shared by every phase config (read top to bottom; phase files override what differs).
+
+Presets are comma-separated words after the config file: `configs/expert.py:wiki` is the seed recipe at
+Llama-2-7B scale, `configs/expert.py:wiki,tiny` the same phase on a CPU-sized model with the bundled data.
+"""
 from __future__ import annotations
 
 import ml_collections
 
-# Architectures by name: the seed's Llama-2-7B and CPU-sized ones for the demo and tests.
+# Architectures by name: the seed's Llama-2-7B and CPU-sized ones for the demo, tests and benchmarks.
 ARCHS = {
     "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                       num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=4096),
-    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
-                 num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, max_position_embeddings=1024),
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
+                 num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, max_position_embeddings=1024,
+                 tie_word_embeddings=False),
     "bench": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
                   num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=2048),
 }
+DEMO_DIR = "runs/demo"            # where the tiny presets read and write each phase's result
+BUNDLED_TOKENIZER = "data/tokenizer/tokenizer.model"
+SEED_LORA = dict(targets=("gate_proj", "up_proj", "down_proj"), rank=640, alpha=32.0, dropout=0.1)
+
+
+SCALES = ("tiny", "synthetic")
+
+
+def parse_preset(preset: str, choices: tuple[str, ...] = ()) -> tuple[set[str], str]:
+    """({words}, the one word out of `choices`) of a preset string like 'wiki,tiny'.
+
+    'synthetic' (engine tests, benchmarks: random tiny model, random tokens) needs no choice."""
+    words = {w.strip() for w in (preset or "").split(",") if w.strip()}
+    picked = words & set(choices)
+    unknown = words - set(choices) - set(SCALES)
+    if unknown or len(picked) > 1 or (choices and not picked and "synthetic" not in words):
+        raise ValueError(f"preset {preset!r}: expected one of {list(choices)} plus optionally one of "
+                         f"{list(SCALES)}" if choices else f"preset {preset!r}: expected '' or one of {list(SCALES)}")
+    return words, (picked.pop() if picked else "")
+
+
+def bundled(domain: str, ratio: float = 1.0) -> dict:
+    from btx_jax.data import bundled_source
+    return bundled_source(domain, ratio)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -41,3 +70,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(dict(
         enabled=False, coordinator_address="", num_processes=1, process_id=0, cpu_collectives=""))
     return c
+
+
+def seed_scale(c: ml_collections.ConfigDict) -> None:
+    """The seed recipe's scale: Llama-2-7B in bf16 with remat on an fsdp mesh, seq 4096."""
+    c.model.init = "checkpoints/Llama-2-7b-hf"        # an HF Llama directory (convert or download it)
+    c.model.arch = ARCHS["llama2_7b"]
+    c.train.update(seq_len=4096, global_batch_size=32, dtype="bfloat16", frozen_dtype="bfloat16",
+                   remat="full", log_every=10, ckpt_every=500)
+    c.data = ml_collections.ConfigDict(dict(kind="pretrain", tokenizer=c.model.init))
+
+
+def tiny_scale(c: ml_collections.ConfigDict) -> None:
+    """CPU-sized: the tiny architecture, the bundled data and tokenizer, short runs."""
+    c.model.arch = ARCHS["tiny"]
+    c.train.update(seq_len=128, global_batch_size=16, log_every=10, ckpt_every=100)

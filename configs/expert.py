@@ -1,21 +1,44 @@
-"""Phase 1: one LoRA domain expert on the seed model (only LoRA A/B train).
+"""Phase 1: one LoRA domain expert on the seed model; only LoRA A/B train.
 
-Presets (`--config=configs/expert.py:PRESET`):
-  wiki | math | novel   the seed's data mixture for that domain, Llama-2-7B shapes (r=640, alpha=32)
-  tiny                  CPU-sized synthetic run (engine tests)
+Presets (`--config=configs/expert.py:DOMAIN[,tiny]`), DOMAIN in wiki | math | novel:
+  DOMAIN        the seed recipe: Llama-2-7B, LoRA r=640 alpha=32 dropout 0.1 on gate/up/down_proj, the seed's
+                data mixture for the domain (hub dataset names: point them at your copies)
+  DOMAIN,tiny   the CPU demo: the tiny seed from configs/pretrain.py, the bundled domain corpus
+  synthetic     engine tests: a random tiny model, LoRA r=8, random tokens
 """
-from configs.common import ARCHS, base_config
+from configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, SEED_LORA, base_config, bundled, parse_preset,
+                            seed_scale, tiny_scale)
+
+DOMAINS = ("wiki", "math", "novel")
+# The seed's expert mixtures (share of tokens).
+SEED_MIXTURES = {
+    "wiki": [("wikipedia_ja", "wikimedia/wikipedia:20231101.ja", 0.36),
+             ("wikipedia_en", "wikimedia/wikipedia:20231101.en", 0.20),
+             ("news_ja", "news_ja", 0.43)],
+    "math": [("atlas_math_sets", "AtlasUnified/atlas-math-sets", 0.43),
+             ("open_math_instruct", "nvidia/OpenMathInstruct-1", 0.37),
+             ("basic_math", "basicMath", 0.17), ("gsm8k", "openai/gsm8k:main", 0.01)],
+    "novel": [("aozora_bunko", "globis-university/aozorabunko-clean", 0.10), ("novels", "novels_ja", 0.90)],
+}
 
 
-def get_config(preset: str = "tiny"):
+def get_config(preset: str = "wiki,tiny"):
+    words, domain = parse_preset(preset, DOMAINS)
     c = base_config()
     c.phase = "expert"
-    c.model.lora = dict(targets=("gate_proj", "up_proj", "down_proj"), rank=640, alpha=32.0, dropout=0.1)
-    if preset == "tiny":
-        c.model.lora = dict(targets=("gate_proj", "up_proj", "down_proj"), rank=8, alpha=16.0, dropout=0.0)
+    c.model.lora = dict(SEED_LORA)
+    if "synthetic" in words:
+        c.model.lora = dict(targets=SEED_LORA["targets"], rank=8, alpha=16.0, dropout=0.0)
         c.train.update(steps=20, global_batch_size=8, seq_len=64, log_every=5, ckpt_every=10)
         return c
-    c.model.arch = ARCHS["llama2_7b"]
-    c.train.update(seq_len=4096, global_batch_size=32, dtype="bfloat16", frozen_dtype="bfloat16",
-                   remat="full", lr=1e-4)
+    if "tiny" in words:
+        tiny_scale(c)
+        c.model.init = f"{DEMO_DIR}/seed/final"
+        c.model.lora = dict(targets=SEED_LORA["targets"], rank=32, alpha=32.0, dropout=0.0)
+        c.train.update(steps=200, lr=3e-3, warmup_steps=10)
+        c.data = dict(kind="pretrain", tokenizer=BUNDLED_TOKENIZER, sources=[bundled(domain)])
+        return c
+    seed_scale(c)
+    c.train.update(steps=10000, lr=1e-4, warmup_steps=100)
+    c.data.sources = [dict(name=n, path=p, format="hub", ratio=r) for n, p, r in SEED_MIXTURES[domain]]
     return c

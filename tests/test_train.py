@@ -28,7 +28,7 @@ ARCH = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
 
 
 def tiny_config(**train):
-    c = expert.get_config("tiny")
+    c = expert.get_config("synthetic")
     c.model.arch = ARCH
     c.train.update(dict(steps=6, global_batch_size=8, seq_len=32, log_every=1, ckpt_every=3, lr=1e-2,
                         warmup_steps=2), **train)
@@ -113,7 +113,7 @@ def _run(args, env_extra=None, check=True):
 
 
 def _cli(workdir, *overrides):
-    return ["--config=configs/expert.py:tiny", f"--workdir={workdir}", "--config.train.steps=8",
+    return ["--config=configs/expert.py:synthetic", f"--workdir={workdir}", "--config.train.steps=8",
             "--config.train.ckpt_every=3", "--config.train.log_every=1", "--config.train.seq_len=32",
             "--config.model.arch.num_layers=2", *overrides]
 

@@ -61,11 +61,18 @@ def default_template_pieces(source: Source, record: dict) -> list[Piece]:
       else:
         pieces.append((_ROLE_HEADERS[m["role"]] + m["content"] + "\n\n", False))
     return pieces
-  prompt = f"### System:\n{source.system}\n\n" if source.system is not None else ""
-  prompt += f"### Instruction:\n{record[source.instruction_field]}\n\n"
-  if record.get(source.input_field):
-    prompt += f"### Input:\n{record[source.input_field]}\n\n"
-  return [(prompt + "### Response:\n", False), (record[source.output_field], True)]
+  prompt = instruction_prompt(record[source.instruction_field], record.get(source.input_field) or "",
+                              source.system)
+  return [(prompt, False), (record[source.output_field], True)]
+
+
+def instruction_prompt(instruction: str, input_text: str = "", system: str | None = None) -> str:
+  """The default template's prompt, up to and including the response header (used for generation too)."""
+  prompt = f"### System:\n{system}\n\n" if system is not None else ""
+  prompt += f"### Instruction:\n{instruction}\n\n"
+  if input_text:
+    prompt += f"### Input:\n{input_text}\n\n"
+  return prompt + "### Response:\n"
 
 
 def chat_template_pieces(source: Source, record: dict, tokenizer) -> list[Piece]:

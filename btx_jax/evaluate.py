@@ -1,0 +1,91 @@
+"""Evaluation: per-domain loss / perplexity on held-out batches, and per-domain routing statistics of a
+LoRA-MoE (share of each domain's tokens sent to each expert, per layer and projection)."""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterable
+
+import jax
+import numpy as np
+
+from btx_jax.model import Llama
+from btx_jax.pretrained import Pretrained
+from btx_jax.train.step import BATCH_KEYS, forward, token_losses
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_batch(model: Llama, params, batch):
+    logits, aux = forward(model, params, batch)
+    ce_sum, n = token_losses(logits, batch)
+    return ce_sum, n, aux.get("expert_frac", {})
+
+
+def evaluate_domain(pre: Pretrained, batches: Iterable[dict]) -> dict:
+    """{loss, ppl, tokens, routing: {target: [layers, experts]}} over the batches (token-weighted)."""
+    model = pre.model()
+    ce_total = n_total = 0.0
+    routing: dict[str, np.ndarray] = {}
+    for batch in batches:
+        ce_sum, n, frac = jax.device_get(_eval_batch(model, pre.params, {k: batch[k] for k in BATCH_KEYS}))
+        ce_total, n_total = ce_total + float(ce_sum), n_total + float(n)
+        for target, f in frac.items():
+            routing[target] = routing.get(target, 0.0) + np.asarray(f) * float(n)
+    if n_total == 0:
+        raise ValueError("evaluation batches contain no target tokens")
+    loss = ce_total / n_total
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(n_total),
+            "routing": {t: (v / n_total).tolist() for t, v in routing.items()}}
+
+
+def routing_by_expert(routing: dict[str, list]) -> np.ndarray:
+    """[experts] share of routed token-slots, averaged over every routed layer and projection."""
+    rows = [np.asarray(f) for f in routing.values()]
+    stacked = np.concatenate([r[r.sum(axis=-1) > 0] for r in rows], axis=0)
+    return stacked.mean(axis=0)
+
+
+def evaluate_models(models: dict[str, str], domains: dict[str, dict], tokenizer, *, seq_len: int,
+                    batch_size: int, max_batches: int) -> tuple[dict, dict]:
+    """(results {model: {domain: evaluate_domain(...)}}, loaded {model: Pretrained}) for model dirs."""
+    from btx_jax.data import eval_batches
+    from btx_jax.pretrained import load_pretrained
+    results, loaded = {}, {}
+    for name, path in models.items():
+        pre = loaded[name] = load_pretrained(path)
+        results[name] = {d: evaluate_domain(pre, eval_batches(src, tokenizer, seq_len, batch_size, max_batches))
+                         for d, src in domains.items()}
+    return results, loaded
+
+
+def routing_matrix(domain_results: dict[str, dict], domains: list[str]) -> np.ndarray | None:
+    """[domains, experts] share of each domain's routed token-slots per expert (None for dense models)."""
+    if not domain_results[domains[0]]["routing"]:
+        return None
+    return np.stack([routing_by_expert(domain_results[d]["routing"]) for d in domains])
+
+
+def btx_findings(results: dict, domains: list[str], seed: str, experts: dict[str, str], moe: str,
+                 routing: np.ndarray | None, tolerance: float = 0.05) -> tuple[list[str], dict[str, bool]]:
+    """Sentences and pass/fail flags for the Branch-Train-MiX effect: each expert beats the seed on its
+    domain; the MoE is within `tolerance` (relative loss) of the best expert on every domain; each domain's
+    tokens go mostly to its own expert."""
+    lines, checks = [], {}
+    for d, name in experts.items():
+        gain = results[seed][d]["loss"] - results[name][d]["loss"]
+        checks[f"{name} beats {seed} on {d}"] = gain > 0
+        lines.append(f"{name} vs {seed} on {d}: loss {results[name][d]['loss']:.3f} vs {results[seed][d]['loss']:.3f} "
+                     f"({'better' if gain > 0 else 'NOT better'} by {gain:.3f})")
+    for d in domains:
+        best = min(results[name][d]["loss"] for name in experts.values())
+        rel = results[moe][d]["loss"] / best - 1.0
+        checks[f"{moe} within {tolerance:.0%} of best expert on {d}"] = rel <= tolerance
+        lines.append(f"{moe} on {d}: loss {results[moe][d]['loss']:.3f}, best expert {best:.3f} "
+                     f"({rel:+.1%} relative)")
+    if routing is not None:
+        for i, (d, name) in enumerate(experts.items()):
+            own = int(np.argmax(routing[i])) == i
+            checks[f"{d} tokens go mostly to expert {name}"] = own
+            lines.append(f"{d} tokens: {routing[i][i]:.0%} of routed slots to its own expert {name}"
+                         f" (largest share: {'yes' if own else 'NO'})")
+    return lines, checks

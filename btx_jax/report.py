@@ -1,0 +1,94 @@
+"""The evaluation report: a markdown file with the per-domain loss table, the routing table and heatmap,
+loss curves from each phase's metrics.jsonl, and sample generations."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        rows[r["step"]] = r              # a resumed run re-logs steps: the last record wins
+    return [rows[s] for s in sorted(rows)]
+
+
+def plot_loss_curves(workdirs: dict[str, Path], out: Path) -> Path | None:
+    curves = {name: read_metrics(d) for name, d in workdirs.items()}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, rows in curves.items():
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (token cross-entropy)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_routing_heatmap(matrix: np.ndarray, domains: list[str], experts: list[str], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(1.4 * len(experts) + 2, 0.8 * len(domains) + 1.5))
+    im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=max(float(matrix.max()), 1e-6))
+    ax.set_xticks(range(len(experts)), experts)
+    ax.set_yticks(range(len(domains)), domains)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("domain of the tokens")
+    for i in range(len(domains)):
+        for j in range(len(experts)):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center",
+                    color="white" if matrix[i, j] < 0.6 * matrix.max() else "black")
+    fig.colorbar(im, ax=ax, label="share of routed token-slots")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def loss_table(results: dict[str, dict[str, dict]], domains: list[str]) -> str:
+    """Models x domains: loss (perplexity)."""
+    rows = [[name] + [f"{r[d]['loss']:.3f} ({r[d]['ppl']:.1f})" for d in domains] for name, r in results.items()]
+    return _table(["model"] + [f"{d} loss (ppl)" for d in domains], rows)
+
+
+def write_report(out_dir: Path, *, results: dict, domains: list[str], routing: dict[str, np.ndarray] | None,
+                 experts: list[str], loss_curves: Path | None, heatmaps: dict[str, Path], samples: dict[str, list],
+                 findings: list[str], header: str) -> Path:
+    parts = [f"# {header}", "", "## Held-out loss per domain", "", loss_table(results, domains), ""]
+    if findings:
+        parts += ["## What the numbers show", ""] + [f"- {f}" for f in findings] + [""]
+    if routing:
+        for name, matrix in routing.items():
+            parts += [f"## Routing of {name}: share of each domain's routed token-slots per expert", "",
+                      _table(["domain"] + experts, [[d] + [float(x) for x in matrix[i]] for i, d in enumerate(domains)]),
+                      "", f"![routing heatmap {name}]({heatmaps[name].name})", ""]
+    if loss_curves:
+        parts += ["## Training loss curves", "", f"![loss curves]({loss_curves.name})", ""]
+    if samples:
+        parts += ["## Sample generations (greedy)", ""]
+        for name, items in samples.items():
+            parts += [f"**{name}**", ""] + [f"- `{p}` -> `{g}`" for p, g in items] + [""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

@@ -1,0 +1,132 @@
+"""The whole Branch-Train-MiX pipeline on a tiny Llama with the bundled real data, on a laptop CPU:
+
+  seed      pretrain a small Llama from scratch on wiki + math + novel          configs/pretrain.py:tiny
+  experts   three LoRA experts, one per domain                                   configs/expert.py:DOMAIN,tiny
+  compose   seed + experts -> LoRA-MoE (top-2 of 3 on gate/up/down_proj)          btx_jax.compose
+  router    train routers + lm_head on the mixed corpus                          configs/router.py:tiny
+  sft       instruction tuning with the experts frozen                          configs/sft.py:tiny
+  evaluate  per-domain loss table, routing heatmaps, loss curves, samples -> OUT/report.md
+  export    PEFT adapters, merged HF model, mergoo LoRA-MoE                     OUT/export/
+
+    python scripts/demo.py [--out runs/demo] [--quick]
+
+Each phase is the same code as `scripts/train.py --config=...`; a finished phase is skipped when the demo is
+run again, an interrupted one resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from btx_jax.cli import run_cli  # noqa: E402
+
+DOMAINS = ("wiki", "math", "novel")
+SAMPLE_PROMPTS = {"wiki": "The history of the city", "math": "Question: Tom has 3 apples and buys 5 more.",
+                  "novel": "吾輩は"}
+SFT_PROMPTS = ["日本の首都はどこですか？", "主に子ども向けのもので、イラストのついた物語が書かれているものはどれ？"]
+
+
+def phase_configs(out: Path, quick: bool):
+    from configs import expert, pretrain, router, sft
+    plan = [("seed", pretrain.get_config("tiny"))]
+    plan += [(f"expert_{d}", expert.get_config(f"{d},tiny")) for d in DOMAINS]
+    plan += [("router", router.get_config("tiny")), ("sft", sft.get_config("tiny"))]
+    for name, c in plan:
+        if name != "seed":
+            c.model.init = str(out / ("router" if name == "sft" else "seed") / "final")
+        if name == "router":
+            c.model.compose.experts = [str(out / f"expert_{d}" / "final") for d in DOMAINS]
+        if quick:
+            c.train.steps = max(c.train.steps // 10, 4)
+            c.train.ckpt_every = c.train.steps // 2
+            c.train.log_every = 2
+    return plan
+
+
+def run(args) -> None:
+    from btx_jax import compose, evaluate, report
+    from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, load_tokenizer
+    from btx_jax.textgen import complete
+    from btx_jax.train.trainer import train
+
+    out = Path(args.out)
+    t0 = time.time()
+    timings = {}
+    plan = phase_configs(out, args.quick)
+    for name, cfg in plan:
+        if (out / name / "final").is_dir():
+            print(f"[demo] {name}: already trained ({out / name / 'final'})", flush=True)
+            continue
+        print(f"\n[demo] ===== {name} ({cfg.phase} phase, {cfg.train.steps} steps) =====", flush=True)
+        tic = time.time()
+        train(cfg, out / name)
+        timings[name] = time.time() - tic
+    moe_init = out / "moe_init"
+    if not moe_init.is_dir():         # the LoRA-MoE before router training, for the comparison
+        router_cfg = dict(plan)["router"].model.compose
+        compose(str(out / "seed" / "final"), list(router_cfg.experts), top_k=router_cfg.top_k,
+                router_init=router_cfg.router_init, seed=0).save_pretrained(moe_init, format="btx")
+
+    print("\n[demo] ===== evaluate =====", flush=True)
+    tokenizer = load_tokenizer(BUNDLED_TOKENIZER)
+    models = {"seed": out / "seed" / "final", **{f"expert_{d}": out / f"expert_{d}" / "final" for d in DOMAINS},
+              "moe_before_router": moe_init, "moe_router": out / "router" / "final", "sft": out / "sft" / "final"}
+    results, loaded = evaluate.evaluate_models({k: str(v) for k, v in models.items()},
+                                               {d: bundled_source(d) for d in DOMAINS}, tokenizer,
+                                               seq_len=128, batch_size=16, max_batches=4 if args.quick else 12)
+    routing, heatmaps = {}, {}
+    experts = [f"expert_{d}" for d in DOMAINS]
+    for name in ("moe_before_router", "moe_router", "sft"):
+        routing[name] = evaluate.routing_matrix(results[name], list(DOMAINS))
+        heatmaps[name] = report.plot_routing_heatmap(routing[name], list(DOMAINS), experts,
+                                                     out / f"routing_{name}.png")
+    findings, checks = evaluate.btx_findings(results, list(DOMAINS), "seed",
+                                             {d: f"expert_{d}" for d in DOMAINS}, "moe_router",
+                                             routing["moe_router"])
+    curves = report.plot_loss_curves({name: out / name for name, _ in plan}, out / "loss_curves.png")
+    samples = {name: list(zip(SAMPLE_PROMPTS.values(),
+                              complete(loaded[name], tokenizer, list(SAMPLE_PROMPTS.values()), max_new_tokens=24)))
+               for name in ("seed", "moe_router")}
+    samples["sft (chat)"] = list(zip(SFT_PROMPTS, complete(loaded["sft"], tokenizer, SFT_PROMPTS, chat=True,
+                                                           max_new_tokens=24)))
+
+    print("\n[demo] ===== export =====", flush=True)
+    exports = {"expert_wiki_peft": ("expert_wiki", dict(format="peft")),
+               "expert_wiki_merged_hf": ("expert_wiki", dict(format="hf", merge_lora=True)),
+               "moe_router_mergoo": ("moe_router", dict(format="mergoo")),
+               "sft_mergoo": ("sft", dict(format="mergoo"))}
+    for dst, (name, kw) in exports.items():
+        loaded[name].save_pretrained(out / "export" / dst, overwrite=True, **kw)
+        print(f"[demo] wrote {out / 'export' / dst}", flush=True)
+
+    findings.append("checks: " + ", ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in checks.items()))
+    findings.append(f"phase wall times this run (s): {json.dumps({k: round(v) for k, v in timings.items()})}; "
+                    f"total {time.time() - t0:.0f} s")
+    header = f"btx-jax demo: Branch-Train-MiX on a tiny Llama ({'quick' if args.quick else 'full'} run)"
+    path = report.write_report(out, results=results, domains=list(DOMAINS), routing=routing, experts=experts,
+                               loss_curves=curves, heatmaps=heatmaps, samples=samples, findings=findings,
+                               header=header)
+    (out / "results.json").write_text(json.dumps({"results": results, "checks": checks}, indent=1))
+    print("\n" + report.loss_table(results, list(DOMAINS)))
+    print("\n".join(findings))
+    print(f"\n[demo] report: {path}  ({time.time() - t0:.0f} s)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--quick", action="store_true", help="a tenth of the steps (CI's end-to-end test)")
+    args = p.parse_args()
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()

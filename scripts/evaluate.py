@@ -1,0 +1,73 @@
+"""Evaluate checkpoints per domain and write a markdown report with tables and plots.
+
+    python scripts/evaluate.py --model seed=runs/demo/seed/final --model moe=runs/demo/router/final \
+        --workdir seed=runs/demo/seed --out runs/demo/eval
+
+Domains default to the bundled held-out splits (wiki, math, novel); each row of the table is a model."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from btx_jax.cli import run_cli  # noqa: E402
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"error: {flag} expects NAME=PATH, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, help="NAME=DIR (HF, mergoo or btx checkpoint)")
+    p.add_argument("--workdir", action="append", help="NAME=DIR of a training run, for the loss-curve plot")
+    p.add_argument("--domains", default="wiki,math,novel", help="bundled domains to evaluate")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the bundled one)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batches", type=int, default=8)
+    p.add_argument("--out", required=True, help="output directory (report.md, results.json, PNGs)")
+    args = p.parse_args()
+    run_cli(lambda: evaluate_cli(args))
+
+
+def evaluate_cli(args) -> None:
+    from btx_jax import evaluate, report
+    from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, load_tokenizer
+    models, workdirs = _pairs(args.model, "--model"), _pairs(args.workdir, "--workdir")
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    tokenizer = load_tokenizer(args.tokenizer or BUNDLED_TOKENIZER)
+    results, _ = evaluate.evaluate_models(models, {d: bundled_source(d) for d in domains}, tokenizer,
+                                          seq_len=args.seq_len, batch_size=args.batch_size,
+                                          max_batches=args.max_batches)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    routing, heatmaps = {}, {}
+    for name in models:
+        m = evaluate.routing_matrix(results[name], domains)
+        if m is not None:
+            routing[name] = m
+            experts = [f"expert{i}" for i in range(m.shape[1])]
+            heatmaps[name] = report.plot_routing_heatmap(m, domains, experts, out / f"routing_{name}.png")
+    curves = report.plot_loss_curves({k: Path(v) for k, v in workdirs.items()}, out / "loss_curves.png")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    n_exp = next(iter(routing.values())).shape[1] if routing else 0
+    path = report.write_report(out, results=results, domains=domains, routing=routing,
+                               experts=[f"expert{i}" for i in range(n_exp)], loss_curves=curves,
+                               heatmaps=heatmaps, samples={}, findings=[], header="btx-jax evaluation")
+    print(report.loss_table(results, domains))
+    print(f"[btx] report: {path}")
+
+
+if __name__ == "__main__":
+    main()

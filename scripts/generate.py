@@ -1,0 +1,45 @@
+"""Generate text from a checkpoint (KV-cached; greedy unless --temperature > 0).
+
+    python scripts/generate.py --model runs/demo/sft/final --chat --prompt "日本の首都はどこですか？"
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from btx_jax.cli import run_cli  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF, mergoo or btx checkpoint directory")
+    p.add_argument("--adapter", default=None, help="PEFT adapter directory applied on --model")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the bundled one)")
+    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the SFT instruction template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    def run():
+        from btx_jax import load_pretrained
+        from btx_jax.data import BUNDLED_TOKENIZER, load_tokenizer
+        from btx_jax.textgen import complete
+        pre = load_pretrained(args.model, adapter=args.adapter)
+        tok = load_tokenizer(args.tokenizer or BUNDLED_TOKENIZER)
+        tok.check_fits(pre.config.vocab_size)
+        for prompt, text in zip(args.prompt, complete(pre, tok, args.prompt, max_new_tokens=args.max_new_tokens,
+                                                      chat=args.chat, temperature=args.temperature,
+                                                      top_p=args.top_p, seed=args.seed)):
+            print(f"> {prompt}\n{text}\n")
+
+    run_cli(run)
+
+
+if __name__ == "__main__":
+    main()

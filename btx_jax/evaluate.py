@@ -18,11 +18,12 @@ from btx_jax.train.step import BATCH_KEYS, forward, token_losses
 def _eval_batch(model: Llama, params, batch):
     logits, aux = forward(model, params, batch)
     ce_sum, n = token_losses(logits, batch)
-    return ce_sum, n, aux.get("expert_frac", {})
+    return ce_sum, n, aux.get("expert_weight", {})
 
 
 def evaluate_domain(pre: Pretrained, batches: Iterable[dict]) -> dict:
-    """{loss, ppl, tokens, routing: {target: [layers, experts]}} over the batches (token-weighted)."""
+    """{loss, ppl, tokens, routing: {target: [layers, experts]}} over the batches (token-weighted); routing
+    is the mean gate weight of each expert (rows sum to 1 on routed layers)."""
     model = pre.model()
     ce_total = n_total = 0.0
     routing: dict[str, np.ndarray] = {}
@@ -39,7 +40,7 @@ def evaluate_domain(pre: Pretrained, batches: Iterable[dict]) -> dict:
 
 
 def routing_by_expert(routing: dict[str, list]) -> np.ndarray:
-    """[experts] share of routed token-slots, averaged over every routed layer and projection."""
+    """[experts] mean gate weight, averaged over every routed layer and projection."""
     rows = [np.asarray(f) for f in routing.values()]
     stacked = np.concatenate([r[r.sum(axis=-1) > 0] for r in rows], axis=0)
     return stacked.mean(axis=0)
@@ -59,7 +60,7 @@ def evaluate_models(models: dict[str, str], domains: dict[str, dict], tokenizer,
 
 
 def routing_matrix(domain_results: dict[str, dict], domains: list[str]) -> np.ndarray | None:
-    """[domains, experts] share of each domain's routed token-slots per expert (None for dense models)."""
+    """[domains, experts] mean gate weight of each expert on each domain's tokens (None for dense models)."""
     if not domain_results[domains[0]]["routing"]:
         return None
     return np.stack([routing_by_expert(domain_results[d]["routing"]) for d in domains])
@@ -86,6 +87,6 @@ def btx_findings(results: dict, domains: list[str], seed: str, experts: dict[str
         for i, (d, name) in enumerate(experts.items()):
             own = int(np.argmax(routing[i])) == i
             checks[f"{d} tokens go mostly to expert {name}"] = own
-            lines.append(f"{d} tokens: {routing[i][i]:.0%} of routed slots to its own expert {name}"
+            lines.append(f"{d} tokens: {routing[i][i]:.0%} of the gate weight on its own expert {name}"
                          f" (largest share: {'yes' if own else 'NO'})")
     return lines, checks

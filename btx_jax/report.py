@@ -52,7 +52,7 @@ def plot_routing_heatmap(matrix: np.ndarray, domains: list[str], experts: list[s
         for j in range(len(experts)):
             ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center",
                     color="white" if matrix[i, j] < 0.6 * matrix.max() else "black")
-    fig.colorbar(im, ax=ax, label="share of routed token-slots")
+    fig.colorbar(im, ax=ax, label="mean gate weight")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -80,7 +80,7 @@ def write_report(out_dir: Path, *, results: dict, domains: list[str], routing: d
         parts += ["## What the numbers show", ""] + [f"- {f}" for f in findings] + [""]
     if routing:
         for name, matrix in routing.items():
-            parts += [f"## Routing of {name}: share of each domain's routed token-slots per expert", "",
+            parts += [f"## Routing of {name}: mean gate weight per expert on each domain's tokens", "",
                       _table(["domain"] + experts, [[d] + [float(x) for x in matrix[i]] for i, d in enumerate(domains)]),
                       "", f"![routing heatmap {name}]({heatmaps[name].name})", ""]
     if loss_curves:

@@ -57,6 +57,9 @@ def run(args) -> None:
 
     out = Path(args.out)
     t0 = time.time()
+    import jax    # the three experts compile the same step: share compilations across phases
+    jax.config.update("jax_compilation_cache_dir", str(out / ".jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     timings = {}
     plan = phase_configs(out, args.quick)
     for name, cfg in plan:

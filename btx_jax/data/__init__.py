@@ -3,11 +3,23 @@
 See btx_jax/data/README.md and the docstrings of pipeline.py (config schema), sources.py (source
 schema), packing.py (batch layout and packing) and sft.py (templates, loss mask).
 """
+
 from btx_jax.data.bundled import BUNDLED_DATA_DIR, BUNDLED_TOKENIZER, bundled_source, mixture_config
 from btx_jax.data.errors import DataError
 from btx_jax.data.pipeline import Pipeline, eval_batches, make_pipeline, measure_throughput
 from btx_jax.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
 
-__all__ = ["BUNDLED_DATA_DIR", "BUNDLED_TOKENIZER", "DataError", "Pipeline", "Tokenizer", "bundled_source",
-           "check_vocab_fits", "eval_batches", "load_tokenizer", "make_pipeline", "measure_throughput",
-           "mixture_config"]
+__all__ = [
+    "BUNDLED_DATA_DIR",
+    "BUNDLED_TOKENIZER",
+    "DataError",
+    "Pipeline",
+    "Tokenizer",
+    "bundled_source",
+    "check_vocab_fits",
+    "eval_batches",
+    "load_tokenizer",
+    "make_pipeline",
+    "measure_throughput",
+    "mixture_config",
+]

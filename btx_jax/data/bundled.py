@@ -6,6 +6,7 @@ files). Mixtures are not files: they are configs built here or in configs/.
   novel  pretrain  data/novel/{train,valid}/*.txt   Aozora Bunko novels (ja) + Tiny Shakespeare, one doc per file
   sft    sft       data/sft/{train,valid}.jsonl     JCommonsenseQA + JSQuAD instruction records (ja)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,11 @@ BUNDLED_TOKENIZER = BUNDLED_DATA_DIR / "tokenizer" / "tokenizer.model"
 
 _DOMAINS = {
     "wiki": {"path": "wiki/train.jsonl", "eval_path": "wiki/valid.jsonl", "text_field": "text"},
-    "math": {"path": "math/train.jsonl", "eval_path": "math/valid.jsonl",
-             "template": "Question: {question}\nAnswer: {answer}"},
+    "math": {
+        "path": "math/train.jsonl",
+        "eval_path": "math/valid.jsonl",
+        "template": "Question: {question}\nAnswer: {answer}",
+    },
     "novel": {"path": "novel/train/*.txt", "eval_path": "novel/valid/*.txt", "sample_by": "document"},
     "sft": {"path": "sft/train.jsonl", "eval_path": "sft/valid.jsonl"},
 }
@@ -24,15 +28,15 @@ DOMAINS = tuple(_DOMAINS)
 
 
 def bundled_source(domain: str, ratio: float = 1.0) -> dict:
-  """Source dict of one bundled domain (absolute paths), usable in any pipeline config."""
-  if domain not in _DOMAINS:
-    raise KeyError(f"unknown bundled domain {domain!r}; choose from {DOMAINS}")
-  spec = dict(_DOMAINS[domain], name=domain, ratio=ratio)
-  for key in ("path", "eval_path"):
-    spec[key] = str(BUNDLED_DATA_DIR / spec[key])
-  return spec
+    """Source dict of one bundled domain (absolute paths), usable in any pipeline config."""
+    if domain not in _DOMAINS:
+        raise KeyError(f"unknown bundled domain {domain!r}; choose from {DOMAINS}")
+    spec = dict(_DOMAINS[domain], name=domain, ratio=ratio)
+    for key in ("path", "eval_path"):
+        spec[key] = str(BUNDLED_DATA_DIR / spec[key])
+    return spec
 
 
 def mixture_config(ratios: dict[str, float], kind: str = "pretrain", **options) -> dict:
-  """A pipeline config mixing bundled domains, e.g. mixture_config({"wiki": 0.5, "math": 0.5})."""
-  return {"kind": kind, "sources": [bundled_source(d, r) for d, r in ratios.items()], **options}
+    """A pipeline config mixing bundled domains, e.g. mixture_config({"wiki": 0.5, "math": 0.5})."""
+    return {"kind": kind, "sources": [bundled_source(d, r) for d, r in ratios.items()], **options}

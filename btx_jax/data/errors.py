@@ -2,5 +2,5 @@
 
 
 class DataError(ValueError):
-  """Bad data input (missing file, wrong field, empty dataset, bad ratios, bad encoding, tokenizer
-  too large for the model). The message is one line and names the file or field."""
+    """Bad data input (missing file, wrong field, empty dataset, bad ratios, bad encoding, tokenizer
+    too large for the model). The message is one line and names the file or field."""

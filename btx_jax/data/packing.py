@@ -24,6 +24,7 @@ example longer than a row is truncated (its first seq_len + 1 tokens) or dropped
 `overlong`; one left with no response token is dropped; both are counted. Packing is done once
 (example order drawn from the seed); each epoch visits the rows in a new seeded order.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -37,151 +38,171 @@ FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def source_rng(seed: int, name: str, *salt: int) -> np.random.Generator:
-  """A generator fixed by (seed, source name, salt): adding a source never changes another's."""
-  return np.random.default_rng([seed, zlib.crc32(name.encode()), *salt])
+    """A generator fixed by (seed, source name, salt): adding a source never changes another's."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), *salt])
 
 
 def empty_rows(n: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-  return {"inputs": np.full((n, seq_len), pad_id, np.int32),
-          "targets": np.full((n, seq_len), pad_id, np.int32),
-          "loss_mask": np.zeros((n, seq_len), np.float32),
-          "segment_ids": np.zeros((n, seq_len), np.int32),
-          "positions": np.zeros((n, seq_len), np.int32)}
+    return {
+        "inputs": np.full((n, seq_len), pad_id, np.int32),
+        "targets": np.full((n, seq_len), pad_id, np.int32),
+        "loss_mask": np.zeros((n, seq_len), np.float32),
+        "segment_ids": np.zeros((n, seq_len), np.int32),
+        "positions": np.zeros((n, seq_len), np.int32),
+    }
 
 
 class PackedStream:
-  """Constant-length rows of a document stream (see module docstring)."""
+    """Constant-length rows of a document stream (see module docstring)."""
 
-  def __init__(self, docs: TokenizedDocs, *, name: str, seq_len: int, seed: int, shuffle: bool,
-               segments: bool, pad_id: int, wrap: bool = True):
-    self.docs, self.name, self.seq_len, self.seed = docs, name, seq_len, seed
-    self.shuffle, self.segments, self.pad_id, self.wrap = shuffle, segments, pad_id, wrap
-    self.tokens_per_epoch = int(docs.offsets[-1])
-    if self.tokens_per_epoch == 0:
-      raise DataError(f"source {name!r}: no tokens")
-    row = seq_len + 1
-    self.rows_per_epoch = (self.tokens_per_epoch / row if wrap
-                           else -(-self.tokens_per_epoch // row))
-    self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    def __init__(
+        self,
+        docs: TokenizedDocs,
+        *,
+        name: str,
+        seq_len: int,
+        seed: int,
+        shuffle: bool,
+        segments: bool,
+        pad_id: int,
+        wrap: bool = True,
+    ):
+        self.docs, self.name, self.seq_len, self.seed = docs, name, seq_len, seed
+        self.shuffle, self.segments, self.pad_id, self.wrap = shuffle, segments, pad_id, wrap
+        self.tokens_per_epoch = int(docs.offsets[-1])
+        if self.tokens_per_epoch == 0:
+            raise DataError(f"source {name!r}: no tokens")
+        row = seq_len + 1
+        self.rows_per_epoch = self.tokens_per_epoch / row if wrap else -(-self.tokens_per_epoch // row)
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-  def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(document order, start of each document in the epoch's stream + total)."""
-    if epoch not in self._epochs:
-      n = len(self.docs.offsets) - 1
-      order = source_rng(self.seed, self.name, epoch).permutation(n) if self.shuffle else np.arange(n)
-      starts = np.concatenate([[0], np.cumsum(self.docs.lengths[order])])
-      if len(self._epochs) >= 4:
-        self._epochs.pop(min(self._epochs))
-      self._epochs[epoch] = (order, starts)
-    return self._epochs[epoch]
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(document order, start of each document in the epoch's stream + total)."""
+        if epoch not in self._epochs:
+            n = len(self.docs.offsets) - 1
+            order = source_rng(self.seed, self.name, epoch).permutation(n) if self.shuffle else np.arange(n)
+            starts = np.concatenate([[0], np.cumsum(self.docs.lengths[order])])
+            if len(self._epochs) >= 4:
+                self._epochs.pop(min(self._epochs))
+            self._epochs[epoch] = (order, starts)
+        return self._epochs[epoch]
 
-  def epochs_done(self, rows: int) -> float:
-    return rows / self.rows_per_epoch
+    def epochs_done(self, rows: int) -> float:
+        return rows / self.rows_per_epoch
 
-  def non_pad(self, cursors: np.ndarray) -> int:
-    return len(cursors) * self.seq_len  # training rows are always full
+    def non_pad(self, cursors: np.ndarray) -> int:
+        return len(cursors) * self.seq_len  # training rows are always full
 
-  def rows(self, cursors: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows number `cursors` of the stream, [len(cursors), seq_len] each."""
-    total, n_docs = self.tokens_per_epoch, len(self.docs.offsets) - 1
-    row_start = np.asarray(cursors, np.int64)[:, None] * (self.seq_len + 1)
-    pos = row_start + np.arange(self.seq_len + 1)                  # stream positions [n, L+1]
-    epoch, within = np.divmod(pos, total)
-    tokens = np.full(pos.shape, self.pad_id, np.int32)
-    doc_uid = np.full(pos.shape, -1, np.int64)                       # unique per document per epoch
-    doc_start = np.zeros(pos.shape, np.int64)                        # stream position of its first token
-    valid = np.ones(pos.shape, bool) if self.wrap else epoch == 0
-    for e in np.unique(epoch[valid]):
-      sel = valid & (epoch == e)
-      order, starts = self._epoch(int(e))
-      rank = np.searchsorted(starts, within[sel], side="right") - 1
-      doc = order[rank]
-      tokens[sel] = self.docs.tokens[self.docs.offsets[doc] + within[sel] - starts[rank]]
-      doc_uid[sel] = e * n_docs + rank
-      doc_start[sel] = e * total + starts[rank]
-    out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-    target_real = valid[:, 1:]
-    if self.segments:
-      seg = np.where(valid, doc_uid - doc_uid[:, :1] + 1, 0)
-      same_doc = seg[:, 1:] == seg[:, :-1]
-      out["loss_mask"] = (same_doc & target_real).astype(np.float32)
-      out["segment_ids"] = seg[:, :-1].astype(np.int32)
-      out["positions"] = np.where(valid, pos - np.maximum(doc_start, row_start), 0)[:, :-1].astype(np.int32)
-    else:
-      out["loss_mask"] = target_real.astype(np.float32)
-      out["segment_ids"] = valid[:, :-1].astype(np.int32)
-      out["positions"] = np.where(valid[:, :-1], np.arange(self.seq_len), 0).astype(np.int32)
-    return out
+    def rows(self, cursors: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows number `cursors` of the stream, [len(cursors), seq_len] each."""
+        total, n_docs = self.tokens_per_epoch, len(self.docs.offsets) - 1
+        row_start = np.asarray(cursors, np.int64)[:, None] * (self.seq_len + 1)
+        pos = row_start + np.arange(self.seq_len + 1)  # stream positions [n, L+1]
+        epoch, within = np.divmod(pos, total)
+        tokens = np.full(pos.shape, self.pad_id, np.int32)
+        doc_uid = np.full(pos.shape, -1, np.int64)  # unique per document per epoch
+        doc_start = np.zeros(pos.shape, np.int64)  # stream position of its first token
+        valid = np.ones(pos.shape, bool) if self.wrap else epoch == 0
+        for e in np.unique(epoch[valid]):
+            sel = valid & (epoch == e)
+            order, starts = self._epoch(int(e))
+            rank = np.searchsorted(starts, within[sel], side="right") - 1
+            doc = order[rank]
+            tokens[sel] = self.docs.tokens[self.docs.offsets[doc] + within[sel] - starts[rank]]
+            doc_uid[sel] = e * n_docs + rank
+            doc_start[sel] = e * total + starts[rank]
+        out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+        target_real = valid[:, 1:]
+        if self.segments:
+            seg = np.where(valid, doc_uid - doc_uid[:, :1] + 1, 0)
+            same_doc = seg[:, 1:] == seg[:, :-1]
+            out["loss_mask"] = (same_doc & target_real).astype(np.float32)
+            out["segment_ids"] = seg[:, :-1].astype(np.int32)
+            out["positions"] = np.where(valid, pos - np.maximum(doc_start, row_start), 0)[:, :-1].astype(np.int32)
+        else:
+            out["loss_mask"] = target_real.astype(np.float32)
+            out["segment_ids"] = valid[:, :-1].astype(np.int32)
+            out["positions"] = np.where(valid[:, :-1], np.arange(self.seq_len), 0).astype(np.int32)
+        return out
 
 
 class PackedExamples:
-  """SFT examples packed whole into padded rows (see module docstring)."""
+    """SFT examples packed whole into padded rows (see module docstring)."""
 
-  def __init__(self, docs: TokenizedDocs, *, name: str, seq_len: int, seed: int, shuffle: bool,
-               pad_id: int, overlong: str):
-    if overlong not in ("truncate", "drop"):
-      raise DataError(f"overlong must be 'truncate' or 'drop', not {overlong!r}")
-    self.name, self.seq_len, self.seed, self.shuffle = name, seq_len, seed, shuffle
-    starts, lengths = docs.offsets[:-1], docs.lengths
-    too_long = lengths - 1 > seq_len
-    keep_len = np.minimum(lengths, seq_len + 1)
-    mask = docs.response_mask
-    response_cum = np.concatenate([[0], np.cumsum(mask)])
-    # targets are tokens 1..keep_len-1 of each example: count the response tokens among them
-    n_response = response_cum[starts + keep_len] - response_cum[starts + 1]
-    keep = (n_response > 0) & ~(too_long & (overlong == "drop"))
-    self.counts = {"examples": int(keep.sum()), "truncated": int((too_long & keep).sum()),
-                   "dropped": int((~keep).sum())}
-    if not keep.any():
-      raise DataError(f"source {name!r}: every example was dropped (too long for seq_len={seq_len} "
-                      "or no response tokens)")
-    order = source_rng(seed, name).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
-    order = order[keep[order]]
-    self._rows, self._fill = self._pack(docs, starts[order], keep_len[order] - 1, pad_id)
-    self.rows_per_epoch = len(self._fill)
-    self._orders: dict[int, np.ndarray] = {}   # epoch -> row order, for the epochs in use
+    def __init__(
+        self, docs: TokenizedDocs, *, name: str, seq_len: int, seed: int, shuffle: bool, pad_id: int, overlong: str
+    ):
+        if overlong not in ("truncate", "drop"):
+            raise DataError(f"overlong must be 'truncate' or 'drop', not {overlong!r}")
+        self.name, self.seq_len, self.seed, self.shuffle = name, seq_len, seed, shuffle
+        starts, lengths = docs.offsets[:-1], docs.lengths
+        too_long = lengths - 1 > seq_len
+        keep_len = np.minimum(lengths, seq_len + 1)
+        mask = docs.response_mask
+        response_cum = np.concatenate([[0], np.cumsum(mask)])
+        # targets are tokens 1..keep_len-1 of each example: count the response tokens among them
+        n_response = response_cum[starts + keep_len] - response_cum[starts + 1]
+        keep = (n_response > 0) & ~(too_long & (overlong == "drop"))
+        self.counts = {
+            "examples": int(keep.sum()),
+            "truncated": int((too_long & keep).sum()),
+            "dropped": int((~keep).sum()),
+        }
+        if not keep.any():
+            raise DataError(
+                f"source {name!r}: every example was dropped (too long for seq_len={seq_len} or no response tokens)"
+            )
+        order = source_rng(seed, name).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+        order = order[keep[order]]
+        self._rows, self._fill = self._pack(docs, starts[order], keep_len[order] - 1, pad_id)
+        self.rows_per_epoch = len(self._fill)
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> row order, for the epochs in use
 
-  def _pack(self, docs: TokenizedDocs, starts: np.ndarray, pairs: np.ndarray, pad_id: int):
-    """Greedy in-order packing: each example goes to the current row if it fits, else a new one."""
-    row_of, offset_in_row = np.empty(len(pairs), np.int64), np.empty(len(pairs), np.int64)
-    seg_of = np.empty(len(pairs), np.int64)
-    row, used, seg = 0, 0, 0
-    for i, n in enumerate(pairs.tolist()):
-      if used + n > self.seq_len:
-        row, used, seg = row + 1, 0, 0
-      row_of[i], offset_in_row[i], seg_of[i] = row, used, seg + 1
-      used, seg = used + n, seg + 1
-    rows = empty_rows(row + 1, self.seq_len, pad_id)
-    example = np.repeat(np.arange(len(pairs)), pairs)
-    k = np.arange(len(example)) - np.repeat(np.cumsum(pairs) - pairs, pairs)   # pair index in example
-    src = starts[example] + k
-    dest = (row_of[example] * self.seq_len + offset_in_row[example] + k)
-    for field, values in (("inputs", docs.tokens[src]), ("targets", docs.tokens[src + 1]),
-                          ("loss_mask", docs.response_mask[src + 1]), ("segment_ids", seg_of[example]),
-                          ("positions", k)):
-      rows[field].reshape(-1)[dest] = values
-    fill = np.bincount(row_of, weights=pairs, minlength=row + 1).astype(np.int64)
-    return rows, fill
+    def _pack(self, docs: TokenizedDocs, starts: np.ndarray, pairs: np.ndarray, pad_id: int):
+        """Greedy in-order packing: each example goes to the current row if it fits, else a new one."""
+        row_of, offset_in_row = np.empty(len(pairs), np.int64), np.empty(len(pairs), np.int64)
+        seg_of = np.empty(len(pairs), np.int64)
+        row, used, seg = 0, 0, 0
+        for i, n in enumerate(pairs.tolist()):
+            if used + n > self.seq_len:
+                row, used, seg = row + 1, 0, 0
+            row_of[i], offset_in_row[i], seg_of[i] = row, used, seg + 1
+            used, seg = used + n, seg + 1
+        rows = empty_rows(row + 1, self.seq_len, pad_id)
+        example = np.repeat(np.arange(len(pairs)), pairs)
+        k = np.arange(len(example)) - np.repeat(np.cumsum(pairs) - pairs, pairs)  # pair index in example
+        src = starts[example] + k
+        dest = row_of[example] * self.seq_len + offset_in_row[example] + k
+        for field, values in (
+            ("inputs", docs.tokens[src]),
+            ("targets", docs.tokens[src + 1]),
+            ("loss_mask", docs.response_mask[src + 1]),
+            ("segment_ids", seg_of[example]),
+            ("positions", k),
+        ):
+            rows[field].reshape(-1)[dest] = values
+        fill = np.bincount(row_of, weights=pairs, minlength=row + 1).astype(np.int64)
+        return rows, fill
 
-  def _row_ids(self, cursors: np.ndarray) -> np.ndarray:
-    epoch, index = np.divmod(np.asarray(cursors, np.int64), self.rows_per_epoch)
-    if not self.shuffle:
-      return index
-    out = np.empty_like(index)
-    for e in np.unique(epoch):
-      if int(e) not in self._orders:
-        if len(self._orders) >= 2:
-          self._orders.pop(min(self._orders))
-        self._orders[int(e)] = source_rng(self.seed, self.name, 1, int(e)).permutation(self.rows_per_epoch)
-      out[epoch == e] = self._orders[int(e)][index[epoch == e]]
-    return out
+    def _row_ids(self, cursors: np.ndarray) -> np.ndarray:
+        epoch, index = np.divmod(np.asarray(cursors, np.int64), self.rows_per_epoch)
+        if not self.shuffle:
+            return index
+        out = np.empty_like(index)
+        for e in np.unique(epoch):
+            if int(e) not in self._orders:
+                if len(self._orders) >= 2:
+                    self._orders.pop(min(self._orders))
+                self._orders[int(e)] = source_rng(self.seed, self.name, 1, int(e)).permutation(self.rows_per_epoch)
+            out[epoch == e] = self._orders[int(e)][index[epoch == e]]
+        return out
 
-  def epochs_done(self, rows: int) -> float:
-    return rows / self.rows_per_epoch
+    def epochs_done(self, rows: int) -> float:
+        return rows / self.rows_per_epoch
 
-  def non_pad(self, cursors: np.ndarray) -> int:
-    return int(self._fill[self._row_ids(cursors)].sum())
+    def non_pad(self, cursors: np.ndarray) -> int:
+        return int(self._fill[self._row_ids(cursors)].sum())
 
-  def rows(self, cursors: np.ndarray) -> dict[str, np.ndarray]:
-    ids = self._row_ids(cursors)
-    return {f: self._rows[f][ids] for f in FIELDS}
+    def rows(self, cursors: np.ndarray) -> dict[str, np.ndarray]:
+        ids = self._row_ids(cursors)
+        return {f: self._rows[f][ids] for f in FIELDS}

@@ -22,6 +22,7 @@ DEFAULT TEMPLATE (BOS at the start when add_bos; "{...}" are the record's fields
   chat records, per message:  ### System:\\n{content}\\n\\n | ### User:\\n{content}\\n\\n |
                               ### Assistant:\\n{content}<EOS>   <- loss on "{content}<EOS>"
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,101 +35,106 @@ _ROLE_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": 
 
 
 def record_messages(source: Source, record: dict) -> list[dict]:
-  """A record as a chat: its `messages` field, or instruction/input/output as user + assistant."""
-  if source.messages_field in record:
-    messages = [{"role": m["role"], "content": m["content"]} for m in record[source.messages_field]]
-  else:
-    prompt = record[source.instruction_field]
-    if record.get(source.input_field):
-      prompt += "\n\n" + record[source.input_field]
-    messages = [{"role": "user", "content": prompt},
-                {"role": "assistant", "content": record[source.output_field]}]
-  if source.system is not None and messages[0]["role"] != "system":
-    messages = [{"role": "system", "content": source.system}] + messages
-  for m in messages:
-    if m["role"] not in _ROLE_HEADERS:
-      raise DataError(f"source {source.name!r}: unknown role {m['role']!r} in field {source.messages_field!r}")
-  return messages
+    """A record as a chat: its `messages` field, or instruction/input/output as user + assistant."""
+    if source.messages_field in record:
+        messages = [{"role": m["role"], "content": m["content"]} for m in record[source.messages_field]]
+    else:
+        prompt = record[source.instruction_field]
+        if record.get(source.input_field):
+            prompt += "\n\n" + record[source.input_field]
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record[source.output_field]}]
+    if source.system is not None and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": source.system}] + messages
+    for m in messages:
+        if m["role"] not in _ROLE_HEADERS:
+            raise DataError(f"source {source.name!r}: unknown role {m['role']!r} in field {source.messages_field!r}")
+    return messages
 
 
 def default_template_pieces(source: Source, record: dict) -> list[Piece]:
-  """The documented default template; EOS after each response is added by `tokenize_sft`."""
-  if source.messages_field in record:
-    pieces: list[Piece] = []
-    for m in record_messages(source, record):
-      if m["role"] == "assistant":
-        pieces += [(_ROLE_HEADERS["assistant"], False), (m["content"], True)]
-      else:
-        pieces.append((_ROLE_HEADERS[m["role"]] + m["content"] + "\n\n", False))
-    return pieces
-  prompt = instruction_prompt(record[source.instruction_field], record.get(source.input_field) or "",
-                              source.system)
-  return [(prompt, False), (record[source.output_field], True)]
+    """The documented default template; EOS after each response is added by `tokenize_sft`."""
+    if source.messages_field in record:
+        pieces: list[Piece] = []
+        for m in record_messages(source, record):
+            if m["role"] == "assistant":
+                pieces += [(_ROLE_HEADERS["assistant"], False), (m["content"], True)]
+            else:
+                pieces.append((_ROLE_HEADERS[m["role"]] + m["content"] + "\n\n", False))
+        return pieces
+    prompt = instruction_prompt(record[source.instruction_field], record.get(source.input_field) or "", source.system)
+    return [(prompt, False), (record[source.output_field], True)]
 
 
 def instruction_prompt(instruction: str, input_text: str = "", system: str | None = None) -> str:
-  """The default template's prompt, up to and including the response header (used for generation too)."""
-  prompt = f"### System:\n{system}\n\n" if system is not None else ""
-  prompt += f"### Instruction:\n{instruction}\n\n"
-  if input_text:
-    prompt += f"### Input:\n{input_text}\n\n"
-  return prompt + "### Response:\n"
+    """The default template's prompt, up to and including the response header (used for generation too)."""
+    prompt = f"### System:\n{system}\n\n" if system is not None else ""
+    prompt += f"### Instruction:\n{instruction}\n\n"
+    if input_text:
+        prompt += f"### Input:\n{input_text}\n\n"
+    return prompt + "### Response:\n"
 
 
 def chat_template_pieces(source: Source, record: dict, tokenizer) -> list[Piece]:
-  """Pieces from the tokenizer's own chat template (see module docstring)."""
-  messages = record_messages(source, record)
-  full = tokenizer.render_chat(messages, add_generation_prompt=False)
-  pieces: list[Piece] = []
-  done = 0
-  for i, m in enumerate(messages):
-    if m["role"] != "assistant":
-      continue
-    start = len(tokenizer.render_chat(messages[:i], add_generation_prompt=True))
-    end = len(tokenizer.render_chat(messages[:i + 1], add_generation_prompt=False))
-    if not (done <= start <= end <= len(full)):
-      raise DataError(f"source {source.name!r}: the tokenizer's chat template does not render "
-                      "conversations prefix by prefix; use chat_template='default'")
-    pieces += [(full[done:start], False), (full[start:end], True)]
-    done = end
-  return pieces + [(full[done:], False)]
+    """Pieces from the tokenizer's own chat template (see module docstring)."""
+    messages = record_messages(source, record)
+    full = tokenizer.render_chat(messages, add_generation_prompt=False)
+    pieces: list[Piece] = []
+    done = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.render_chat(messages[:i], add_generation_prompt=True))
+        end = len(tokenizer.render_chat(messages[: i + 1], add_generation_prompt=False))
+        if not (done <= start <= end <= len(full)):
+            raise DataError(
+                f"source {source.name!r}: the tokenizer's chat template does not render "
+                "conversations prefix by prefix; use chat_template='default'"
+            )
+        pieces += [(full[done:start], False), (full[start:end], True)]
+        done = end
+    return pieces + [(full[done:], False)]
 
 
-def tokenize_sft(source: Source, tokenizer, *, add_bos: bool, chat_template: str,
-                 cache_dir: str | None = None) -> TokenizedDocs:
-  """SFT examples of a source as flat tokens + response mask, tokenised once and cached."""
-  if chat_template not in ("auto", "default"):
-    raise DataError(f"chat_template must be 'auto' or 'default', not {chat_template!r}")
-  use_tokenizer_template = chat_template == "auto" and tokenizer.chat_template is not None
+def tokenize_sft(
+    source: Source, tokenizer, *, add_bos: bool, chat_template: str, cache_dir: str | None = None
+) -> TokenizedDocs:
+    """SFT examples of a source as flat tokens + response mask, tokenised once and cached."""
+    if chat_template not in ("auto", "default"):
+        raise DataError(f"chat_template must be 'auto' or 'default', not {chat_template!r}")
+    use_tokenizer_template = chat_template == "auto" and tokenizer.chat_template is not None
 
-  def build() -> TokenizedDocs:
-    ds = load_records(source)
-    if source.messages_field not in ds.column_names:
-      require_fields(source, ds, [source.instruction_field, source.output_field])
-    records = ds.to_list()[:source.max_docs]
-    if not records:
-      raise DataError(f"source {source.name!r}: no records in {', '.join(source.path)}")
-    if use_tokenizer_template:
-      examples = [chat_template_pieces(source, r, tokenizer) for r in records]
-    else:
-      examples = [default_template_pieces(source, r) for r in records]
-    texts = [text for ex in examples for text, _ in ex if text]
-    piece_ids = iter(tokenizer.encode_batch(texts))
-    bos = [tokenizer.bos_id] if add_bos and not use_tokenizer_template else []
-    eos = [] if use_tokenizer_template else [tokenizer.eos_id]
-    ids, masks = [], []
-    for ex in examples:
-      toks, mask = list(bos), [False] * len(bos)
-      for text, is_response in ex:
-        piece = (next(piece_ids) if text else []) + (eos if is_response else [])
-        toks += piece
-        mask += [is_response] * len(piece)
-      ids.append(toks)
-      masks.append(mask)
-    tokens, offsets = flatten(ids)
-    response = np.fromiter((m for x in masks for m in x), dtype=bool, count=len(tokens))
-    return TokenizedDocs(tokens, offsets, response, {"documents": len(records), "filtered": 0})
+    def build() -> TokenizedDocs:
+        ds = load_records(source)
+        if source.messages_field not in ds.column_names:
+            require_fields(source, ds, [source.instruction_field, source.output_field])
+        records = ds.to_list()[: source.max_docs]
+        if not records:
+            raise DataError(f"source {source.name!r}: no records in {', '.join(source.path)}")
+        if use_tokenizer_template:
+            examples = [chat_template_pieces(source, r, tokenizer) for r in records]
+        else:
+            examples = [default_template_pieces(source, r) for r in records]
+        texts = [text for ex in examples for text, _ in ex if text]
+        piece_ids = iter(tokenizer.encode_batch(texts))
+        bos = [tokenizer.bos_id] if add_bos and not use_tokenizer_template else []
+        eos = [] if use_tokenizer_template else [tokenizer.eos_id]
+        ids, masks = [], []
+        for ex in examples:
+            toks, mask = list(bos), [False] * len(bos)
+            for text, is_response in ex:
+                piece = (next(piece_ids) if text else []) + (eos if is_response else [])
+                toks += piece
+                mask += [is_response] * len(piece)
+            ids.append(toks)
+            masks.append(mask)
+        tokens, offsets = flatten(ids)
+        response = np.fromiter((m for x in masks for m in x), dtype=bool, count=len(tokens))
+        return TokenizedDocs(tokens, offsets, response, {"documents": len(records), "filtered": 0})
 
-  extra = {"kind": "sft", "bos": add_bos, "template": use_tokenizer_template,
-           "chat_template": tokenizer.chat_template}
-  return cached_tokenize(source, tokenizer, extra, build, cache_dir)
+    extra = {
+        "kind": "sft",
+        "bos": add_bos,
+        "template": use_tokenizer_template,
+        "chat_template": tokenizer.chat_template,
+    }
+    return cached_tokenize(source, tokenizer, extra, build, cache_dir)

@@ -61,14 +61,17 @@ def route(logits_BTE: jnp.ndarray, top_k: int) -> jnp.ndarray:
 
 def router_aux(logits_BTE: jnp.ndarray, gates_BTE: jnp.ndarray, mask_BT: jnp.ndarray, top_k: int) -> dict:
     """Load balancing N * sum_i f_i p_i (f_i: share of routed token-slots, p_i: mean router probability),
-    z-loss mean(logsumexp^2), and f_i itself, over the tokens where mask is 1."""
+    z-loss mean(logsumexp^2), f_i itself (`expert_frac`) and the mean gate weight per expert
+    (`expert_weight`, sums to 1: how much of the LoRA mixture each expert supplies), over masked tokens."""
     num_experts = logits_BTE.shape[-1]
     m = mask_BT[..., None].astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(m), 1.0)
     frac_E = jnp.sum((gates_BTE > 0) * m, axis=(0, 1)) / (denom * top_k)
     prob_E = jnp.sum(jax.nn.softmax(logits_BTE, axis=-1) * m, axis=(0, 1)) / denom
     z = jnp.sum(jax.nn.logsumexp(logits_BTE, axis=-1) ** 2 * mask_BT) / denom
-    return {"lb_loss": num_experts * jnp.sum(frac_E * prob_E), "z_loss": z, "expert_frac": frac_E}
+    weight_E = jnp.sum(gates_BTE * m, axis=(0, 1)) / denom
+    return {"lb_loss": num_experts * jnp.sum(frac_E * prob_E), "z_loss": z, "expert_frac": frac_E,
+            "expert_weight": weight_E}
 
 
 class Linear(nn.Module):
@@ -120,17 +123,19 @@ class Linear(nn.Module):
 def summarize_aux(aux: dict, spec: AdapterSpec, num_layers: int) -> dict:
     """Collapse the sown `aux` tree into scalars + routing statistics.
 
-    Returns lb_loss and z_loss averaged over every routed (layer, projection), and `expert_frac`:
-    {target: [layers, experts]} share of routed token-slots per expert (zeros on unrouted layers)."""
+    Returns lb_loss and z_loss averaged over every routed (layer, projection), and `expert_frac` /
+    `expert_weight`: {target: [layers, experts]} share of routed token-slots / mean gate weight per expert
+    (zeros on unrouted layers)."""
     aux = aux.get("layers", aux)          # accept the whole sown tree or its scanned "layers" subtree
     routed = np.zeros(num_layers, np.float32)
     routed[list(range(num_layers) if spec.router_layers is None else spec.router_layers)] = 1.0
     n = max(float(routed.sum()) * len(spec.targets), 1.0)
     lb = z = 0.0
-    frac = {}
+    frac, weight = {}, {}
     for _, block in aux.items():          # attn / mlp
         for target, stats in block.items():
             lb = lb + jnp.sum(stats["lb_loss"][0])
             z = z + jnp.sum(stats["z_loss"][0])
             frac[target] = stats["expert_frac"][0]
-    return {"lb_loss": lb / n, "z_loss": z / n, "expert_frac": frac}
+            weight[target] = stats["expert_weight"][0]
+    return {"lb_loss": lb / n, "z_loss": z / n, "expert_frac": frac, "expert_weight": weight}

@@ -34,7 +34,9 @@ class MetricsLog:
         self.jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
         from tensorboardX import SummaryWriter
         self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        import sys
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        mininterval=0.1 if sys.stderr.isatty() else 30.0)   # logs: a line every 30 s
 
     def header(self, cfg: dict, info: dict, mesh) -> None:
         if not self.enabled:

@@ -161,3 +161,34 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, override, message):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    import signal
+    import time
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    args = _cli(tmp_path, "--config.train.steps=2000", "--config.train.ckpt_every=1000")
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "SIGTERM: checkpoint saved at step" in out
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and 3 <= saved[-1] < 2000
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    proc = _run(_cli(tmp_path, "--config.train.lr=1e30", "--config.train.grad_clip=0.0",
+                     "--config.train.warmup_steps=0", "--config.train.ckpt_every=1"), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "non-finite" in lines[0]
+    bad_step = int(lines[0].split("at step ")[1].split()[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < bad_step
+    assert not (tmp_path / "final").exists()

@@ -64,7 +64,8 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, *, microbatc
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         ce = jnp.sum(ce_sums) / total_tokens
-        metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads), "tokens": total_tokens}
+        metrics = {"loss": ce, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
+                   "tokens": total_tokens}
         if auxs:
             metrics.update(lb_loss=jnp.mean(auxs["lb_loss"]), z_loss=jnp.mean(auxs["z_loss"]),
                            expert_frac={t: jnp.mean(f, axis=0) for t, f in auxs["expert_frac"].items()})

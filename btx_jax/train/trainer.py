@@ -248,9 +248,11 @@ def _check(pending, metrics_log: MetricsLog, lr_at, t) -> dict:
     step, metrics, tic = pending
     host = jax.device_get(metrics)
     loss = float(host["loss"])
-    if not np.isfinite(loss) and not t["skip_nonfinite"]:
-        raise TrainingError(f"non-finite loss {loss} at step {step}: training stopped; the last good checkpoint "
-                            "is kept (lower train.lr, check the data, or set train.skip_nonfinite=True)")
+    finite = all(np.isfinite(float(host[k])) for k in ("loss", "grad_norm", "update_norm"))
+    if not finite and not t["skip_nonfinite"]:
+        what = "loss" if not np.isfinite(loss) else "gradient"
+        raise TrainingError(f"non-finite {what} at step {step} (loss {loss}): training stopped; the last good "
+                            "checkpoint is kept (lower train.lr, check the data, or set train.skip_nonfinite=True)")
     host["lr"] = float(lr_at(step - 1))
     host["step"] = step
     metrics_log.step(step, host, time.perf_counter() - tic, log=step % int(t["log_every"]) == 0

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""One prepared GPU check: MFU of the expert and router train steps of a ~1.1B Llama in bf16 against the
+bf16 matmul peak measured in the same run (goal on an H200: >= 45%).
+
+    python scripts/gpu_check.py                 # GPU: TinyLlama-1.1B shapes, batch 8 x 2048, bf16
+    python scripts/gpu_check.py --tiny          # CPU smoke run: the tiny arch, fp32, 2 steps
+
+Uses the engine's own step (scripts/bench.py -> btx_jax.train.trainer.build_step) and the same model-FLOPs
+count as scripts/bench.py (forward 2N, input gradients 2N, weight gradients 2N on trainable weights only,
+causal attention; remat recomputation not counted).  Prints one table; --out writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                num_kv_heads=4, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=4096)
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("btx_bench_script", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def matmul_peak(n: int, dtype: str, reps: int = 10) -> float:
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        tic = time.perf_counter()
+        mm(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - tic)
+    return 2.0 * n ** 3 / best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run (tiny arch, fp32)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--remat", default="none")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--goal", type=float, default=0.45)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    bench = _bench()
+    import jax
+    from configs.common import ARCHS
+    if args.tiny:
+        arch, dtype, n_peak = dict(ARCHS["tiny"]), "float32", 1024
+        batch, seq, steps = args.batch or 2, args.seq or 64, 2
+    else:
+        arch, dtype, n_peak = LLAMA_1B, "bfloat16", 8192
+        batch, seq, steps = args.batch or 8, args.seq or 2048, args.steps
+    run = argparse.Namespace(batch=batch, seq=seq, rank=64, experts=3, top_k=2, dtype=dtype, remat=args.remat,
+                             steps=steps, warmup=1)
+    peak = matmul_peak(n_peak, dtype)
+    dev = jax.devices()[0]
+    print(f"[gpu_check] {dev.platform} {getattr(dev, 'device_kind', '')}: measured {dtype} matmul peak "
+          f"({n_peak}^3) {peak / 1e12:.1f} TFLOP/s; batch {batch} x seq {seq}, remat {args.remat}", flush=True)
+    rows = []
+    for phase in ("expert", "router"):
+        fpt = bench.model_flops_per_token(arch, seq, ("gate_proj", "up_proj", "down_proj"), run.rank, run.experts,
+                                          run.top_k, phase != "expert", phase)
+        r = bench.jax_phase(phase, arch, run)
+        med = statistics.median(r["times"])
+        tps = batch * seq / med
+        rows.append({"phase": phase, "step_ms": med * 1e3, "tokens_per_s": tps, "tflops": fpt * tps / 1e12,
+                     "mfu": fpt * tps / peak, "first_step_s": r["compile_s"]})
+    print("| phase | ms/step | tokens/s | model TFLOP/s | MFU | goal |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ok = "ok" if r["mfu"] >= args.goal else "below"
+        print(f"| {r['phase']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['tflops']:.2f} | "
+              f"{r['mfu']:.1%} | {ok} (>= {args.goal:.0%}) |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": str(dev), "peak_flops": peak, "rows": rows,
+                                              "arch": arch, "batch": batch, "seq": seq, "dtype": dtype}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -238,6 +238,16 @@ def torch_mergoo_router(arch: dict, args) -> dict:
 
 
 # ---------------------------------------------------------------- main
+def data_pipeline_throughput(args, step_tokens_per_s: float) -> dict:
+    """Tokens/s of the real data pipeline (packing + mixture + batching; tokenisation is cached once), to
+    check that loading is never the bottleneck (it must be >= 10x the train step)."""
+    from btx_jax.data import BUNDLED_TOKENIZER, load_tokenizer, make_pipeline, measure_throughput, mixture_config
+    pipe = make_pipeline(mixture_config({"wiki": 1, "math": 1, "novel": 1}), load_tokenizer(BUNDLED_TOKENIZER),
+                         seq_len=args.seq, global_batch_size=args.batch)
+    tps = measure_throughput(pipe, num_batches=200)["tokens_per_s"]
+    return {"tokens_per_s": tps, "ratio_vs_slowest_step": tps / step_tokens_per_s}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="bench", help="configs/common.py ARCHS name")
@@ -303,11 +313,14 @@ def main(argv=None) -> int:
         base = [b for (ph, impl), b in by.items() if ph == r["phase"] and impl != "btx_jax"]
         if r["impl"] == "btx_jax" and base:
             r["speedup_vs_" + base[0]["impl"]] = r["tokens_per_s"] / base[0]["tokens_per_s"]
+    data = data_pipeline_throughput(args, min(r["tokens_per_s"] for r in rows if r["impl"] == "btx_jax"))
     print()
     print(table(rows, peak))
+    print(f"\ndata pipeline (bundled wiki+math+novel mixture, seq {args.seq}, batch {args.batch}): "
+          f"{data['tokens_per_s']:,.0f} tokens/s = {data['ratio_vs_slowest_step']:,.0f}x the slowest train step")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "arch": arch, "peak": peak, "rows": rows,
-                                              "cpu": _cpu()}, indent=2))
+                                              "data_pipeline": data, "cpu": _cpu()}, indent=2))
     return 0
 
 

@@ -9,12 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from btx_jax import param_paths
-from btx_jax.config import ConfigError
 from btx_jax.model import abstract_params
 from btx_jax.pretrained import load_pretrained
 from btx_jax.train import mesh as mesh_lib

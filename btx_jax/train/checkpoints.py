@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import orbax.checkpoint as ocp
 
 from btx_jax.config import ConfigError
@@ -68,6 +67,3 @@ def check_compatible(saved: dict, current: dict, directory: Path) -> None:
             raise ConfigError(f"{directory}: cannot resume, config key {key!r} was {a.get(key)!r} and is now "
                               f"{b.get(key)!r} (use a new --workdir, or restore the old value)")
 
-
-def abstract_with_shardings(tree, shardings):
-    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from btx_jax import param_paths
 from btx_jax.config import ConfigError
 from btx_jax.pretrained import Pretrained, save_btx
 from btx_jax.train import checkpoints, mesh as mesh_lib, phases
@@ -95,7 +94,7 @@ def make_data(cfg: dict, vocab_size: int):
     return make_pipeline(d, tokenizer, **kw)
 
 
-def summary(pre: Pretrained, trainable, frozen, state_shardings, state) -> dict:
+def summary(trainable, frozen, state_shardings, state) -> dict:
     count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
     per_dev = mesh_lib.bytes_per_device(state, state_shardings)
     return {"params_total": count(trainable) + count(frozen), "params_trainable": count(trainable),
@@ -174,13 +173,12 @@ def train(config, workdir: str | Path) -> dict:
     start = ckpt.latest_step()
     if start is not None:
         checkpoints.check_compatible(ckpt.saved_config(start), cfg, workdir)
-        abstract = checkpoints.abstract_with_shardings(state, state_shardings)
-        state, data_state = ckpt.restore(start, abstract)
+        state, data_state = ckpt.restore(start, built.abstract_state)
         data.set_state(data_state)
         print(f"[btx] resumed {workdir} at step {start}", flush=True)
     start = start or 0
 
-    info = summary(pre, state["trainable"], state["frozen"], state_shardings, state)
+    info = summary(state["trainable"], state["frozen"], state_shardings, state)
     metrics_log = MetricsLog(workdir, total_steps=int(t["steps"]), start_step=start, enabled=jax.process_index() == 0)
     metrics_log.header(cfg, info, mesh)
 

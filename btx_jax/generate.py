@@ -25,24 +25,26 @@ def sample_token(logits_BV: jnp.ndarray, rng, temperature: float, top_p: float) 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_p"))
-def generate(model: Llama, params, input_ids_BT, rng, *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0) -> jnp.ndarray:
-    """[B, T + max_new_tokens] tokens: the prompt followed by the generated ones."""
+def generate(model: Llama, params, input_ids_BT, prompt_len, rng, *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0) -> jnp.ndarray:
+    """[B, max_new_tokens] new tokens after the first `prompt_len` tokens of each row.
+
+    `input_ids_BT` may be padded on the right beyond `prompt_len` (a traced scalar), so prompts of different
+    lengths share one compilation per padded length: padded positions are written to the cache by the prefill
+    but never attended to, and each decode step overwrites the next one before any query can see it."""
     B, T = input_ids_BT.shape
-    if max_new_tokens <= 0:
-        return input_ids_BT.astype(jnp.int32)
     cache = init_cache(model.config, B, T + max_new_tokens, model.dtype)
     logits, cache = model.apply({"params": params}, input_ids_BT, cache=cache, cache_index=0)
     rng, sub = jax.random.split(rng)
-    first_B = sample_token(logits[:, -1], sub, temperature, top_p)
-    out_BN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first_B)
+    last_BV = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
+    out_BN = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(sample_token(last_BV, sub, temperature, top_p))
 
     def step(i, carry):
         out_BN, cache, rng = carry
         prev_B1 = jax.lax.dynamic_slice_in_dim(out_BN, i - 1, 1, axis=1)
-        logits, cache = model.apply({"params": params}, prev_B1, cache=cache, cache_index=T + i - 1)
+        logits, cache = model.apply({"params": params}, prev_B1, cache=cache, cache_index=prompt_len + i - 1)
         rng, sub = jax.random.split(rng)
         return out_BN.at[:, i].set(sample_token(logits[:, -1], sub, temperature, top_p)), cache, rng
 
     out_BN, _, _ = jax.lax.fori_loop(1, max_new_tokens, step, (out_BN, cache, rng))
-    return jnp.concatenate([input_ids_BT.astype(jnp.int32), out_BN], axis=1)
+    return out_BN

@@ -47,13 +47,21 @@ class Pretrained:
 
     def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0) -> np.ndarray:
-        """Prompt + `max_new_tokens` generated tokens, [batch, seq + max_new_tokens] (KV-cached)."""
-        ids = jnp.asarray(np.asarray(input_ids, dtype=np.int32))
+        """Prompt + `max_new_tokens` generated tokens, [batch, seq + max_new_tokens] (KV-cached).
+
+        Prompts are padded to a multiple of 32 tokens internally, so calls with nearby lengths reuse one
+        compilation."""
+        ids = np.asarray(input_ids, dtype=np.int32)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {list(ids.shape)}")
-        return np.asarray(_generate(self.model(), self.params, ids, jax.random.PRNGKey(seed),
-                                    max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-                                    top_p=float(top_p)))
+        if max_new_tokens <= 0:
+            return ids
+        T = ids.shape[1]
+        padded = np.zeros((ids.shape[0], -(-T // 32) * 32), np.int32)
+        padded[:, :T] = ids
+        new = _generate(self.model(), self.params, jnp.asarray(padded), jnp.int32(T), jax.random.PRNGKey(seed),
+                        max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
+        return np.concatenate([ids, np.asarray(new)], axis=1)
 
     def flat_numpy(self) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in param_paths.flatten(self.params).items()}

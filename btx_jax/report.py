@@ -86,7 +86,7 @@ def write_report(out_dir: Path, *, results: dict, domains: list[str], routing: d
     if loss_curves:
         parts += ["## Training loss curves", "", f"![loss curves]({loss_curves.name})", ""]
     if samples:
-        parts += ["## Sample generations (greedy)", ""]
+        parts += ["## Sample generations (temperature 0.7, top-p 0.9, seed 0)", ""]
         for name, items in samples.items():
             parts += [f"**{name}**", ""] + [f"- `{p}` -> `{g}`" for p, g in items] + [""]
     path = out_dir / "report.md"

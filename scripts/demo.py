@@ -94,10 +94,11 @@ def run(args) -> None:
                                              routing["moe_router"])
     curves = report.plot_loss_curves({name: out / name for name, _ in plan}, out / "loss_curves.png")
     samples = {name: list(zip(SAMPLE_PROMPTS.values(),
-                              complete(loaded[name], tokenizer, list(SAMPLE_PROMPTS.values()), max_new_tokens=24)))
+                              complete(loaded[name], tokenizer, list(SAMPLE_PROMPTS.values()), max_new_tokens=32,
+                                       temperature=0.7, top_p=0.9)))
                for name in ("seed", "moe_router")}
     samples["sft (chat)"] = list(zip(SFT_PROMPTS, complete(loaded["sft"], tokenizer, SFT_PROMPTS, chat=True,
-                                                           max_new_tokens=24)))
+                                                           max_new_tokens=32, temperature=0.7, top_p=0.9)))
 
     print("\n[demo] ===== export =====", flush=True)
     exports = {"expert_wiki_peft": ("expert_wiki", dict(format="peft")),

@@ -130,7 +130,8 @@ def load_btx(directory: Path, dtype=None) -> Pretrained:
 def _finish(config: LlamaConfig, flat: dict[str, np.ndarray], dtype) -> Pretrained:
     """Pretrained from {path: array}: params in `dtype` (default fp32), compute in the same dtype."""
     dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
-    params = param_paths.unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()})
+    # pop as we go: the host copy of each tensor is released once it is on the device (one full copy at a time)
+    params = param_paths.unflatten({k: jnp.asarray(flat.pop(k), dtype) for k in list(flat)})
     return Pretrained(config, params, dtype)
 
 

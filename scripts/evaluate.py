@@ -36,6 +36,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-batches", type=int, default=8)
+    p.add_argument("--prompt", action="append", default=[], help="sample generations from every model")
+    p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", required=True, help="output directory (report.md, results.json, PNGs)")
     args = p.parse_args()
     run_cli(lambda: evaluate_cli(args))
@@ -47,7 +49,7 @@ def evaluate_cli(args) -> None:
     models, workdirs = _pairs(args.model, "--model"), _pairs(args.workdir, "--workdir")
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     tokenizer = load_tokenizer(args.tokenizer or BUNDLED_TOKENIZER)
-    results, _ = evaluate.evaluate_models(models, {d: bundled_source(d) for d in domains}, tokenizer,
+    results, loaded = evaluate.evaluate_models(models, {d: bundled_source(d) for d in domains}, tokenizer,
                                           seq_len=args.seq_len, batch_size=args.batch_size,
                                           max_batches=args.max_batches)
     out = Path(args.out)
@@ -62,9 +64,15 @@ def evaluate_cli(args) -> None:
     curves = report.plot_loss_curves({k: Path(v) for k, v in workdirs.items()}, out / "loss_curves.png")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     n_exp = next(iter(routing.values())).shape[1] if routing else 0
+    samples = {}
+    if args.prompt:
+        from btx_jax.textgen import complete
+        samples = {name: list(zip(args.prompt, complete(pre, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                                                        temperature=0.7, top_p=0.9)))
+                   for name, pre in loaded.items()}
     path = report.write_report(out, results=results, domains=domains, routing=routing,
                                experts=[f"expert{i}" for i in range(n_exp)], loss_curves=curves,
-                               heatmaps=heatmaps, samples={}, findings=[], header="btx-jax evaluation")
+                               heatmaps=heatmaps, samples=samples, findings=[], header="btx-jax evaluation")
     print(report.loss_table(results, domains))
     print(f"[btx] report: {path}")
 

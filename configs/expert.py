@@ -35,7 +35,7 @@ def get_config(preset: str = "wiki,tiny"):
         tiny_scale(c)
         c.model.init = f"{DEMO_DIR}/seed/final"
         c.model.lora = dict(targets=SEED_LORA["targets"], rank=32, alpha=32.0, dropout=0.0)
-        c.train.update(steps=200, lr=3e-3, warmup_steps=10)
+        c.train.update(steps=150, lr=3e-3, warmup_steps=10)
         c.data = dict(kind="pretrain", tokenizer=BUNDLED_TOKENIZER, sources=[bundled(domain)])
         return c
     seed_scale(c)

@@ -9,7 +9,7 @@ def get_config(preset: str = "tiny"):
     c = base_config()
     c.phase = "full"
     tiny_scale(c)
-    c.train.update(steps=400, lr=3e-3, warmup_steps=20, weight_decay=0.01)
+    c.train.update(steps=800, lr=3e-3, warmup_steps=20, weight_decay=0.01)
     c.data = dict(kind="pretrain", tokenizer=BUNDLED_TOKENIZER,
                   sources=[bundled("wiki", 1 / 3), bundled("math", 1 / 3), bundled("novel", 1 / 3)])
     return c

@@ -15,7 +15,7 @@ def get_config(preset: str = "tiny"):
         c.model.init = f"{DEMO_DIR}/seed/final"
         c.model.compose = dict(experts=[f"{DEMO_DIR}/expert_{d}/final" for d in DOMAINS], top_k=2,
                                seed_expert=False, router_init="normal")
-        c.train.update(steps=150, lr=3e-3, warmup_steps=10, lb_alpha=0.01)
+        c.train.update(steps=200, lr=3e-3, warmup_steps=10, lb_alpha=0.01)
         c.data = dict(kind="pretrain", tokenizer=BUNDLED_TOKENIZER,
                       sources=[bundled(d, 1 / 3) for d in DOMAINS])
         return c

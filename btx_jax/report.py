@@ -81,7 +81,7 @@ def write_report(out_dir: Path, *, results: dict, domains: list[str], routing: d
     if routing:
         for name, matrix in routing.items():
             parts += [f"## Routing of {name}: mean gate weight per expert on each domain's tokens", "",
-                      _table(["domain"] + experts, [[d] + [float(x) for x in matrix[i]] for i, d in enumerate(domains)]),
+                      _table(["domain"] + experts, [[d] + [float(x) for x in row] for d, row in zip(domains, matrix)]),
                       "", f"![routing heatmap {name}]({heatmaps[name].name})", ""]
     if loss_curves:
         parts += ["## Training loss curves", "", f"![loss curves]({loss_curves.name})", ""]

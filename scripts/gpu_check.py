@@ -12,7 +12,6 @@ causal attention; remat recomputation not counted).  Prints one table; --out wri
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -22,14 +21,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
                 num_kv_heads=4, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=4096)
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("btx_bench_script", REPO / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def matmul_peak(n: int, dtype: str, reps: int = 10) -> float:
@@ -57,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    bench = _bench()
+    import bench   # scripts/bench.py: this script's directory is on sys.path when it runs
     import jax
     from configs.common import ARCHS
     if args.tiny:

@@ -121,12 +121,17 @@ def hf_llama(tmp_path_factory):
     return make
 
 
-@pytest.fixture(scope="session")
-def convert_script():
-    """The scripts/convert.py module, imported from the repo (its `main(argv) -> exit code`)."""
+def load_script(name: str):
+    """A scripts/NAME.py module imported from the repo (scripts are not part of the package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("btx_convert_script", REPO_ROOT / "scripts" / "convert.py")
+    spec = importlib.util.spec_from_file_location(f"btx_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def convert_script():
+    """The scripts/convert.py module (its `main(argv) -> exit code`)."""
+    return load_script("convert")

@@ -2,12 +2,12 @@
 FLOPs grow ~linearly with the batch.  (conftest.py sets XLA_FLAGS to 8 host devices.)"""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import jax
 import pytest
+
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -16,11 +16,7 @@ ARCH = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
 
 @pytest.fixture(scope="module")
 def plan_mod():
-    spec = importlib.util.spec_from_file_location("btx_plan_script", REPO / "scripts" / "plan.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("plan")
 
 
 def small_cfg():

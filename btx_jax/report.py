@@ -88,7 +88,8 @@ def write_report(out_dir: Path, *, results: dict, domains: list[str], routing: d
     if samples:
         parts += ["## Sample generations (temperature 0.7, top-p 0.9, seed 0)", ""]
         for name, items in samples.items():
-            parts += [f"**{name}**", ""] + [f"- `{p}` -> `{g}`" for p, g in items] + [""]
+            one_line = lambda t: t.replace("\n", " ⏎ ").replace("`", "'")
+            parts += [f"**{name}**", ""] + [f"- `{one_line(p)}` -> `{one_line(g)}`" for p, g in items] + [""]
     path = out_dir / "report.md"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path

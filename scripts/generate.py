@@ -36,7 +36,7 @@ def main() -> None:
         for prompt, text in zip(args.prompt, complete(pre, tok, args.prompt, max_new_tokens=args.max_new_tokens,
                                                       chat=args.chat, temperature=args.temperature,
                                                       top_p=args.top_p, seed=args.seed)):
-            print(f"> {prompt}\n{text}\n")
+            print(f"> {prompt}\n{text if text else '(the model ended its answer at once: EOS first)'}\n")
 
     run_cli(run)
 

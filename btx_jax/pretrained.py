@@ -122,8 +122,13 @@ def load_btx(directory: Path, dtype=None) -> Pretrained:
     config = config_from_dict(read_json(directory / BTX_CONFIG))
     if not (directory / "params").is_dir():
         raise CheckpointError(f"{directory / 'params'}: orbax checkpoint directory not found")
+    path = (directory / "params").absolute()
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore((directory / "params").absolute())
+        # Restore onto one device whatever mesh wrote it (a training run shards over many).
+        saved = ckpt.metadata(path).item_metadata
+        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+        params = ckpt.restore(path, target)
     return _finish(config, param_paths.flatten(params), dtype)
 
 

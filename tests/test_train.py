@@ -66,6 +66,14 @@ def test_sharded_run_matches_single_device_and_memory_splits(tmp_path):
     info1 = json.loads((tmp_path / "one" / "run_info.json").read_text())
     assert info8["state_bytes_per_device"] <= 1.05 * info1["state_bytes_per_device"] / 8 + 64 * 1024
     assert np.isfinite(eight["loss"]) and np.isfinite(one["loss"])
+    # the final checkpoint, written sharded over 8 devices, loads in a process that has a single device
+    ids = np.arange(1, 9)[None]
+    here = load_pretrained(tmp_path / "eight" / "final").logits(ids)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = (f"import numpy as np, btx_jax; np.save({str(tmp_path / 'l.npy')!r}, "
+            f"btx_jax.load_pretrained({str(tmp_path / 'eight' / 'final')!r}).logits(np.arange(1, 9)[None]))")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300, capture_output=True)
+    np.testing.assert_allclose(np.load(tmp_path / "l.npy"), here, atol=1e-5)
 
 
 @pytest.mark.parametrize("phase,changed", [

@@ -48,7 +48,7 @@ class MetricsLog:
               f"[btx] params+optimizer state per device: {gib:.3f} GiB", flush=True)
         (self.workdir / "run_info.json").write_text(json.dumps({"config": cfg, **info}, indent=2))
 
-    def step(self, step: int, metrics: dict, seconds: float, log: bool) -> None:
+    def step(self, step: int, metrics: dict, log: bool) -> None:
         self.tokens += float(metrics.get("tokens", 0.0))
         if not self.enabled:
             return
@@ -67,7 +67,7 @@ class MetricsLog:
                 self.tb.add_scalar(k, v, step)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
-    def footer(self, last: dict, info: dict) -> None:
+    def footer(self, last: dict) -> None:
         if self.enabled:
             self.bar.close()
             print(f"[btx] done: step {last.get('step')} loss {float(last.get('loss', float('nan'))):.4f}", flush=True)

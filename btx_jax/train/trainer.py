@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -194,13 +193,12 @@ def train(config, workdir: str | Path) -> dict:
             local = next(data)
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
                      for k in BATCH_KEYS}
-            tic = time.perf_counter()
             state, metrics = step_fn(state, batch)
             if step + 1 == _KILL_AT_STEP:      # fault injection for the resume test
                 os.kill(os.getpid(), signal.SIGKILL)
             if pending is not None:
                 last = _check(pending, metrics_log, lr_at, t)
-            pending = (step + 1, metrics, tic)
+            pending = (step + 1, metrics)
             done = step + 1 == int(t["steps"])
             if (step + 1) % int(t["ckpt_every"]) == 0 or done or stop["signal"]:
                 last = _check(pending, metrics_log, lr_at, t)
@@ -216,7 +214,7 @@ def train(config, workdir: str | Path) -> dict:
         save_final(workdir / "final", Pretrained(pre.config, phases.merge(state["trainable"], state["frozen"]),
                                                  pre.dtype))
         last["data_stats"] = data.stats()
-        metrics_log.footer(last, info)
+        metrics_log.footer(last)
         return last
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -243,7 +241,7 @@ def save_final(dst: Path, pre: Pretrained) -> None:
 
 def _check(pending, metrics_log: MetricsLog, lr_at, t) -> dict:
     """Fetch a step's metrics (one step behind the device), log them, stop on a non-finite loss."""
-    step, metrics, tic = pending
+    step, metrics = pending
     host = jax.device_get(metrics)
     loss = float(host["loss"])
     finite = all(np.isfinite(float(host[k])) for k in ("loss", "grad_norm", "update_norm"))
@@ -253,6 +251,6 @@ def _check(pending, metrics_log: MetricsLog, lr_at, t) -> dict:
                             "checkpoint is kept (lower train.lr, check the data, or set train.skip_nonfinite=True)")
     host["lr"] = float(lr_at(step - 1))
     host["step"] = step
-    metrics_log.step(step, host, time.perf_counter() - tic, log=step % int(t["log_every"]) == 0
+    metrics_log.step(step, host, log=step % int(t["log_every"]) == 0
                      or step == int(t["steps"]))
     return host

@@ -34,11 +34,12 @@ class Pretrained:
     params: dict
     dtype: jnp.dtype = jnp.float32          # compute dtype
 
-    def model(self, deterministic: bool = True, remat: str = "none", dtype=None) -> Llama:
-        """The Flax module (compute dtype `dtype`, default this model's)."""
+    def model(self, deterministic: bool = True, remat: str = "none", dtype=None, attention: str = "blocked",
+              attention_block: int = 128) -> Llama:
+        """The Flax module (compute dtype `dtype`, default this model's; attention: btx_jax/model/attention.py)."""
         param_dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
         return Llama(self.config, dtype=jnp.dtype(dtype or self.dtype), param_dtype=param_dtype, remat=remat,
-                     deterministic=deterministic)
+                     deterministic=deterministic, attention=attention, attention_block=attention_block)
 
     def logits(self, input_ids) -> np.ndarray:
         """fp32 logits [batch, seq, vocab] for int token ids [batch, seq]."""

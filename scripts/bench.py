@@ -90,21 +90,21 @@ def measured_peak(n: int, reps: int) -> dict:
 # ---------------------------------------------------------------- JAX side
 def jax_phase(phase: str, arch: dict, args) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from btx_jax.config import AdapterSpec, ExpertSpec, LlamaConfig
-    from btx_jax.model import Llama, init_params
+    from btx_jax.model import init_params
+    from btx_jax.pretrained import Pretrained
     from btx_jax.train import mesh as mesh_lib
     from btx_jax.train.step import BATCH_KEYS, init_state
-    from btx_jax.train.trainer import build_step, phase_params, resolved
+    from btx_jax.train.trainer import build_step, phase_params, resolved, train_module
     from configs.common import base_config
 
     c = base_config()
     c.phase = phase
     c.mesh.update(dict(data=1, fsdp=1, tensor=1, num_devices=1))
     c.train.update(global_batch_size=args.batch, seq_len=args.seq, dtype=args.dtype, frozen_dtype=args.dtype,
-                   remat=args.remat)
+                   remat=args.remat, attention=args.attention)
     cfg = resolved(c)
     expert = ExpertSpec(rank=args.rank, alpha=2.0 * args.rank)
     targets = ("gate_proj", "up_proj", "down_proj")
@@ -117,8 +117,7 @@ def jax_phase(phase: str, arch: dict, args) -> dict:
         lambda kp, x: x + 0.01 if "lora_b" in jax.tree_util.keystr(kp) else x, params)
     mesh = mesh_lib.make_mesh(cfg["mesh"])
     trainable, frozen = phase_params(params, cfg)
-    model = Llama(config, dtype=jnp.dtype(args.dtype), param_dtype=jnp.float32, remat=args.remat,
-                  deterministic=False)
+    model = train_module(Pretrained(config, params), cfg["train"])
     built = build_step(cfg, mesh, mesh_lib.DEFAULT_RULES, model, trainable, frozen)
     state = jax.jit(lambda tr, fr: init_state(tr, fr, built.tx, 0), out_shardings=built.state_shardings)(
         trainable, frozen)
@@ -258,6 +257,8 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--remat", default="none")
+    p.add_argument("--attention", default="blocked", choices=("blocked", "xla"),
+                   help="btx_jax/model/attention.py implementation")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
     peak = measured_peak(2048, 5)
     tokens = args.batch * args.seq
     print(f"[bench] arch {args.arch} {arch}; batch {args.batch} x seq {args.seq} = {tokens} tokens/step, "
-          f"{args.dtype}, remat {args.remat}", flush=True)
+          f"{args.dtype}, remat {args.remat}, attention {args.attention}", flush=True)
     print(f"[bench] threads: XLA intra_op_parallelism_threads={args.threads}, torch.set_num_threads("
           f"{torch.get_num_threads()}) on {os.cpu_count()} cores; jax {jax.__version__} ({jax.devices()[0]}), "
           f"torch {torch.__version__}", flush=True)

@@ -80,10 +80,11 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     import jax.numpy as jnp
     import numpy as np
 
-    from btx_jax.model import Llama, abstract_params
+    from btx_jax.model import abstract_params
+    from btx_jax.pretrained import Pretrained
     from btx_jax.train import mesh as mesh_lib
     from btx_jax.train.step import BATCH_KEYS
-    from btx_jax.train.trainer import build_step, phase_params
+    from btx_jax.train.trainer import build_step, phase_params, train_module
 
     cfg = json.loads(json.dumps(cfg))
     if phase:
@@ -97,8 +98,7 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     config = model_config(cfg, cfg["phase"], experts, top_k)
     params = abstract_params(config)                       # ShapeDtypeStructs only
     trainable, frozen = phase_params(params, cfg)
-    model = Llama(config, dtype=jnp.dtype(t["dtype"]), param_dtype=jnp.float32, remat=t["remat"],
-                  deterministic=False)
+    model = train_module(Pretrained(config, params), t)
     built = build_step(cfg, mesh, rules, model, trainable, frozen)
     batch_abs = {k: jax.ShapeDtypeStruct((gb, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
                                          sharding=built.batch_sharding) for k in BATCH_KEYS}
@@ -159,7 +159,7 @@ def layer_train_flops(config, t: dict, trainable: dict, frozen: dict, batch: int
         # prevent_cse=True: outside a scan XLA would otherwise merge the recomputation with the forward
         cls = nn.remat(cls, policy=REMAT_POLICIES[t["remat"]], prevent_cse=True)
     dtype = jnp.dtype(t["dtype"])
-    layer = cls(config, dtype, jnp.float32, False)
+    layer = cls(config, dtype, jnp.float32, False, t["attention"], int(t["attention_block"]))
 
     def loss(tr, fr, x):
         ids = jnp.ones((batch, seq), jnp.int32)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from btx_jax.config import LlamaConfig
+from btx_jax.model.attention import cached_attention, causal_attention
 from btx_jax.model.lora import Linear
 from btx_jax.model.rope import apply_rope, inv_frequencies
 
@@ -43,6 +44,8 @@ class _Sub(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
+    attention: str = "blocked"      # btx_jax/model/attention.py IMPLS
+    attention_block: int = 128
 
     def linear(self, features: int, target: str) -> Linear:
         return Linear(features, target, self.config.adapter, self.dtype, self.param_dtype,
@@ -63,20 +66,13 @@ class Attention(_Sub):
         q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
         k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
         if cache is None:
-            # Causal within each segment: packed documents never see each other.
-            idx = jnp.arange(T)
-            mask_BqTS = ((idx[:, None] >= idx[None, :])[None]
-                         & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]))[:, None]
+            out_BTNH = causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, self.attention, self.attention_block)
             new_cache = None
         else:
             k_BSKH = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_BTKH.astype(cache["k"].dtype), cache_index, 1)
             v_BSKH = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_BTKH.astype(cache["v"].dtype), cache_index, 1)
             new_cache = {"k": k_BSKH, "v": v_BSKH}
-            k_BTKH, v_BTKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
-            q_idx = cache_index + jnp.arange(T)
-            mask_BqTS = (jnp.arange(k_BSKH.shape[1])[None, :] <= q_idx[:, None])[None, None]
-        out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_BqTS,
-                                                scale=1.0 / np.sqrt(H))
+            out_BTNH = cached_attention(q_BTNH, k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype), cache_index)
         return self.linear(c.hidden_size, "o_proj")(out_BTNH.reshape(B, T, N * H), routed, mask_BT), new_cache
 
 
@@ -95,7 +91,8 @@ class DecoderLayer(_Sub):
     @nn.compact
     def __call__(self, x_BTD, xs, positions_BT, segment_ids_BT, cache_index):
         c = self.config
-        kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic)
+        kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype, deterministic=self.deterministic,
+                  attention=self.attention, attention_block=self.attention_block)
         h, new_cache = Attention(name="attn", **kw)(
             RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="input_norm")(x_BTD),
             positions_BT, segment_ids_BT, xs["routed"], xs.get("cache"), cache_index)
@@ -113,6 +110,8 @@ class Llama(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     deterministic: bool = True
+    attention: str = "blocked"      # "xla": jax.nn.dot_product_attention with a full [T, T] mask
+    attention_block: int = 128
 
     @nn.compact
     def __call__(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None, cache_index=0):
@@ -134,7 +133,8 @@ class Llama(nn.Module):
         stack = nn.scan(layer, variable_axes={"params": 0, "aux": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers)
-        x_BTD, new_cache = stack(c, self.dtype, self.param_dtype, self.deterministic, name="layers")(
+        x_BTD, new_cache = stack(c, self.dtype, self.param_dtype, self.deterministic, self.attention,
+                                 self.attention_block, name="layers")(
             x_BTD, xs, positions_BT, segment_ids_BT, cache_index)
         x_BTD = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="final_norm")(x_BTD)
         if c.tie_word_embeddings:

@@ -11,7 +11,7 @@ from btx_jax.config import ConfigError
 
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-                     "mesh", "distributed", "export", "eval")
+                     "train.remat", "train.attention", "train.attention_block", "mesh", "distributed", "export", "eval")
 
 
 class Checkpointer:

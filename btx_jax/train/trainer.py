@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from btx_jax.config import ConfigError
+from btx_jax.model import attention
 from btx_jax.pretrained import Pretrained, save_btx
 from btx_jax.train import checkpoints, mesh as mesh_lib, phases
 from btx_jax.train.metrics_log import MetricsLog
@@ -63,6 +64,9 @@ def validate(cfg: dict, num_devices: int) -> tuple:
         raise ConfigError(f"train.global_batch_size={gb} is not divisible by {jax.process_count()} processes")
     if int(t["steps"]) < 1:
         raise ConfigError(f"train.steps={t['steps']} must be >= 1")
+    if t["attention"] not in attention.IMPLS or int(t["attention_block"]) < 1:
+        raise ConfigError(f"train.attention={t['attention']!r} / attention_block={t['attention_block']} must be one "
+                          f"of {attention.IMPLS} / >= 1")
     phases.trainable_patterns(cfg["phase"], cfg.get("trainable"))
     return rules
 
@@ -149,6 +153,12 @@ def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
     return BuiltStep(tx, state_shardings, batch_sharding, step_fn, abstract)
 
 
+def train_module(pre: Pretrained, t: dict):
+    """The Flax module a phase trains: the train config's compute dtype, remat policy and attention."""
+    return pre.model(deterministic=False, remat=t["remat"], dtype=t["dtype"], attention=t["attention"],
+                     attention_block=int(t["attention_block"]))
+
+
 def train(config, workdir: str | Path) -> dict:
     """Run (or resume) one training phase; returns the last logged metrics."""
     cfg = resolved(config)
@@ -160,7 +170,7 @@ def train(config, workdir: str | Path) -> dict:
 
     pre = initial_model(cfg["model"], seed=int(t["seed"]))
     trainable, frozen = phase_params(pre.params, cfg)
-    model = pre.model(deterministic=False, remat=t["remat"], dtype=t["dtype"])
+    model = train_module(pre, t)
     built = build_step(cfg, mesh, rules, model, trainable, frozen)
     tx, state_shardings, batch_sharding = built.tx, built.state_shardings, built.batch_sharding
     state = jax.jit(lambda tr, fr: init_state(tr, fr, tx, int(t["seed"])), out_shardings=state_shardings)(

@@ -35,7 +35,7 @@ class Pretrained:
     dtype: jnp.dtype = jnp.float32          # compute dtype
 
     def model(self, deterministic: bool = True, remat: str = "none", dtype=None, attention: str = "blocked",
-              attention_block: int = 128) -> Llama:
+              attention_block: int = 64) -> Llama:
         """The Flax module (compute dtype `dtype`, default this model's; attention: btx_jax/model/attention.py)."""
         param_dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
         return Llama(self.config, dtype=jnp.dtype(dtype or self.dtype), param_dtype=param_dtype, remat=remat,

@@ -41,15 +41,26 @@ def _setup_threads(n: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def time_fn(fn, warmup: int, steps: int) -> list[float]:
+def _first_step(step) -> dict:
+    """Run (and for JAX compile) the first step; {"step": the step callable, "compile_s": its time}."""
+    tic = time.perf_counter()
+    step()
+    return {"step": step, "compile_s": time.perf_counter() - tic}
+
+
+def interleaved(steps_by_impl: dict, warmup: int, steps: int) -> dict:
+    """Step times per implementation, the implementations alternating step by step, so that drifts in this
+    machine's speed (shared hosts) hit every side of a comparison alike."""
     for _ in range(warmup):
-        fn()
-    out = []
+        for fn in steps_by_impl.values():
+            fn()
+    times = {impl: [] for impl in steps_by_impl}
     for _ in range(steps):
-        tic = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - tic)
-    return out
+        for impl, fn in steps_by_impl.items():
+            tic = time.perf_counter()
+            fn()
+            times[impl].append(time.perf_counter() - tic)
+    return times
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -79,9 +90,9 @@ def measured_peak(n: int, reps: int) -> dict:
     import torch
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
     mm = jax.jit(lambda x, y: x @ y)
-    t_jax = min(time_fn(lambda: mm(a, a).block_until_ready(), 2, reps))
     ta = torch.randn(n, n)
-    t_torch = min(time_fn(lambda: torch.mm(ta, ta), 2, reps))
+    times = interleaved({"xla": lambda: mm(a, a).block_until_ready(), "torch": lambda: torch.mm(ta, ta)}, 2, reps)
+    t_jax, t_torch = min(times["xla"]), min(times["torch"])
     f = 2.0 * n ** 3
     return {"n": n, "xla_gflops": f / t_jax / 1e9, "torch_gflops": f / t_torch / 1e9,
             "peak_gflops": max(f / t_jax, f / t_torch) / 1e9}
@@ -132,11 +143,7 @@ def jax_phase(phase: str, arch: dict, args) -> dict:
         holder["state"], metrics = built.step_fn(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    tic = time.perf_counter()
-    step()
-    compile_s = time.perf_counter() - tic
-    times = time_fn(step, args.warmup, args.steps)
-    return {"times": times, "compile_s": compile_s}
+    return _first_step(step)
 
 
 # ---------------------------------------------------------------- PyTorch side
@@ -166,10 +173,7 @@ def _torch_loop(model, params, args, vocab: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    tic = time.perf_counter()
-    step()
-    first = time.perf_counter() - tic
-    return {"times": time_fn(step, args.warmup, args.steps), "compile_s": first}
+    return _first_step(step)
 
 
 def torch_peft_expert(arch: dict, args) -> dict:
@@ -264,11 +268,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--phases", default="expert,router,sft")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baselines")
-    p.add_argument("--quick", action="store_true", help="2 timed steps after the first (warm-up) step")
+    p.add_argument("--quick", action="store_true", help="3 timed steps after the first (warm-up) step")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup = 2, 0      # the first (compiling) step is the warm-up
+        args.steps, args.warmup = 3, 0      # the first (compiling) step is the warm-up
     _setup_threads(args.threads)
     sys.path.insert(0, str(REPO))
     import jax
@@ -297,13 +301,14 @@ def main(argv=None) -> int:
         if phase in baselines and not args.no_torch:
             name, fn = baselines[phase]
             entries.append((name, lambda fn=fn: fn(arch, args)))
-        for impl, fn in entries:
-            r = fn()
-            med = statistics.median(r["times"])
+        built = {impl: fn() for impl, fn in entries}
+        times = interleaved({impl: b["step"] for impl, b in built.items()}, args.warmup, args.steps)
+        for impl, r in built.items():
+            med = statistics.median(times[impl])
             tps = tokens / med
             row = {"phase": phase, "impl": impl, "step_s": med, "tokens_per_s": tps,
                    "model_gflops_per_step": fpt * tokens / 1e9, "achieved_gflops": fpt * tps / 1e9,
-                   "mfu": fpt * tps / (peak["peak_gflops"] * 1e9), "times": r["times"],
+                   "mfu": fpt * tps / (peak["peak_gflops"] * 1e9), "times": times[impl],
                    "first_step_s": r["compile_s"]}
             rows.append(row)
             print(f"[bench] {phase:6s} {impl:12s} median {med * 1e3:8.1f} ms/step  {tps:8.0f} tok/s  "

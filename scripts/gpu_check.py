@@ -43,12 +43,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--remat", default="none")
+    p.add_argument("--attention", default="blocked", choices=("blocked", "xla"),
+                   help="btx_jax/model/attention.py implementation")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--goal", type=float, default=0.45)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    import bench   # scripts/bench.py: this script's directory is on sys.path when it runs
+    sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+    import bench   # scripts/bench.py
     import jax
     from configs.common import ARCHS
     if args.tiny:
@@ -58,17 +60,18 @@ def main(argv=None) -> int:
         arch, dtype, n_peak = LLAMA_1B, "bfloat16", 8192
         batch, seq, steps = args.batch or 8, args.seq or 2048, args.steps
     run = argparse.Namespace(batch=batch, seq=seq, rank=64, experts=3, top_k=2, dtype=dtype, remat=args.remat,
-                             steps=steps, warmup=1)
+                             attention=args.attention, steps=steps, warmup=1)
     peak = matmul_peak(n_peak, dtype)
     dev = jax.devices()[0]
     print(f"[gpu_check] {dev.platform} {getattr(dev, 'device_kind', '')}: measured {dtype} matmul peak "
-          f"({n_peak}^3) {peak / 1e12:.1f} TFLOP/s; batch {batch} x seq {seq}, remat {args.remat}", flush=True)
+          f"({n_peak}^3) {peak / 1e12:.1f} TFLOP/s; batch {batch} x seq {seq}, remat {args.remat}, "
+          f"attention {args.attention}", flush=True)
     rows = []
     for phase in ("expert", "router"):
         fpt = bench.model_flops_per_token(arch, seq, ("gate_proj", "up_proj", "down_proj"), run.rank, run.experts,
                                           run.top_k, phase != "expert", phase)
         r = bench.jax_phase(phase, arch, run)
-        med = statistics.median(r["times"])
+        med = statistics.median(bench.interleaved({phase: r["step"]}, run.warmup, run.steps)[phase])
         tps = batch * seq / med
         rows.append({"phase": phase, "step_ms": med * 1e3, "tokens_per_s": tps, "tflops": fpt * tps / 1e12,
                      "mfu": fpt * tps / peak, "first_step_s": r["compile_s"]})

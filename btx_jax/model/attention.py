@@ -1,8 +1,9 @@
 """Causal self-attention over packed sequences, and attention against a KV cache.
 
 `causal_attention(..., impl="blocked")` (the default) is a custom-VJP attention that
-  * splits the queries into blocks of `block` rows and lets block i see keys [0, end of block i) only, so the
-    fully masked upper triangle is never computed (about (n+1)/2n of the T x T work for n blocks);
+  * splits the queries into blocks of `block` rows (at most MAX_BLOCKS blocks) and lets block i see keys
+    [0, end of block i) only, so the fully masked upper triangle is never computed ((n+1)/2n of the T x T work
+    for n blocks);
   * builds each block's mask from the segment ids (causal and same-document) instead of materialising [T, S];
   * saves only q, k, v, the output and the row log-sum-exp for the backward pass, and recomputes the
     probabilities there (FlashAttention's recurrence without the tiling loop), so no [B, N, T, S] tensor is
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLS = ("blocked", "xla")
+MAX_BLOCKS = 16
 _NEG = -1e30
 
 
@@ -36,6 +38,9 @@ def _scores(q_BKGCH, k_BKLH, mask, scale):
 
 
 def _blocks(T: int, block: int):
+    """Query row ranges: `block` rows each, but at most MAX_BLOCKS blocks (every block is unrolled in the
+    compiled graph, so longer sequences get longer blocks instead of a longer compile)."""
+    block = max(block, -(-T // MAX_BLOCKS))
     return [(i, min(i + block, T)) for i in range(0, T, block)]
 
 
@@ -82,7 +87,7 @@ def _blocked_bwd(scale, block, res, do_BKGTH):
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl: str = "blocked", block: int = 128):
+def causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl: str = "blocked", block: int = 64):
     """Each token attends to itself and the earlier tokens of its own segment. GQA when K < N."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]

@@ -45,7 +45,7 @@ class _Sub(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
     attention: str = "blocked"      # btx_jax/model/attention.py IMPLS
-    attention_block: int = 128
+    attention_block: int = 64
 
     def linear(self, features: int, target: str) -> Linear:
         return Linear(features, target, self.config.adapter, self.dtype, self.param_dtype,
@@ -111,7 +111,7 @@ class Llama(nn.Module):
     remat: str = "none"
     deterministic: bool = True
     attention: str = "blocked"      # "xla": jax.nn.dot_product_attention with a full [T, T] mask
-    attention_block: int = 128
+    attention_block: int = 64
 
     @nn.compact
     def __call__(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None, cache_index=0):

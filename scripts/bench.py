@@ -240,6 +240,34 @@ def torch_mergoo_router(arch: dict, args) -> dict:
     return _torch_loop(model, params, args, arch["vocab_size"])
 
 
+def attention_fwd_bwd(arch: dict, args) -> dict:
+    """ms per forward+backward of causal attention alone at the bench shape (all layers' worth is
+    num_layers times this): btx_jax's blocked attention, the full-mask jax.nn.dot_product_attention, and
+    torch's scaled_dot_product_attention(is_causal=True), interleaved."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from btx_jax.model.attention import causal_attention
+    B, T, N, K, H = args.batch, args.seq, arch["num_heads"], arch["num_kv_heads"], arch["head_dim"]
+    q, w = (jax.random.normal(jax.random.PRNGKey(i), (B, T, N, H)) for i in (0, 1))
+    k, v = (jax.random.normal(jax.random.PRNGKey(i), (B, T, K, H)) for i in (2, 3))
+    seg = jnp.ones((B, T), jnp.int32)
+    steps = {}
+    for impl in ("blocked", "xla"):
+        g = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(causal_attention(q, k, v, seg, impl) * w), (0, 1, 2)))
+        steps[f"btx_jax {impl}"] = lambda g=g: jax.block_until_ready(g(q, k, v))
+    tq, tw = (torch.randn(B, N, T, H, requires_grad=True) for _ in range(2))
+    tk, tv = (torch.randn(B, K, T, H, requires_grad=True) for _ in range(2))
+
+    def torch_step():
+        o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=K != N)
+        (o * tw).sum().backward()
+    steps["torch sdpa"] = torch_step
+    times = interleaved(steps, 2, 7)
+    return {impl: 1e3 * statistics.median(t) for impl, t in times.items()}
+
+
 # ---------------------------------------------------------------- main
 def data_pipeline_throughput(args, step_tokens_per_s: float) -> dict:
     """Tokens/s of the real data pipeline (packing + mixture + batching; tokenisation is cached once), to
@@ -320,13 +348,17 @@ def main(argv=None) -> int:
         if r["impl"] == "btx_jax" and base:
             r["speedup_vs_" + base[0]["impl"]] = r["tokens_per_s"] / base[0]["tokens_per_s"]
     data = data_pipeline_throughput(args, min(r["tokens_per_s"] for r in rows if r["impl"] == "btx_jax"))
+    attn = attention_fwd_bwd(arch, args)
     print()
     print(table(rows, peak))
+    print("\ncausal attention alone, forward+backward of one layer (median ms): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in attn.items()))
     print(f"\ndata pipeline (bundled wiki+math+novel mixture, seq {args.seq}, batch {args.batch}): "
           f"{data['tokens_per_s']:,.0f} tokens/s = {data['ratio_vs_slowest_step']:,.0f}x the slowest train step")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "arch": arch, "peak": peak, "rows": rows,
-                                              "data_pipeline": data, "cpu": _cpu()}, indent=2))
+                                              "data_pipeline": data, "attention_ms": attn,
+                                              "cpu": _cpu()}, indent=2))
     return 0
 
 

@@ -52,6 +52,7 @@ def test_bench_smoke_both_sides_in_one_run(bench, tmp_path):
     assert all(any(k.startswith("speedup_vs_") for k in r) for r in ours)
     assert data["peak"]["peak_gflops"] >= max(data["peak"]["xla_gflops"], data["peak"]["torch_gflops"]) > 0
     assert data["data_pipeline"]["tokens_per_s"] > 0
+    assert set(data["attention_ms"]) == {"btx_jax blocked", "btx_jax xla", "torch sdpa"}
 
 
 def test_gpu_check_tiny_runs_on_cpu(tmp_path, capsys):

@@ -142,7 +142,10 @@ class Llama(nn.Module):
         else:
             head_DV = self.param("lm_head", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size),
                                  self.param_dtype)
-        logits_BTV = jnp.dot(x_BTD, head_DV.astype(self.dtype), preferred_element_type=jnp.float32)
+        # tokens as 2-D rows: the lm_head weight gradient is then a plain [D, N] x [N, V] matmul (a 3-D
+        # contraction made XLA:CPU transpose the [N, V] logits gradient first)
+        logits_BTV = jnp.dot(x_BTD.reshape(B * T, -1), head_DV.astype(self.dtype),
+                             preferred_element_type=jnp.float32).reshape(B, T, -1)
         return logits_BTV if cache is None else (logits_BTV, new_cache)
 
 

@@ -22,6 +22,7 @@ from btx_jax.checkpoint.tensor_files import CheckpointError, atomic_directory, r
 from btx_jax.config import LlamaConfig, config_from_dict, config_to_dict
 from btx_jax.generate import generate as _generate
 from btx_jax.model import Llama
+from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL
 
 BTX_CONFIG = "btx_config.json"
 FORMATS = ("hf", "btx", "peft", "mergoo")
@@ -34,8 +35,8 @@ class Pretrained:
     params: dict
     dtype: jnp.dtype = jnp.float32          # compute dtype
 
-    def model(self, deterministic: bool = True, remat: str = "none", dtype=None, attention: str = "blocked",
-              attention_block: int = 64) -> Llama:
+    def model(self, deterministic: bool = True, remat: str = "none", dtype=None, attention: str = DEFAULT_IMPL,
+              attention_block: int = DEFAULT_BLOCK) -> Llama:
         """The Flax module (compute dtype `dtype`, default this model's; attention: btx_jax/model/attention.py)."""
         param_dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
         return Llama(self.config, dtype=jnp.dtype(dtype or self.dtype), param_dtype=param_dtype, remat=remat,

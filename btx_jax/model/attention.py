@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLS = ("blocked", "xla")
+DEFAULT_IMPL, DEFAULT_BLOCK = "blocked", 64      # the model's, Pretrained.model's and the train config's defaults
 MAX_BLOCKS = 16
 _NEG = -1e30
 
@@ -87,7 +88,8 @@ def _blocked_bwd(scale, block, res, do_BKGTH):
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
-def causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl: str = "blocked", block: int = 64):
+def causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl: str = DEFAULT_IMPL,
+                     block: int = DEFAULT_BLOCK):
     """Each token attends to itself and the earlier tokens of its own segment. GQA when K < N."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from btx_jax.config import LlamaConfig
-from btx_jax.model.attention import cached_attention, causal_attention
+from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL, cached_attention, causal_attention
 from btx_jax.model.lora import Linear
 from btx_jax.model.rope import apply_rope, inv_frequencies
 
@@ -44,8 +44,8 @@ class _Sub(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
-    attention: str = "blocked"      # btx_jax/model/attention.py IMPLS
-    attention_block: int = 64
+    attention: str = DEFAULT_IMPL       # btx_jax/model/attention.py IMPLS
+    attention_block: int = DEFAULT_BLOCK
 
     def linear(self, features: int, target: str) -> Linear:
         return Linear(features, target, self.config.adapter, self.dtype, self.param_dtype,
@@ -110,8 +110,8 @@ class Llama(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"
     deterministic: bool = True
-    attention: str = "blocked"      # "xla": jax.nn.dot_product_attention with a full [T, T] mask
-    attention_block: int = 64
+    attention: str = DEFAULT_IMPL       # "xla": jax.nn.dot_product_attention with a full [T, T] mask
+    attention_block: int = DEFAULT_BLOCK
 
     @nn.compact
     def __call__(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None, cache_index=0):

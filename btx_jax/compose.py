@@ -25,22 +25,22 @@ base projection alone, like BTX keeping the seed FFN) is the last router output.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from btx_jax import param_paths
 from btx_jax.checkpoint import peft
-from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.config import AdapterSpec, ConfigError
-from btx_jax.pretrained import Pretrained, _finish, load_pretrained
+from btx_jax.model import abstract_leaves, routed_layers
+from btx_jax.pretrained import ModelSource, Pretrained, memory_source, open_model
 
 ROUTER_INITS = ("zeros", "normal")
 
 
 def _expert_lora(expert, base_config, label: str, allow_pickle: bool):
-    """(AdapterSpec of the single expert, {lora path: array}) of one expert argument."""
+    """(AdapterSpec of the single expert, {lora path: leaf}) of one expert argument."""
     if isinstance(expert, Pretrained):
         spec = expert.config.adapter
         if spec is None or spec.router or len(spec.experts) != 1:
@@ -62,14 +62,11 @@ def _router(rng, shape, router_init: str, router_std: float) -> np.ndarray:
     return (rng.standard_normal(shape) * router_std).astype(np.float32)
 
 
-def compose(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False, router_init: str = "normal",
-            router_std: float = 0.02, router_layers: Sequence[int] | None = None, router_jitter: float = 0.0,
-            seed: int = 0, dtype=None, allow_pickle: bool = False) -> Pretrained:
-    """LoRA-MoE `Pretrained` from a base (HF Llama directory or base `Pretrained`) and LoRA experts.
-
-    `top_k`: experts mixed per token (1..len(experts) + seed_expert).  `router_init`: "normal" (default) or
-    "zeros" (see the module docstring on ties).  `router_layers`: decoder layer indices to route (mergoo's
-    router_layers_index; default all); the other layers run the base projection alone and hold zeros."""
+def compose_source(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False,
+                   router_init: str = "normal", router_std: float = 0.02, router_layers: Sequence[int] | None = None,
+                   router_jitter: float = 0.0, seed: int = 0, allow_pickle: bool = False) -> ModelSource:
+    """The LoRA-MoE as a `ModelSource` (nothing read yet; see `compose` for the arguments).  Its reference
+    names the base and the expert directories, so a lean checkpoint of it stores only routers and what trains."""
     experts = list(experts)
     if not experts:
         raise ConfigError("compose needs at least one expert")
@@ -79,8 +76,8 @@ def compose(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = Fals
     if not 1 <= int(top_k) <= choices:
         raise ConfigError(f"top_k={top_k} must be between 1 and the number of experts ({choices}"
                           f"{' including the seed expert' if seed_expert else ''})")
-    if not isinstance(base, Pretrained):
-        base = load_pretrained(base, dtype=dtype, allow_pickle=allow_pickle)
+    base = base if isinstance(base, ModelSource) else memory_source(base) if isinstance(base, Pretrained) \
+        else open_model(base, allow_pickle=allow_pickle)
     if base.config.adapter is not None:
         raise ConfigError("compose: the base model already has an adapter; pass the plain base model")
     labels = [str(e) if isinstance(e, (str, Path)) else f"experts[{i}]" for i, e in enumerate(experts)]
@@ -96,19 +93,30 @@ def compose(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = Fals
                        router_layers=None if router_layers is None else tuple(sorted({int(i) for i in router_layers})),
                        init=loaded[0][0].init)
     config = base.config.replace(adapter=spec)
-    from btx_jax.model import abstract_params, routed_layers
     flags = routed_layers(config)
-    flat = base.flat_numpy()
     rng = np.random.default_rng(seed)
-    for path, sds in sorted(param_paths.flatten(abstract_params(config)).items()):
-        if peft.LORA_LEAF.fullmatch(path):
-            axis = 2 if path.endswith("lora_a") else 1
-            arr = np.concatenate([np.asarray(lora[path], np.float32) for _, lora in loaded], axis=axis)
-        elif path.endswith("/router"):
-            arr = _router(rng, sds.shape, router_init, router_std)
-        else:
-            continue
-        if arr.shape != tuple(sds.shape):    # cannot happen after load_adapter's checks; guards the concat
-            raise CheckpointError(f"compose: {path} has shape {list(arr.shape)}, expected {list(sds.shape)}")
-        flat[path] = arr * flags.reshape((-1,) + (1,) * (arr.ndim - 1))
-    return _finish(config, flat, dtype if dtype is not None else base.dtype)
+    routers = {path: _router(rng, sds.shape, router_init, router_std) * flags.reshape((-1,) + (1,) * (sds.ndim - 1))
+               for path, sds in sorted(abstract_leaves(config).items())
+               if path.endswith("/router")}
+    on_disk = base.reference is not None and all(isinstance(e, (str, Path)) for e in experts)
+    src = base.with_leaves(config, peft.concat_experts([lora for _, lora in loaded], flags), covered=on_disk)
+    src = src.with_leaves(config, routers, covered=False)
+    reference = {**base.reference, "experts": [str(Path(e).absolute()) for e in experts]} if on_disk else None
+    return dataclasses.replace(src, reference=reference)
+
+
+def compose(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False, router_init: str = "normal",
+            router_std: float = 0.02, router_layers: Sequence[int] | None = None, router_jitter: float = 0.0,
+            seed: int = 0, dtype=None, allow_pickle: bool = False, mesh=None) -> Pretrained:
+    """LoRA-MoE `Pretrained` from a base (HF Llama directory or base `Pretrained`) and LoRA experts.
+
+    `top_k`: experts mixed per token (1..len(experts) + seed_expert).  `router_init`: "normal" (default) or
+    "zeros" (see the module docstring on ties).  `router_layers`: decoder layer indices to route (mergoo's
+    router_layers_index; default all); the other layers run the base projection alone and hold zeros.
+    `mesh`: shard the result over it as it is built (default: one device)."""
+    src = compose_source(base, experts, top_k=top_k, seed_expert=seed_expert, router_init=router_init,
+                         router_std=router_std, router_layers=router_layers, router_jitter=router_jitter, seed=seed,
+                         allow_pickle=allow_pickle)
+    if dtype is None and isinstance(base, Pretrained):
+        dtype = base.dtype
+    return src.load(dtype=dtype, mesh=mesh)

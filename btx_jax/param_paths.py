@@ -2,7 +2,7 @@
 
 Every parameter leaf has a path like `layers/mlp/down_proj/lora_a` (see btx_jax/model/llama.py).  This file
 holds the single table that says, for each path, its logical axes (mapped to mesh axes by the sharding rules
-in btx_jax/train/mesh.py) and its Hugging Face tensor name (used by the HF, PEFT and mergoo converters).
+in btx_jax/mesh.py) and its Hugging Face tensor name (used by the HF, PEFT and mergoo converters).
 Phase masks (configs/) are regexes over the same paths.  `rule_for(path)` insists that exactly one rule
 matches, and a test checks this for every leaf of every model variant.
 """

@@ -1,8 +1,15 @@
 """`load_pretrained` / `Pretrained`: the public face of a model (config + params) and its formats.
 
-Formats: `hf` (config.json + safetensors), `btx` (btx_config.json + an orbax checkpoint of the params),
-`peft` (adapter_config.json + adapter_model.safetensors, LoRA only), `mergoo` (LoRA-MoE config.json +
-safetensors).  Loading detects the format from the directory's files.
+Formats: `hf` (config.json + safetensors), `btx` (btx_config.json + an orbax checkpoint of the params; lean
+ones name the files their frozen weights come from, see btx_jax/checkpoint/btx.py), `peft`
+(adapter_config.json + adapter_model.safetensors, LoRA only), `mergoo` (LoRA-MoE config.json + safetensors).
+Loading detects the format from the directory's files.
+
+Loading is sharded from the first byte: `open_model` describes a model without reading it (a `ModelSource`:
+its config and how to make any subset of its leaves), and `ModelSource.fill(target)` creates each requested
+leaf directly in its target dtype and `NamedSharding` — safetensors are read per device slice, btx
+checkpoints restored by orbax into the shardings, fresh leaves initialised by a jit with `out_shardings`.
+Host memory stays around one tensor above what the devices hold; no device holds more than its shard.
 """
 from __future__ import annotations
 
@@ -16,16 +23,74 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from btx_jax import param_paths
-from btx_jax.checkpoint import hf as hf_format
+from btx_jax import mesh as mesh_lib, param_paths
+from btx_jax.checkpoint import btx, hf as hf_format, mergoo, peft
 from btx_jax.checkpoint.tensor_files import CheckpointError, atomic_directory, read_json, write_tensors
-from btx_jax.config import LlamaConfig, config_from_dict, config_to_dict
+from btx_jax.config import LlamaConfig
 from btx_jax.generate import generate as _generate
-from btx_jax.model import Llama
+from btx_jax.model import Llama, abstract_leaves, init_leaves, routed_layers
 from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL
 
-BTX_CONFIG = "btx_config.json"
 FORMATS = ("hf", "btx", "peft", "mergoo")
+Target = dict[str, jax.ShapeDtypeStruct]          # {path: ShapeDtypeStruct with a sharding}
+Arrays = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A model not yet in memory: its config, a `fill(target) -> {path: array}` that materialises any subset
+    of its leaves in the target dtypes and shardings, the JSON `reference` to the files its leaves come from
+    (None for a model made in memory), and `covered`: the leaves that reference provides (others, such as
+    fresh LoRA or routers, are made here and must be stored by whoever saves the model lean)."""
+    config: LlamaConfig
+    fill: Callable[[Target], Arrays]
+    reference: dict | None = None
+    covered: frozenset = frozenset()
+
+    def abstract(self) -> dict[str, jax.ShapeDtypeStruct]:
+        return abstract_leaves(self.config)
+
+    def load(self, *, dtype=None, mesh=None, rules=mesh_lib.DEFAULT_RULES) -> "Pretrained":
+        """Every leaf in `dtype` (default fp32), sharded over `mesh` by `rules` (default: one device)."""
+        dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
+        target = mesh_lib.sharded_target(self.abstract(), mesh, rules, dtype)
+        return Pretrained(self.config, param_paths.unflatten(self.fill(target)), dtype)
+
+    def with_leaves(self, config: LlamaConfig, leaves: dict, covered: bool) -> "ModelSource":
+        """This source with `leaves` ({path: lazy leaf or array}) added or replaced, as model `config`;
+        `covered`: whether the reference still provides them (an adapter named in it) or not (computed)."""
+        def fill(target: Target) -> Arrays:
+            own = {p: mesh_lib.place(leaves[p], t) for p, t in target.items() if p in leaves}
+            return {**own, **self.fill({p: t for p, t in target.items() if p not in leaves})}
+        cov = self.covered | set(leaves) if covered else self.covered - set(leaves)
+        return ModelSource(config, fill, self.reference, frozenset(cov))
+
+    def with_fresh(self, config: LlamaConfig, seed: int) -> "ModelSource":
+        """As model `config` (this model plus new leaves such as LoRA): the leaves this source lacks are
+        initialised as `init_params(config, PRNGKey(seed))` would (LoRA B = 0: outputs unchanged)."""
+        mine = set(self.abstract())
+
+        def fill(target: Target) -> Arrays:
+            out = self.fill({p: t for p, t in target.items() if p in mine})
+            return {**out, **init_leaves(config, seed, {p: t for p, t in target.items() if p not in mine})}
+        return ModelSource(config, fill, self.reference, self.covered)
+
+
+def random_source(config: LlamaConfig, seed: int) -> ModelSource:
+    """A freshly initialised model (pretraining from scratch)."""
+    return ModelSource(config, lambda target: init_leaves(config, seed, target))
+
+
+def memory_source(pre: "Pretrained") -> ModelSource:
+    """A model already in memory as a source (its arrays re-placed in the target dtypes and shardings)."""
+    flat = param_paths.flatten(pre.params)
+    return ModelSource(pre.config, lambda target: {
+        p: jax.device_put(flat[p].astype(t.dtype), t.sharding) for p, t in target.items()})
+
+
+def _file_source(config: LlamaConfig, leaves: dict, directory: Path) -> ModelSource:
+    fill = lambda target: {p: mesh_lib.place(leaves[p], t) for p, t in target.items()}  # noqa: E731
+    return ModelSource(config, fill, {"path": str(directory.absolute())}, frozenset(leaves))
 
 
 @dataclasses.dataclass
@@ -41,6 +106,12 @@ class Pretrained:
         param_dtype = jax.tree_util.tree_leaves(self.params)[0].dtype
         return Llama(self.config, dtype=jnp.dtype(dtype or self.dtype), param_dtype=param_dtype, remat=remat,
                      deterministic=deterministic, attention=attention, attention_block=attention_block)
+
+    @classmethod
+    def from_arrays(cls, config: LlamaConfig, flat: dict, dtype=None) -> "Pretrained":
+        """A model from {path: array} (numpy or jax), in `dtype` (default fp32)."""
+        dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
+        return cls(config, param_paths.unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()}), dtype)
 
     def logits(self, input_ids) -> np.ndarray:
         """fp32 logits [batch, seq, vocab] for int token ids [batch, seq]."""
@@ -71,22 +142,20 @@ class Pretrained:
     def save_pretrained(self, dst: str | Path, format: str = "hf", *, merge_lora: bool = False,
                         overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
                         progress: Callable[[int], None] | None = None) -> Path:
-        """Write the model as `format` into `dst` (atomically: nothing is left at dst on error).
-        `progress(nbytes)` is called per tensor written (format 'hf')."""
+        """Write the model as `format` into `dst` (atomically: nothing is left at dst on error); `btx` is
+        self-contained (every leaf).  `progress(nbytes)` is called per tensor written (format 'hf')."""
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
         dst = Path(dst)
         with atomic_directory(dst, overwrite=overwrite) as tmp:
             if format == "btx":
-                save_btx(tmp, self)
+                btx.save(tmp, self.config, self.params)
             elif format == "hf":
                 save_hf(tmp, self, merge_lora=merge_lora, max_shard_bytes=max_shard_bytes, progress=progress)
             elif format == "peft":
-                from btx_jax.checkpoint import peft
-                peft.save(tmp, self)
+                peft.save(tmp, self.config, self.flat_numpy())
             else:
-                from btx_jax.checkpoint import mergoo
-                mergoo.save(tmp, self, max_shard_bytes=max_shard_bytes)
+                mergoo.save(tmp, self.config, self.flat_numpy(), max_shard_bytes=max_shard_bytes)
         return dst
 
 
@@ -103,79 +172,101 @@ def save_hf(directory: Path, pre: Pretrained, *, merge_lora: bool = False,
         if not merge_lora:
             raise CheckpointError("this model has LoRA adapters: save with merge_lora=True (fold them into the "
                                   "base weights), format='peft' (adapter only) or format='mergoo' (LoRA-MoE)")
-        from btx_jax.checkpoint.peft import merged_kernels
-        flat = merged_kernels(flat, config)
+        flat = peft.merged_kernels(flat, config)
         config = config.replace(adapter=None)
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
     write_tensors(directory, hf_format.export_tensors(flat, config, lambda p: True),
                   max_shard_bytes=max_shard_bytes, progress=progress)
 
 
-def save_btx(directory: Path, pre: Pretrained) -> None:
-    import orbax.checkpoint as ocp
-    if jax.process_index() == 0:
-        (directory / BTX_CONFIG).write_text(json.dumps(config_to_dict(pre.config), indent=2))
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save((directory / "params").absolute(), pre.params)
+def _btx_source(directory: Path) -> ModelSource:
+    config, reference = btx.read_config(directory)
+    stored = btx.stored_shapes(directory)
+    shapes = abstract_leaves(config)
+    for path, sds in stored.items():
+        if tuple(shapes.get(path, sds).shape) != tuple(sds.shape) or path not in shapes:
+            raise CheckpointError(f"{directory}: stored leaf {path!r} {list(sds.shape)} does not belong to the "
+                                  f"model in {btx.BTX_CONFIG}")
+    base = reference_source(reference, config) if reference is not None else None
+    unstored = set(shapes) - set(stored)
+    missing = sorted(unstored - set(base.abstract() if base else ()))
+    if missing:
+        raise CheckpointError(f"{directory}: leaf {missing[0]!r} is neither stored nor provided by "
+                              f"{btx.FROZEN_FROM} {reference}")
+
+    def fill(target: Target) -> Arrays:
+        out = btx.restore(directory, {p: t for p, t in target.items() if p in stored})
+        rest = {p: t for p, t in target.items() if p not in stored}
+        if rest:
+            frozen = base.fill(rest)
+            if reference.get("digest") and set(rest) == unstored:
+                found = btx.digest(frozen)
+                if found != reference["digest"]:
+                    raise CheckpointError(f"{directory}: the frozen weights it was trained on ({reference['path']}) "
+                                          f"changed since it was written (digest {reference['digest']}, now {found})")
+            out.update(frozen)
+        return out
+
+    return ModelSource(config, fill, {"path": str(directory.absolute())}, frozenset(shapes))
 
 
-def load_btx(directory: Path, dtype=None) -> Pretrained:
-    import orbax.checkpoint as ocp
-    config = config_from_dict(read_json(directory / BTX_CONFIG))
-    if not (directory / "params").is_dir():
-        raise CheckpointError(f"{directory / 'params'}: orbax checkpoint directory not found")
-    path = (directory / "params").absolute()
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.StandardCheckpointer() as ckpt:
-        # Restore onto one device whatever mesh wrote it (a training run shards over many).
-        saved = ckpt.metadata(path).item_metadata
-        target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
-        params = ckpt.restore(path, target)
-    return _finish(config, param_paths.flatten(params), dtype)
-
-
-def _finish(config: LlamaConfig, flat: dict[str, np.ndarray], dtype) -> Pretrained:
-    """Pretrained from {path: array}: params in `dtype` (default fp32), compute in the same dtype."""
-    dtype = jnp.dtype(dtype if dtype is not None else jnp.float32)
-    # pop as we go: the host copy of each tensor is released once it is on the device (one full copy at a time)
-    params = param_paths.unflatten({k: jnp.asarray(flat.pop(k), dtype) for k in list(flat)})
-    return Pretrained(config, params, dtype)
+def reference_source(reference: dict, config: LlamaConfig | None = None) -> ModelSource:
+    """The model a `frozen_from` reference names: `path` (+ `adapter`), with `experts` (LoRA adapters)
+    concatenated into the LoRA-MoE of `config` when given."""
+    src = open_model(reference["path"], adapter=reference.get("adapter"))
+    if reference.get("experts"):
+        loras = [peft.load_adapter(e, src.config)[1] for e in reference["experts"]]
+        src = dataclasses.replace(src.with_leaves(config, peft.concat_experts(loras, routed_layers(config)), True),
+                                  reference={k: reference[k] for k in btx.REFERENCE_KEYS if k in reference})
+    return src
 
 
 def detect_format(directory: Path) -> str:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: model directory not found")
-    if (directory / BTX_CONFIG).is_file():
+    if btx.is_btx(directory):
         return "btx"
     if (directory / "adapter_config.json").is_file():
         return "peft"
     if (directory / "config.json").is_file():
         return "mergoo" if "adapter_configs" in read_json(directory / "config.json") else "hf"
-    raise CheckpointError(f"{directory}: no config.json, btx_config.json or adapter_config.json found")
+    raise CheckpointError(f"{directory}: no config.json, {btx.BTX_CONFIG} or adapter_config.json found")
 
 
-def load_pretrained(path: str | Path, *, dtype=None, adapter: str | Path | None = None,
-                    allow_pickle: bool = False, progress: Callable[[int], None] | None = None) -> Pretrained:
-    """Load an HF Llama directory, a mergoo LoRA-MoE directory or a btx_jax checkpoint.
-
-    `adapter`: a PEFT LoRA directory (or btx LoRA checkpoint) applied on top of an HF base.
-    `dtype`: parameter and compute dtype (default: fp32 params, fp32 compute)."""
+def open_model(path: str | Path, *, adapter: str | Path | None = None, allow_pickle: bool = False,
+               progress: Callable[[int], None] | None = None) -> ModelSource:
+    """The `ModelSource` of an HF Llama directory, a mergoo LoRA-MoE directory or a btx checkpoint (plus a
+    PEFT / btx LoRA `adapter` on an HF base).  Reads configs and tensor headers only."""
     directory = Path(path)
     fmt = detect_format(directory)
     if fmt == "peft":
         raise CheckpointError(f"{directory}: is a PEFT adapter; pass the base model as path and this "
                               "directory as adapter=")
     if fmt == "btx":
-        pre = load_btx(directory, dtype)
+        src = _btx_source(directory)
     elif fmt == "mergoo":
-        from btx_jax.checkpoint import mergoo
-        config, flat = mergoo.load(directory, dtype=None, allow_pickle=allow_pickle)
-        pre = _finish(config, flat, dtype)
+        src = _file_source(*mergoo.load(directory, allow_pickle=allow_pickle), directory)
     else:
         config, _ = hf_format.read_config(directory)
-        pre = _finish(config, hf_format.load_base(directory, config, allow_pickle=allow_pickle,
-                                                  progress=progress), dtype)
-    if adapter is not None:
-        from btx_jax.checkpoint import peft
-        pre = peft.attach(pre, Path(adapter))
-    return pre
+        leaves = hf_format.load_base(directory, config, allow_pickle=allow_pickle, progress=progress)
+        src = _file_source(config, leaves, directory)
+    if adapter is None:
+        return src
+    if src.config.adapter is not None:
+        raise CheckpointError(f"{adapter}: the model already has an adapter; load the base model alone to attach one")
+    config, lora = peft.load_adapter(adapter, src.config, allow_pickle=allow_pickle)
+    return dataclasses.replace(src.with_leaves(config, lora, covered=True),
+                               reference={**src.reference, "adapter": str(Path(adapter).absolute())})
+
+
+def load_pretrained(path: str | Path, *, dtype=None, adapter: str | Path | None = None, allow_pickle: bool = False,
+                    progress: Callable[[int], None] | None = None, mesh: jax.sharding.Mesh | None = None,
+                    rules=mesh_lib.DEFAULT_RULES) -> Pretrained:
+    """Load an HF Llama directory, a mergoo LoRA-MoE directory or a btx_jax checkpoint.
+
+    `adapter`: a PEFT LoRA directory (or btx LoRA checkpoint) applied on top of an HF base.
+    `dtype`: parameter and compute dtype (default: fp32 params, fp32 compute).
+    `mesh`/`rules`: shard every leaf over `mesh` by the logical-axis rules (btx_jax/mesh.py) as it is read;
+    default: one device."""
+    src = open_model(path, adapter=adapter, allow_pickle=allow_pickle, progress=progress)
+    return src.load(dtype=dtype, mesh=mesh, rules=rules)

@@ -105,10 +105,9 @@ def jax_phase(phase: str, arch: dict, args) -> dict:
 
     from btx_jax.config import AdapterSpec, ExpertSpec, LlamaConfig
     from btx_jax.model import init_params
-    from btx_jax.pretrained import Pretrained
-    from btx_jax.train import mesh as mesh_lib
-    from btx_jax.train.step import BATCH_KEYS, init_state
-    from btx_jax.train.trainer import build_step, phase_params, resolved, train_module
+    from btx_jax.pretrained import Pretrained, memory_source
+    from btx_jax.train.step import BATCH_KEYS
+    from btx_jax.train.trainer import initial_state, resolved, wire
     from configs.common import base_config
 
     c = base_config()
@@ -126,12 +125,9 @@ def jax_phase(phase: str, arch: dict, args) -> dict:
     # LoRA B is zero at init; make it non-zero so nothing is trivially skippable.
     params = jax.tree_util.tree_map_with_path(
         lambda kp, x: x + 0.01 if "lora_b" in jax.tree_util.keystr(kp) else x, params)
-    mesh = mesh_lib.make_mesh(cfg["mesh"])
-    trainable, frozen = phase_params(params, cfg)
-    model = train_module(Pretrained(config, params), cfg["train"])
-    built = build_step(cfg, mesh, mesh_lib.DEFAULT_RULES, model, trainable, frozen)
-    state = jax.jit(lambda tr, fr: init_state(tr, fr, built.tx, 0), out_shardings=built.state_shardings)(
-        trainable, frozen)
+    phase = wire(cfg, source=memory_source(Pretrained(config, params)))
+    built = phase.built
+    state, _ = initial_state(phase, 0)
     ids = np.random.default_rng(1).integers(3, arch["vocab_size"], (args.batch, args.seq + 1)).astype(np.int32)
     batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((args.batch, args.seq), np.float32),
              "segment_ids": np.ones((args.batch, args.seq), np.int32),

@@ -80,11 +80,10 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     import jax.numpy as jnp
     import numpy as np
 
-    from btx_jax.model import abstract_params
-    from btx_jax.pretrained import Pretrained
-    from btx_jax.train import mesh as mesh_lib
+    from btx_jax import mesh as mesh_lib, param_paths
+    from btx_jax.pretrained import random_source
     from btx_jax.train.step import BATCH_KEYS
-    from btx_jax.train.trainer import build_step, phase_params, train_module
+    from btx_jax.train.trainer import wire
 
     cfg = json.loads(json.dumps(cfg))
     if phase:
@@ -94,12 +93,10 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
         t["global_batch_size"] = int(batch)
     gb, seq = int(t["global_batch_size"]), int(t["seq_len"])
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg["mesh"])
-    rules = tuple((k, tuple(v)) for k, v in (cfg.get("mesh_rules") or mesh_lib.DEFAULT_RULES))
     config = model_config(cfg, cfg["phase"], experts, top_k)
-    params = abstract_params(config)                       # ShapeDtypeStructs only
-    trainable, frozen = phase_params(params, cfg)
-    model = train_module(Pretrained(config, params), t)
-    built = build_step(cfg, mesh, rules, model, trainable, frozen)
+    phase = wire(cfg, mesh, random_source(config, 0))           # abstract: nothing is allocated
+    built = phase.built
+    trainable, frozen = param_paths.unflatten(phase.trainable), param_paths.unflatten(phase.frozen)
     batch_abs = {k: jax.ShapeDtypeStruct((gb, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
                                          sharding=built.batch_sharding) for k in BATCH_KEYS}
     tic = time.perf_counter()
@@ -115,7 +112,7 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "dtype": t["dtype"], "frozen_dtype": t["frozen_dtype"],
         "remat": t["remat"], "microbatches": int(t["microbatches"]),
         "params_trainable": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(trainable))),
-        "params_total": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params))),
+        "params_total": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(phase.source.abstract()))),
         "bytes": {
             "trainable": per_dev("trainable"), "frozen": per_dev("frozen"),
             "params": per_dev("trainable") + per_dev("frozen"),
@@ -180,7 +177,7 @@ def max_batch(cfg: dict, memory: int, *, phase: str, experts: int, top_k: int, m
     """Largest global batch (a multiple of the data-parallel size) whose compiled peak fits `memory`
     (1 - headroom) per device.  Peak bytes are affine in the batch, so two compiles give the line, one more
     checks the predicted size (and steps down until a compile agrees)."""
-    from btx_jax.train import mesh as mesh_lib
+    from btx_jax import mesh as mesh_lib
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg["mesh"])
     rules = tuple((k, tuple(v)) for k, v in (cfg.get("mesh_rules") or mesh_lib.DEFAULT_RULES))
     dp = mesh_lib.data_parallel_size(mesh, rules) * int(cfg["train"]["microbatches"])
@@ -260,7 +257,7 @@ def main(argv=None) -> int:
         if args.mesh:
             cfg["mesh"].update({k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))})
         import jax
-        from btx_jax.train import mesh as mesh_lib
+        from btx_jax import mesh as mesh_lib
         mesh = mesh_lib.make_mesh(cfg["mesh"])
         print(f"[plan] {args.config}: {jax.device_count()} virtual {jax.devices()[0].platform} devices, "
               f"mesh {dict(mesh.shape)}, seq {t['seq_len']}, dtype {t['dtype']}, frozen {t['frozen_dtype']}, "

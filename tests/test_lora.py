@@ -21,7 +21,6 @@ TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_laye
 def random_lora(pre, *, rank=4, alpha=8.0, targets=("gate_proj", "up_proj"), seed=0, rslora=False,
                 rank_pattern=(), alpha_pattern=(), scale=0.3):
     """A plain-LoRA Pretrained on `pre`'s base weights with random non-zero A and B."""
-    from btx_jax.pretrained import _finish
     config = pre.config.replace(adapter=AdapterSpec(
         targets=tuple(targets), experts=(ExpertSpec(rank, alpha, rslora, tuple(rank_pattern), tuple(alpha_pattern)),)))
     shapes = param_paths.flatten(jax.eval_shape(lambda: init_params(config)))
@@ -30,7 +29,8 @@ def random_lora(pre, *, rank=4, alpha=8.0, targets=("gate_proj", "up_proj"), see
     for path, sds in shapes.items():
         if path not in flat:
             flat[path] = (rng.standard_normal(sds.shape) * scale).astype(np.float32)
-    return _finish(config, flat, None)
+    from btx_jax.pretrained import Pretrained
+    return Pretrained.from_arrays(config, flat)
 
 
 def _apply(spec, x, params=None, features=6, target="gate_proj", rng=0, deterministic=True, rngs=None):

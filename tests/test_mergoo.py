@@ -12,7 +12,6 @@ from safetensors.numpy import load_file, save_file
 
 import btx_jax
 from btx_jax.checkpoint.mergoo import MERGOO_KEYS
-from btx_jax.pretrained import _finish
 from conftest import random_ids, safetensors_dict
 from test_lora import random_lora
 
@@ -62,7 +61,7 @@ def test_fixture_compose_then_copy_routers(ref):
     assert set(flat) == set(theirs)
     assert all(np.array_equal(flat[k], theirs[k]) for k in flat if not k.endswith("/router"))
     flat.update({k: v for k, v in theirs.items() if k.endswith("/router")})
-    logits = _finish(composed.config, flat, None).logits(ref["input_ids"])
+    logits = btx_jax.Pretrained.from_arrays(composed.config, flat).logits(ref["input_ids"])
     assert np.array_equal(logits, mergoo.logits(ref["input_ids"]))
     print(f"compose + mergoo routers: max abs diff vs mergoo {_diff(logits, ref['logits']):.2e}")
 

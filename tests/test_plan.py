@@ -31,18 +31,9 @@ def small_cfg():
 def real_state_bytes_on_device0(cfg) -> dict:
     """Build the state like train() does and sum the device-0 shards of each part."""
     import jax.numpy as jnp
-    from btx_jax.train import mesh as mesh_lib
-    from btx_jax.train.model_init import initial_model
-    from btx_jax.train.step import init_state
-    from btx_jax.train.trainer import build_step, phase_params
+    from btx_jax.train.trainer import initial_state, wire
     t = cfg["train"]
-    mesh = mesh_lib.make_mesh(cfg["mesh"])
-    pre = initial_model(cfg["model"], seed=0)
-    trainable, frozen = phase_params(pre.params, cfg)
-    model = pre.model(deterministic=False, remat=t["remat"], dtype=t["dtype"])
-    built = build_step(cfg, mesh, mesh_lib.DEFAULT_RULES, model, trainable, frozen)
-    state = jax.jit(lambda tr, fr: init_state(tr, fr, built.tx, 0), out_shardings=built.state_shardings)(
-        trainable, frozen)
+    state, _ = initial_state(wire(cfg), 0)
     dev0 = jax.devices()[0]
 
     def on_dev0(tree):

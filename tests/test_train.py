@@ -15,8 +15,8 @@ import pytest
 from btx_jax import param_paths
 from btx_jax.model import abstract_params
 from btx_jax.pretrained import load_pretrained
-from btx_jax.train import mesh as mesh_lib
-from btx_jax.train.model_init import initial_model
+from btx_jax import mesh as mesh_lib
+from btx_jax.train.model_init import initial_source
 from btx_jax.train.trainer import train
 from configs import expert
 
@@ -85,7 +85,7 @@ def test_phase_freezes_exactly_the_frozen_set(tmp_path, phase, changed):
     c = tiny_config(steps=3)
     c.phase = phase
     train(c, tmp_path)
-    before = param_paths.flatten(initial_model(c.model, seed=0).params)
+    before = param_paths.flatten(initial_source(c.model, seed=0).load().params)
     after = param_paths.flatten(load_pretrained(tmp_path / "final").params)
     assert before.keys() == after.keys()
     for path in before:

@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from btx_jax import param_paths
+from btx_jax.checkpoint.lazy import LazyLeaf
 from btx_jax.checkpoint.tensor_files import CheckpointError, TensorReader, read_json
 from btx_jax.config import LlamaConfig
 from btx_jax.model import abstract_params
@@ -30,40 +31,46 @@ def read_config(directory: str | Path) -> tuple[LlamaConfig, dict]:
 
 def load_leaves(reader: TensorReader, config: LlamaConfig, select: Callable[[str], bool],
                 key_of: Callable[[str, str], str] = lambda path, key: key, dtype=None,
-                progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """{path: array} for the selected leaves of `config`'s parameter tree, read from `reader`.
+                progress: Callable[[int], None] | None = None) -> dict[str, LazyLeaf]:
+    """{path: lazy leaf} for the selected leaves of `config`'s parameter tree, backed by `reader`'s tensors.
 
-    `key_of(path, hf_key)` renames the table's HF key (PEFT / mergoo prefixes)."""
+    Shapes are checked against the config from the file headers; values are read per slice on demand
+    (a stacked [layers, ...] leaf reads only the layers and rows asked for).  `key_of(path, hf_key)` renames
+    the table's HF key (PEFT / mergoo prefixes); `progress(nbytes)` is called per slice read."""
     shapes = param_paths.flatten(abstract_params(config))
     out = {}
     for path, sds in shapes.items():
-        if not select(path):
-            continue
-        rule = param_paths.rule_for(path)
-        arr = None
-        for i, key in param_paths.hf_keys(path, config.num_layers):
-            t = reader.get(key_of(path, key))
-            t = t.T if rule.transpose else t
-            want = sds.shape[1:] if i is not None else sds.shape
-            if t.shape != tuple(want):
-                raise CheckpointError(f"{reader.directory}: tensor {key_of(path, key)!r} has shape "
-                                      f"{list(t.shape)[::-1] if rule.transpose else list(t.shape)}, expected "
-                                      f"{list(want)[::-1] if rule.transpose else list(want)}")
-            target_dtype = dtype or t.dtype
-            if i is None:
-                arr = np.asarray(t, dtype=target_dtype)
-            else:
-                if arr is None:
-                    arr = np.empty(sds.shape, dtype=target_dtype)
-                arr[i] = t
-            if progress:
-                progress(t.nbytes)
-        out[path] = arr
+        if select(path):
+            out[path] = _leaf(reader, path, tuple(sds.shape), config.num_layers, key_of, dtype, progress)
     return out
 
 
+def _leaf(reader, path: str, shape: tuple[int, ...], num_layers: int, key_of, dtype, progress) -> LazyLeaf:
+    rule = param_paths.rule_for(path)
+    keys = [(i, key_of(path, key)) for i, key in param_paths.hf_keys(path, num_layers)]
+    want = shape[1:] if keys[0][0] is not None else shape
+    for _, key in keys:
+        got = reader.shape(key)
+        if tuple(got[::-1] if rule.transpose else got) != tuple(want):
+            raise CheckpointError(f"{reader.directory}: tensor {key!r} has shape {list(got)}, expected "
+                                  f"{list(want)[::-1] if rule.transpose else list(want)}")
+    stored = dtype or reader.dtype(keys[0][1])
+
+    def read_one(key: str, index: tuple[slice, ...]) -> np.ndarray:
+        t = reader.get_slice(key, index[::-1] if rule.transpose else index)
+        if progress:
+            progress(t.nbytes)
+        return np.asarray(t.T if rule.transpose else t, dtype=stored)
+
+    if keys[0][0] is None:
+        return LazyLeaf(shape, stored, lambda index: read_one(keys[0][1], index))
+    return LazyLeaf(shape, stored, lambda index: np.stack(
+        [read_one(keys[i][1], index[1:]) for i in range(index[0].start, index[0].stop)]).reshape(
+        [s.stop - s.start for s in index]))
+
+
 def load_base(directory: str | Path, config: LlamaConfig, dtype=None, allow_pickle: bool = False,
-              progress=None) -> dict[str, np.ndarray]:
+              progress=None) -> dict[str, LazyLeaf]:
     """Base-model leaves (embedding, norms, projection kernels, lm_head) of an HF Llama directory."""
     reader = TensorReader(directory, allow_pickle=allow_pickle)
     return load_leaves(reader, config, lambda p: bool(BASE_LEAF.fullmatch(p)), dtype=dtype, progress=progress)

@@ -111,12 +111,18 @@ class _UnroutedZeros:
     """A TensorReader view in which the adapter tensors (LoRA, gate) of unrouted layers read as zeros."""
 
     def __init__(self, reader: TensorReader, shapes: dict[str, tuple], dtype):
-        self.reader, self.directory, self.shapes, self.dtype = reader, reader.directory, shapes, dtype
+        self.reader, self.directory, self.shapes, self.dtype_ = reader, reader.directory, shapes, dtype
 
-    def get(self, key: str) -> np.ndarray:
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.shapes[key]) if key in self.shapes else self.reader.shape(key)
+
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(self.dtype_) if key in self.shapes else self.reader.dtype(key)
+
+    def get_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
         if key in self.shapes:
-            return np.zeros(self.shapes[key], self.dtype)
-        return self.reader.get(key)
+            return np.zeros([s.stop - s.start for s in index], self.dtype_)
+        return self.reader.get_slice(key, index)
 
 
 def _hf_shapes(config: LlamaConfig, select, key_of, layers) -> dict[str, tuple]:
@@ -133,8 +139,8 @@ def _hf_shapes(config: LlamaConfig, select, key_of, layers) -> dict[str, tuple]:
     return out
 
 
-def load(directory: str | Path, dtype=None, allow_pickle: bool = False) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """(LlamaConfig with the LoRA-MoE adapter, {path: array}) of a mergoo LoRA-MoE directory."""
+def load(directory: str | Path, dtype=None, allow_pickle: bool = False) -> tuple[LlamaConfig, dict]:
+    """(LlamaConfig with the LoRA-MoE adapter, {path: lazy leaf or array}) of a mergoo LoRA-MoE directory."""
     directory = Path(directory)
     source = str(directory / "config.json")
     raw = read_json(directory / "config.json")
@@ -156,7 +162,7 @@ def load(directory: str | Path, dtype=None, allow_pickle: bool = False) -> tuple
 
     flat = load_leaves(reader, config, lambda p: bool(BASE_LEAF.fullmatch(p)), key_of=kernel_key, dtype=dtype)
     fill_dtype = flat["embed_tokens"].dtype
-    lora = {}
+    lora = []
     for e, expert in enumerate(spec.experts):
         single = peft.lora_config(base, expert, spec.targets)
 
@@ -165,10 +171,8 @@ def load(directory: str | Path, dtype=None, allow_pickle: bool = False) -> tuple
 
         select = lambda p: bool(peft.LORA_LEAF.fullmatch(p))  # noqa: E731
         view = _UnroutedZeros(reader, _hf_shapes(single, select, key_of, unrouted), fill_dtype)
-        lora[e] = load_leaves(view, single, select, key_of=key_of, dtype=dtype)
-    for path in lora[0]:
-        axis = 2 if path.endswith("lora_a") else 1
-        flat[path] = np.concatenate([lora[e][path] for e in lora], axis=axis)
+        lora.append(load_leaves(view, single, select, key_of=key_of, dtype=dtype))
+    flat.update(peft.concat_experts(lora, routed))
     flat.update(_load_routers(reader, config, unrouted, fill_dtype, raw, dtype))
     return config, flat
 
@@ -210,9 +214,10 @@ def config_dict(config: LlamaConfig) -> dict:
     return hf
 
 
-def save(directory: Path, pre, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write `pre` (a LoRA-MoE model) as a mergoo checkpoint directory."""
-    config, spec = pre.config, pre.config.adapter
+def save(directory: Path, config: LlamaConfig, flat: dict[str, np.ndarray],
+         max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write (`config`, {path: array}) of a LoRA-MoE model as a mergoo checkpoint directory."""
+    spec = config.adapter
     if spec is None or not spec.router:
         raise CheckpointError("the mergoo format holds a LoRA-MoE (several experts + router); this model has "
                               f"{'no adapter' if spec is None else 'a plain LoRA'}: use format='hf' or 'peft'")
@@ -220,7 +225,6 @@ def save(directory: Path, pre, max_shard_bytes: int = 5 * 2**30) -> None:
         raise CheckpointError("mergoo has no seed (LoRA-free) expert: a seed_expert=True LoRA-MoE cannot be "
                               "written as mergoo (save with format='btx')")
     routed = routed_layers(config)
-    flat = pre.flat_numpy()
     (directory / "config.json").write_text(json.dumps(config_dict(config), indent=2))
 
     def kernel_key(path, key):

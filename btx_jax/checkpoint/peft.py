@@ -18,6 +18,7 @@ merge_lora=True)); a router is not a linear fold, so LoRA-MoE models are refused
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 from pathlib import Path
@@ -25,9 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from btx_jax import param_paths
+from btx_jax.checkpoint import btx, lazy
 from btx_jax.checkpoint.hf import export_tensors, load_leaves
 from btx_jax.checkpoint.tensor_files import CheckpointError, TensorReader, read_json, write_tensors
+from btx_jax.checkpoint.lazy import LazyLeaf
 from btx_jax.config import ALL_TARGETS, AdapterSpec, ConfigError, ExpertSpec, LlamaConfig
+from btx_jax.model import routed_layers
+from btx_jax.model.lora import expert_columns
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model"          # adapter_model.safetensors
@@ -151,14 +156,13 @@ def lora_config(base: LlamaConfig, expert: ExpertSpec, targets, dropout: float =
 
 
 def load_adapter(directory: str | Path, base: LlamaConfig, *, allow_pickle: bool = False
-                 ) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """(base config + the adapter's LoRA spec, {lora path: array}) of a PEFT adapter directory or a btx_jax
+                 ) -> tuple[LlamaConfig, dict]:
+    """(base config + the adapter's LoRA spec, {lora path: lazy leaf}) of a PEFT adapter directory or a btx_jax
     LoRA checkpoint, checked against `base`'s shapes."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: adapter directory not found")
-    from btx_jax.pretrained import BTX_CONFIG
-    if (directory / BTX_CONFIG).is_file():
+    if btx.is_btx(directory):
         return _load_btx_adapter(directory, base)
     if not (directory / ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"{directory}: no {ADAPTER_CONFIG} (not a PEFT adapter directory)")
@@ -182,18 +186,23 @@ def load_adapter(directory: str | Path, base: LlamaConfig, *, allow_pickle: bool
     return config, flat
 
 
-def _load_btx_adapter(directory: Path, base: LlamaConfig) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    from btx_jax.pretrained import load_btx
-    pre = load_btx(directory)
-    spec = pre.config.adapter
+def _load_btx_adapter(directory: Path, base: LlamaConfig) -> tuple[LlamaConfig, dict]:
+    config, _ = btx.read_config(directory)
+    spec = config.adapter
     if spec is None or spec.router or len(spec.experts) != 1:
         raise ConfigError(f"{directory}: btx checkpoint is not a single-expert LoRA model "
                           f"({'no adapter' if spec is None else f'{len(spec.experts)} experts, router={spec.router}'})")
     if spec.router_layers is not None:
         raise ConfigError(f"{directory}: LoRA on a subset of layers (router_layers) cannot be used as an expert")
-    check_same_base(pre.config, base, str(directory))
-    flat = {k: v for k, v in pre.flat_numpy().items() if LORA_LEAF.fullmatch(k)}
-    return base.replace(adapter=spec), flat
+    check_same_base(config, base, str(directory))
+    shapes = {k: v for k, v in btx.stored_shapes(directory).items() if LORA_LEAF.fullmatch(k)}
+    return base.replace(adapter=spec), {k: _stored_leaf(directory, k, v) for k, v in shapes.items()}
+
+
+def _stored_leaf(directory: Path, path: str, sds) -> LazyLeaf:
+    """A LoRA leaf of a btx checkpoint, restored to the host when first sliced (one leaf at a time)."""
+    full = functools.lru_cache(maxsize=1)(lambda: btx.restore(directory, {path: sds})[path])
+    return LazyLeaf(sds.shape, sds.dtype, lambda index: full()[index])
 
 
 def check_same_base(config: LlamaConfig, base: LlamaConfig, source: str) -> None:
@@ -205,14 +214,16 @@ def check_same_base(config: LlamaConfig, base: LlamaConfig, source: str) -> None
             raise ConfigError(f"{source}: {field}={a} does not match the base model's {field}={b}")
 
 
-def attach(pre, directory: str | Path, *, allow_pickle: bool = False):
-    """`pre` (a base Pretrained without adapter) with the LoRA adapter at `directory` attached."""
-    from btx_jax.pretrained import _finish
-    if pre.config.adapter is not None:
-        raise ConfigError(f"{directory}: the model already has an adapter; load the base model alone to attach one")
-    config, lora = load_adapter(directory, pre.config, allow_pickle=allow_pickle)
-    flat = {**pre.flat_numpy(), **lora}
-    return _finish(config, flat, pre.dtype)
+def concat_experts(loras: list[dict], routed) -> dict[str, LazyLeaf]:
+    """LoRA-MoE leaves from single-expert LoRA leaves: A and B concatenated along the rank axis (expert e's
+    columns follow expert e-1's), zeroed in unrouted layers (`routed`: per-layer 0/1 flags)."""
+    flags = np.asarray(routed, np.float32)
+    out = {}
+    for path in loras[0]:
+        axis = 2 if path.endswith("lora_a") else 1
+        out[path] = lazy.concat([lora[path] for lora in loras], axis=axis).map(
+            lambda idx, a: a * flags[idx[0]].reshape((-1,) + (1,) * (a.ndim - 1)).astype(a.dtype))
+    return out
 
 
 def _number(x: float):
@@ -233,9 +244,9 @@ def adapter_config_dict(spec: AdapterSpec) -> dict:
     }
 
 
-def save(directory: Path, pre) -> None:
-    """Write `pre`'s plain LoRA adapter as a PEFT adapter directory."""
-    spec = pre.config.adapter
+def save(directory: Path, config: LlamaConfig, flat: dict[str, np.ndarray]) -> None:
+    """Write the plain LoRA adapter of (`config`, {path: array}) as a PEFT adapter directory."""
+    spec = config.adapter
     if spec is None:
         raise CheckpointError("this model has no LoRA adapter to save in the PEFT format (use format='hf')")
     if spec.router or len(spec.experts) != 1:
@@ -245,7 +256,7 @@ def save(directory: Path, pre) -> None:
         raise CheckpointError("LoRA on a subset of layers (router_layers) cannot be written as a PEFT adapter "
                               "(btx_jax does not write layers_to_transform): use format='btx'")
     (directory / ADAPTER_CONFIG).write_text(json.dumps(adapter_config_dict(spec), indent=2))
-    write_tensors(directory, export_tensors(pre.flat_numpy(), pre.config, lambda p: bool(LORA_LEAF.fullmatch(p)),
+    write_tensors(directory, export_tensors(flat, config, lambda p: bool(LORA_LEAF.fullmatch(p)),
                                             key_of=lambda path, key: PREFIX + key),
                   prefix=ADAPTER_WEIGHTS)
 
@@ -258,8 +269,6 @@ def merged_kernels(flat: dict[str, np.ndarray], config: LlamaConfig) -> dict[str
     if spec.router:
         raise CheckpointError("cannot merge a LoRA-MoE into the base weights: the router's top-k mixture depends "
                               "on each token, so it is not a linear fold (save with format='mergoo' or 'btx')")
-    from btx_jax.model import routed_layers
-    from btx_jax.model.lora import expert_columns
     routed = routed_layers(config)
     out = {k: v for k, v in flat.items() if not LORA_LEAF.fullmatch(k)}
     for target in spec.targets:

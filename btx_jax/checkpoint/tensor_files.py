@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy backend needs)
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -94,13 +95,45 @@ class TensorReader:
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
-    def get(self, name: str) -> np.ndarray:
+    def _check(self, name: str) -> None:
         if name not in self._file_of:
             raise CheckpointError(f"{self.directory}: missing tensor {name!r}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file header (nothing is read)."""
+        self._check(name)
+        if self._pickled is not None:
+            return tuple(self._pickled[name].shape)
+        with safe_open(str(self._file_of[name]), framework="numpy") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> np.dtype:
+        """The tensor's numpy dtype, from the file header."""
+        self._check(name)
+        if self._pickled is not None:
+            return self._pickled[name].dtype
+        with safe_open(str(self._file_of[name]), framework="numpy") as f:
+            sl = f.get_slice(name)
+            return np.dtype(_SAFETENSORS_DTYPES.get(sl.get_dtype()) or sl[:0].dtype)
+
+    def get(self, name: str) -> np.ndarray:
+        self._check(name)
         if self._pickled is not None:
             return self._pickled[name]
         with safe_open(str(self._file_of[name]), framework="numpy") as f:
             return f.get_tensor(name)
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[index]` reading only that slice from the (memory-mapped) file."""
+        self._check(name)
+        if self._pickled is not None:
+            return self._pickled[name][index]
+        with safe_open(str(self._file_of[name]), framework="numpy") as f:
+            return f.get_slice(name)[index]
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def write_tensors(directory: Path, tensors: Iterator[tuple[str, np.ndarray]], prefix: str = "model",

@@ -1,6 +1,7 @@
 """Training checkpoints with orbax's CheckpointManager: every N steps and at the end, keep the last K,
-saved asynchronously.  Each step holds the train state (params, optimizer state, step, RNG), the data
-iterator's state and the resolved config; resuming with an incompatible config is refused."""
+saved asynchronously.  Each step holds the trainable parameters, optimizer state, step and RNG (not the frozen
+weights: the digest of those is kept instead and checked on resume), the data iterator's state and the
+resolved config; resuming with an incompatible config is refused."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,10 +25,16 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, config: dict, force: bool = False) -> bool:
+    def save(self, step: int, state: dict, data_state: dict, config: dict, frozen_digest: str) -> bool:
+        """Save the state without its frozen weights (they come from the model's source; their digest is
+        kept to check a resume against), the data iterator state and the config."""
+        lean = {k: v for k, v in state.items() if k != "frozen"}
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config)), force=force)
+            state=ocp.args.StandardSave(lean), data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config), frozen=ocp.args.JsonSave({"digest": frozen_digest})), force=True)
+
+    def saved_digest(self, step: int) -> str | None:
+        return self.manager.restore(step, args=ocp.args.Composite(frozen=ocp.args.JsonRestore()))["frozen"]["digest"]
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]

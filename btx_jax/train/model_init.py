@@ -1,4 +1,5 @@
-"""The model a training run starts from, described by `config.model`:
+"""The model a training run starts from, described by `config.model`, as a `ModelSource` (nothing is read
+until the trainer fills its sharded target):
 
     init      "random" (pretraining a seed model from `arch`) or a directory: HF Llama, mergoo LoRA-MoE,
               or a btx_jax checkpoint (e.g. the previous phase's `final/`)
@@ -8,13 +9,9 @@
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-from btx_jax import param_paths
+from btx_jax.compose import compose_source
 from btx_jax.config import AdapterSpec, ConfigError, ExpertSpec, LlamaConfig
-from btx_jax.model import init_params
-from btx_jax.pretrained import Pretrained, load_pretrained
+from btx_jax.pretrained import ModelSource, open_model, random_source
 
 
 def _plain(d) -> dict:
@@ -29,33 +26,27 @@ def lora_spec(lora) -> AdapterSpec:
                        dropout=float(lora.get("dropout", 0.0)), init=lora.get("init", "kaiming"))
 
 
-def with_fresh_lora(pre: Pretrained, spec: AdapterSpec, seed: int) -> Pretrained:
-    """`pre` plus newly initialised LoRA leaves (A kaiming/gaussian, B zero): logits unchanged."""
-    if pre.config.adapter is not None:
+def with_fresh_lora(src: ModelSource, spec: AdapterSpec, seed: int) -> ModelSource:
+    """`src` plus newly initialised LoRA leaves (A kaiming/gaussian, B zero): logits unchanged."""
+    if src.config.adapter is not None:
         raise ConfigError("model.lora: the starting model already has adapters")
-    config = pre.config.replace(adapter=spec)
-    fresh = param_paths.flatten(init_params(config, jax.random.PRNGKey(seed)))
-    flat = param_paths.flatten(pre.params)
-    flat.update({k: v for k, v in fresh.items() if k not in flat})
-    return Pretrained(config, param_paths.unflatten(flat), pre.dtype)
+    return src.with_fresh(src.config.replace(adapter=spec), seed)
 
 
-def initial_model(model_cfg, seed: int) -> Pretrained:
+def initial_source(model_cfg, seed: int) -> ModelSource:
     m = _plain(model_cfg)
     if m.get("compose"):
-        from btx_jax.compose import compose
         c = _plain(m["compose"])
-        return compose(m["init"], list(c["experts"]), top_k=int(c.get("top_k", 2)),
-                       seed_expert=bool(c.get("seed_expert", False)),
-                       router_init=c.get("router_init", "normal"),
-                       router_layers=c.get("router_layers"), seed=seed)
+        return compose_source(m["init"], list(c["experts"]), top_k=int(c.get("top_k", 2)),
+                              seed_expert=bool(c.get("seed_expert", False)),
+                              router_init=c.get("router_init", "normal"),
+                              router_layers=c.get("router_layers"), seed=seed)
     if m.get("init", "random") == "random":
         if not m.get("arch"):
             raise ConfigError("model.init='random' needs model.arch (LlamaConfig fields)")
-        config = LlamaConfig(**_plain(m["arch"]))
-        pre = Pretrained(config, init_params(config, jax.random.PRNGKey(seed)), jnp.float32)
+        src = random_source(LlamaConfig(**_plain(m["arch"])), seed)
     else:
-        pre = load_pretrained(m["init"])
+        src = open_model(m["init"])
     if m.get("lora"):
-        pre = with_fresh_lora(pre, lora_spec(m["lora"]), seed)
-    return pre
+        src = with_fresh_lora(src, lora_spec(m["lora"]), seed)
+    return src

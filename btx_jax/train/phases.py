@@ -9,6 +9,8 @@ A config may replace a phase's patterns with `config.trainable`.
 """
 from __future__ import annotations
 
+import re
+
 from btx_jax import param_paths
 from btx_jax.config import ConfigError
 
@@ -29,15 +31,14 @@ def trainable_patterns(phase: str, override=None) -> tuple[str, ...]:
     return PHASES[phase]
 
 
-def split(params: dict, patterns) -> tuple[dict, dict]:
-    """(trainable, frozen) sub-trees of `params`; ConfigError if nothing is trainable."""
-    flat = param_paths.flatten(params)
-    mask = param_paths.flatten(param_paths.mask_from_patterns(params, patterns))
-    trainable = {k: v for k, v in flat.items() if mask[k]}
+def split(leaves: dict, patterns) -> tuple[dict, dict]:
+    """(trainable, frozen) parts of {path: leaf}: the paths full-matching any of `patterns`, and the rest;
+    ConfigError if nothing is trainable."""
+    compiled = [re.compile(p) for p in patterns]
+    trainable = {k: v for k, v in leaves.items() if any(c.fullmatch(k) for c in compiled)}
     if not trainable:
         raise ConfigError(f"trainable patterns {list(patterns)} match no parameter of this model")
-    frozen = {k: v for k, v in flat.items() if not mask[k]}
-    return param_paths.unflatten(trainable), param_paths.unflatten(frozen)
+    return trainable, {k: v for k, v in leaves.items() if k not in trainable}
 
 
 def merge(trainable: dict, frozen: dict) -> dict:

@@ -22,12 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from btx_jax.config import ConfigError
-from btx_jax.model import attention
-from btx_jax.pretrained import Pretrained, save_btx
-from btx_jax.train import checkpoints, mesh as mesh_lib, phases
+from btx_jax import param_paths
+from btx_jax.checkpoint import btx
+from btx_jax.config import ConfigError, LlamaConfig
+from btx_jax.model import Llama, attention
+from btx_jax.pretrained import ModelSource
+from btx_jax import mesh as mesh_lib
+from btx_jax.train import checkpoints, phases
 from btx_jax.train.metrics_log import MetricsLog
-from btx_jax.train.model_init import initial_model
+from btx_jax.train.model_init import initial_source
 from btx_jax.train.optim import make_optimizer, schedule
 from btx_jax.train.step import BATCH_KEYS, init_state, make_train_step
 
@@ -105,20 +108,12 @@ def summary(trainable, frozen, state_shardings, state) -> dict:
             "opt_state_leaves": len(jax.tree_util.tree_leaves(state["opt_state"]))}
 
 
-def _cast(x, dtype):
-    """x.astype(dtype) for arrays and ShapeDtypeStructs alike (the plan builds on abstract shapes)."""
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding)
-    return x.astype(dtype)
-
-
-def phase_params(params, cfg: dict) -> tuple[dict, dict]:
-    """(trainable fp32, frozen in train.frozen_dtype) sub-trees of `params` (arrays or ShapeDtypeStructs)."""
-    patterns = phases.trainable_patterns(cfg["phase"], cfg.get("trainable"))
-    trainable, frozen = phases.split(params, patterns)
-    frozen = jax.tree_util.tree_map(lambda x: _cast(x, cfg["train"]["frozen_dtype"]), frozen)
-    trainable = jax.tree_util.tree_map(lambda x: _cast(x, jnp.float32), trainable)
-    return trainable, frozen
+def phase_targets(shapes: dict, cfg: dict, mesh, rules) -> tuple[dict, dict]:
+    """({path: ShapeDtypeStruct} trainable in fp32, frozen in train.frozen_dtype), each with its sharding,
+    for a model's abstract leaves `shapes`."""
+    trainable, frozen = phases.split(shapes, phases.trainable_patterns(cfg["phase"], cfg.get("trainable")))
+    return (mesh_lib.sharded_target(trainable, mesh, rules, jnp.float32),
+            mesh_lib.sharded_target(frozen, mesh, rules, cfg["train"]["frozen_dtype"]))
 
 
 class BuiltStep(NamedTuple):
@@ -153,10 +148,58 @@ def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
     return BuiltStep(tx, state_shardings, batch_sharding, step_fn, abstract)
 
 
-def train_module(pre: Pretrained, t: dict):
+def train_module(config: LlamaConfig, t: dict) -> Llama:
     """The Flax module a phase trains: the train config's compute dtype, remat policy and attention."""
-    return pre.model(deterministic=False, remat=t["remat"], dtype=t["dtype"], attention=t["attention"],
-                     attention_block=int(t["attention_block"]))
+    return Llama(config, dtype=jnp.dtype(t["dtype"]), remat=t["remat"], deterministic=False,
+                 attention=t["attention"], attention_block=int(t["attention_block"]))
+
+
+class Phase(NamedTuple):
+    """Everything a training phase is made of, before any weight is read."""
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    source: ModelSource               # where the starting weights come from
+    trainable: dict                   # {path: ShapeDtypeStruct with sharding}
+    frozen: dict
+    model: Llama
+    built: BuiltStep
+
+
+def wire(cfg: dict, mesh=None, source: ModelSource | None = None) -> Phase:
+    """The one place a config becomes mesh, starting model, trainable/frozen split and jitted step (used by
+    train(), scripts/plan.py, scripts/bench.py and scripts/gpu_check.py).  Reads configs and tensor headers only.
+    `source`: start from this model instead of `cfg["model"]`'s."""
+    rules = validate(cfg, jax.device_count() if mesh is None else mesh.devices.size)
+    mesh = mesh_lib.make_mesh(cfg["mesh"]) if mesh is None else mesh
+    source = source or initial_source(cfg["model"], seed=int(cfg["train"]["seed"]))
+    trainable, frozen = phase_targets(source.abstract(), cfg, mesh, rules)
+    model = train_module(source.config, cfg["train"])
+    built = build_step(cfg, mesh, rules, model, param_paths.unflatten(trainable), param_paths.unflatten(frozen))
+    return Phase(mesh, rules, source, trainable, frozen, model, built)
+
+
+def initial_state(phase: Phase, seed: int) -> tuple[dict, str]:
+    """(fresh train state, digest of the frozen weights), every leaf created in its sharding."""
+    params = phase.source.fill({**phase.trainable, **phase.frozen})
+    trainable = param_paths.unflatten({p: params.pop(p) for p in phase.trainable})
+    frozen = {p: params.pop(p) for p in phase.frozen}
+    digest = btx.digest(frozen)
+    init = jax.jit(lambda tr, fr: init_state(tr, fr, phase.built.tx, seed), out_shardings=phase.built.state_shardings,
+                   donate_argnums=(0, 1))
+    return init(trainable, param_paths.unflatten(frozen)), digest
+
+
+def resumed_state(phase: Phase, ckpt: checkpoints.Checkpointer, step: int) -> tuple[dict, dict]:
+    """(train state at `step`, data iterator state): trainable and optimizer state from the checkpoint, frozen
+    weights from their source, checked against the digest the checkpoint recorded."""
+    frozen = phase.source.fill(phase.frozen)
+    found, saved = btx.digest(frozen), ckpt.saved_digest(step)
+    if saved is not None and found != saved:
+        raise ConfigError(f"cannot resume: the frozen weights (model.init={phase.source.reference}) changed since "
+                          f"step {step} was saved (digest {saved}, now {found})")
+    abstract = {k: v for k, v in phase.built.abstract_state.items() if k != "frozen"}
+    state, data_state = ckpt.restore(step, abstract)
+    return {**state, "frozen": param_paths.unflatten(frozen)}, data_state
 
 
 def train(config, workdir: str | Path) -> dict:
@@ -164,30 +207,25 @@ def train(config, workdir: str | Path) -> dict:
     cfg = resolved(config)
     workdir = Path(workdir)
     maybe_initialize_distributed(cfg)
-    rules = validate(cfg, jax.device_count())
     t = cfg["train"]
-    mesh = mesh_lib.make_mesh(cfg["mesh"])
-
-    pre = initial_model(cfg["model"], seed=int(t["seed"]))
-    trainable, frozen = phase_params(pre.params, cfg)
-    model = train_module(pre, t)
-    built = build_step(cfg, mesh, rules, model, trainable, frozen)
-    tx, state_shardings, batch_sharding = built.tx, built.state_shardings, built.batch_sharding
-    state = jax.jit(lambda tr, fr: init_state(tr, fr, tx, int(t["seed"])), out_shardings=state_shardings)(
-        jax.device_put(trainable, state_shardings["trainable"]), jax.device_put(frozen, state_shardings["frozen"]))
-    del trainable, frozen
-    data = make_data(cfg, pre.config.vocab_size)
-
+    phase = wire(cfg)
+    mesh, built = phase.mesh, phase.built
+    batch_sharding = built.batch_sharding
     ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])
     start = ckpt.latest_step()
-    if start is not None:
+    if start is None:
+        state, digest = initial_state(phase, int(t["seed"]))
+    else:
         checkpoints.check_compatible(ckpt.saved_config(start), cfg, workdir)
-        state, data_state = ckpt.restore(start, built.abstract_state)
+        state, data_state = resumed_state(phase, ckpt, start)
+        digest = ckpt.saved_digest(start)
+    data = make_data(cfg, phase.source.config.vocab_size)
+    if start is not None:
         data.set_state(data_state)
         print(f"[btx] resumed {workdir} at step {start}", flush=True)
     start = start or 0
 
-    info = summary(state["trainable"], state["frozen"], state_shardings, state)
+    info = summary(state["trainable"], state["frozen"], built.state_shardings, state)
     metrics_log = MetricsLog(workdir, total_steps=int(t["steps"]), start_step=start, enabled=jax.process_index() == 0)
     metrics_log.header(cfg, info, mesh)
 
@@ -213,7 +251,7 @@ def train(config, workdir: str | Path) -> dict:
             if (step + 1) % int(t["ckpt_every"]) == 0 or done or stop["signal"]:
                 last = _check(pending, metrics_log, lr_at, t)
                 pending = None
-                ckpt.save(step + 1, state, data.get_state(), cfg, force=True)
+                ckpt.save(step + 1, state, data.get_state(), cfg, digest)
             if stop["signal"]:
                 ckpt.wait()
                 print(f"[btx] SIGTERM: checkpoint saved at step {step + 1}, exiting", flush=True)
@@ -221,8 +259,7 @@ def train(config, workdir: str | Path) -> dict:
         if pending is not None:
             last = _check(pending, metrics_log, lr_at, t)
         ckpt.wait()
-        save_final(workdir / "final", Pretrained(pre.config, phases.merge(state["trainable"], state["frozen"]),
-                                                 pre.dtype))
+        save_final(workdir / "final", phase, state)
         last["data_stats"] = data.stats()
         metrics_log.footer(last)
         return last
@@ -232,15 +269,25 @@ def train(config, workdir: str | Path) -> dict:
         metrics_log.close()
 
 
-def save_final(dst: Path, pre: Pretrained) -> None:
-    """Write the phase's result as a btx checkpoint, every process writing its shards (orbax), atomically."""
+def save_final(dst: Path, phase: Phase, state: dict) -> None:
+    """Write the phase's result as a btx checkpoint, every process writing its shards (orbax), atomically.
+
+    Lean: it stores the trained leaves (and any frozen leaf its source does not provide, such as fresh
+    routers) and names the source of the other frozen weights with their digest (btx_jax/checkpoint/btx.py);
+    a model made from nothing (pretraining) is stored whole."""
     from jax.experimental import multihost_utils
+    trainable, frozen = param_paths.flatten(state["trainable"]), param_paths.flatten(state["frozen"])
+    reference = phase.source.reference
+    linked = {p: v for p, v in frozen.items() if p in phase.source.covered} if reference is not None else {}
+    stored = {**{p: v for p, v in frozen.items() if p not in linked}, **trainable}
+    if linked:
+        reference = {**reference, "digest": btx.digest(linked)}
     tmp = dst.with_name(f".{dst.name}.tmp")
     if jax.process_index() == 0 and tmp.exists():
         shutil.rmtree(tmp)
     multihost_utils.sync_global_devices("btx_final_clean")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_btx(tmp, pre)
+    btx.save(tmp, phase.source.config, stored, reference if linked else None)
     multihost_utils.sync_global_devices("btx_final_saved")
     if jax.process_index() == 0:
         if dst.exists():

@@ -98,3 +98,26 @@ def bytes_per_device(tree, shardings) -> int:
     for leaf, sh in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
         total += math.prod(sh.shard_shape(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+def single_device_mesh() -> Mesh:
+    """A 1-device mesh on the first local device (where an unsharded model lives)."""
+    return Mesh(np.asarray(jax.local_devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
+
+
+def sharded_target(shapes: dict, mesh: Mesh | None = None, rules=DEFAULT_RULES, dtype=None) -> dict:
+    """{path: ShapeDtypeStruct with its NamedSharding} for {path: shape-and-dtype} (a model's abstract
+    leaves); `dtype` overrides every leaf's dtype; no mesh = one device."""
+    mesh = single_device_mesh() if mesh is None else mesh
+    return {path: jax.ShapeDtypeStruct(tuple(s.shape), np.dtype(dtype or s.dtype), sharding=NamedSharding(
+        mesh, spec_for(param_paths.rule_for(path).axes, tuple(s.shape), mesh, rules))) for path, s in shapes.items()}
+
+
+def place(leaf, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """`leaf` (a lazy leaf or a numpy array) as a jax.Array with `target`'s dtype and sharding; each device's
+    shard is read on its own (`leaf[shard index]`), so the whole leaf never exists on one device or in host
+    memory unless it is small enough to be held anyway."""
+    if tuple(leaf.shape) != tuple(target.shape):
+        raise ValueError(f"leaf of shape {list(leaf.shape)} cannot be placed as {list(target.shape)}")
+    return jax.make_array_from_callback(tuple(target.shape), target.sharding,
+                                        lambda index: np.asarray(leaf[index], dtype=target.dtype))

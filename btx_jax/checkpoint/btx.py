@@ -1,0 +1,117 @@
+"""The btx format: `btx_config.json` (the LlamaConfig, plus where frozen weights come from) and an orbax
+checkpoint `params/` of the stored leaves.
+
+A self-contained btx checkpoint stores every leaf.  A lean one (what training phases write as `final`)
+stores only the leaves it changed and names the rest in `frozen_from`:
+
+    {"path": DIR, "adapter": DIR or null, "experts": [DIR, ...] or null, "digest": "..."}
+
+`path` is any directory `load_pretrained` reads (HF, mergoo, btx — lean ones resolve recursively),
+`adapter` a LoRA adapter on it, `experts` LoRA experts concatenated into a LoRA-MoE on it (what `compose`
+does), and `digest` the `digest()` of those frozen leaves when the checkpoint was written: loading checks it,
+so a base that changed on disk since is reported instead of silently mixed with newer weights.
+
+Leaves are restored by orbax straight into the target shardings (each process reads its shards).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from btx_jax import param_paths
+from btx_jax.checkpoint.tensor_files import CheckpointError, read_json
+from btx_jax.config import ConfigError, LlamaConfig, config_from_dict, config_to_dict
+
+BTX_CONFIG = "btx_config.json"
+FROZEN_FROM = "frozen_from"
+REFERENCE_KEYS = ("path", "adapter", "experts")
+
+
+def is_btx(directory: Path) -> bool:
+    return (Path(directory) / BTX_CONFIG).is_file()
+
+
+def read_config(directory: str | Path) -> tuple[LlamaConfig, dict | None]:
+    """(LlamaConfig, the frozen_from reference or None) of a btx checkpoint directory."""
+    raw = dict(read_json(Path(directory) / BTX_CONFIG))
+    reference = raw.pop(FROZEN_FROM, None)
+    try:
+        config = config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{Path(directory) / BTX_CONFIG}: {e}") from None
+    if reference is not None and (not isinstance(reference, dict) or "path" not in reference):
+        raise CheckpointError(f"{Path(directory) / BTX_CONFIG}: {FROZEN_FROM} must name a 'path'")
+    return config, reference
+
+
+def _params_dir(directory: Path) -> Path:
+    path = (Path(directory) / "params").absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: orbax checkpoint directory not found")
+    return path
+
+
+def stored_shapes(directory: str | Path) -> dict[str, jax.ShapeDtypeStruct]:
+    """{path: ShapeDtypeStruct} of the leaves stored in the checkpoint (from its metadata; nothing is read)."""
+    with ocp.StandardCheckpointer() as ckpt:
+        try:
+            meta = ckpt.metadata(_params_dir(directory)).item_metadata
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{_params_dir(directory)}: unreadable orbax checkpoint ({e})") from None
+    return {path: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for path, m in param_paths.flatten(meta).items()}
+
+
+def restore(directory: str | Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """The stored leaves named in `target`, in its dtypes and shardings (a ShapeDtypeStruct without a
+    sharding restores as a host numpy array)."""
+    if not target:
+        return {}
+    stored = stored_shapes(directory)
+    for path, sds in target.items():
+        if path not in stored:
+            raise CheckpointError(f"{directory}: the checkpoint does not hold {path!r}")
+        if tuple(stored[path].shape) != tuple(sds.shape):
+            raise CheckpointError(f"{directory}: {path!r} has shape {list(stored[path].shape)}, expected "
+                                  f"{list(sds.shape)}")
+    item = param_paths.unflatten(dict(target))
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=len(target) < len(stored))
+    with ocp.PyTreeCheckpointer() as ckpt:
+        return param_paths.flatten(ckpt.restore(_params_dir(directory), args=args))
+
+
+def save(directory: Path, config: LlamaConfig, params: dict, reference: dict | None = None) -> None:
+    """Write `params` (a tree or {path: array}; sharded arrays are written by every process) with
+    `config` and, for a lean checkpoint, the `frozen_from` reference."""
+    tree = params if any(isinstance(v, dict) for v in params.values()) else param_paths.unflatten(params)
+    if jax.process_index() == 0:
+        raw = config_to_dict(config)
+        if reference is not None:
+            raw[FROZEN_FROM] = reference
+        (directory / BTX_CONFIG).write_text(json.dumps(raw, indent=2))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save((directory / "params").absolute(), tree)
+
+
+def _fingerprint(x):
+    """Two uint32 checksums of a leaf rounded to bf16: plain and position-weighted sums (wrapping)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32).reshape(-1)
+    weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(0x9E3779B9)
+    return jnp.stack([jnp.sum(bits), jnp.sum(bits * weights)])
+
+
+def digest(flat: dict[str, jax.Array]) -> str:
+    """Content digest of {path: array}: a checksum of every leaf rounded to bf16, computed where the leaves
+    live (sharded arrays stay sharded; integer sums are exact in any order), combined with the paths and
+    shapes.  bf16 rounding makes a base read in fp32 and the same base kept in bf16 digest alike."""
+    sums = jax.device_get(jax.jit(lambda f: {k: _fingerprint(v) for k, v in f.items()})(flat))
+    h = hashlib.sha256()
+    for path in sorted(flat):
+        h.update(f"{path}:{list(flat[path].shape)}:{np.asarray(sums[path]).tolist()};".encode())
+    return h.hexdigest()[:32]

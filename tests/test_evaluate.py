@@ -42,8 +42,9 @@ def test_routing_rows_are_gate_weights(hf_llama, tmp_path):
     base = load_pretrained(hf_llama(vocab_size=4096))
     experts = []
     for i in range(3):
+        from btx_jax.pretrained import memory_source
         from btx_jax.train.model_init import lora_spec, with_fresh_lora
-        e = with_fresh_lora(base, lora_spec({"rank": 4, "alpha": 8.0}), seed=i)
+        e = with_fresh_lora(memory_source(base), lora_spec({"rank": 4, "alpha": 8.0}), seed=i).load()
         e.save_pretrained(tmp_path / f"e{i}", format="btx")
         experts.append(str(tmp_path / f"e{i}"))
     moe = compose(base, experts, top_k=2)

@@ -118,6 +118,23 @@ def _run(args, env_extra=None, check=True):
     return proc
 
 
+def _run_killed_at(step: int, args):
+    """scripts/train.py with `args`, killed with SIGKILL once step `step`'s metrics are logged (fault injected
+    from outside the package: the metrics logger is wrapped in the child process)."""
+    code = (f"import os, signal, sys, runpy\n"
+            f"from btx_jax.train import metrics_log\n"
+            f"real = metrics_log.MetricsLog.step\n"
+            f"def step(self, s, *a, **k):\n"
+            f"    real(self, s, *a, **k)\n"
+            f"    if s == {step}: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"metrics_log.MetricsLog.step = step\n"
+            f"sys.argv = {[str(REPO / 'scripts' / 'train.py'), *args]!r}\n"
+            f"runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300)
+
+
 def _cli(workdir, *overrides):
     return ["--config=configs/expert.py:synthetic", f"--workdir={workdir}", "--config.train.steps=8",
             "--config.train.ckpt_every=3", "--config.train.log_every=1", "--config.train.seq_len=32",
@@ -126,8 +143,8 @@ def _cli(workdir, *overrides):
 
 def test_resume_after_sigkill_replays_the_same_losses(tmp_path):
     _run(_cli(tmp_path / "straight"))
-    killed = _run(_cli(tmp_path / "killed"), {"BTX_KILL_AT_STEP": "5"}, check=False)
-    assert killed.returncode == -9
+    killed = _run_killed_at(5, _cli(tmp_path / "killed"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "killed" / "final").exists()
     _run(_cli(tmp_path / "killed"))           # the same command resumes from step 3
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")

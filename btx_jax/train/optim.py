@@ -11,9 +11,10 @@ from btx_jax import param_paths
 
 def schedule(t: dict) -> optax.Schedule:
     """`t` is the `train` section of the config."""
+    warmup = max(int(t["warmup_steps"]), 1)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=t["lr"], warmup_steps=max(int(t["warmup_steps"]), 1),
-        decay_steps=max(int(t["steps"]), int(t["warmup_steps"]) + 1), end_value=t["lr"] * t["min_lr_ratio"])
+        init_value=0.0, peak_value=t["lr"], warmup_steps=warmup, decay_steps=max(int(t["steps"]), warmup + 1),
+        end_value=t["lr"] * t["min_lr_ratio"])
 
 
 def decay_mask(tree):

@@ -35,7 +35,6 @@ from btx_jax.train.optim import make_optimizer, schedule
 from btx_jax.train.step import BATCH_KEYS, init_state, make_train_step
 
 log = logging.getLogger("btx_jax.train")
-_KILL_AT_STEP = int(os.environ.get("BTX_KILL_AT_STEP", "0"))
 
 
 class TrainingError(RuntimeError):
@@ -242,8 +241,6 @@ def train(config, workdir: str | Path) -> dict:
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
                      for k in BATCH_KEYS}
             state, metrics = step_fn(state, batch)
-            if step + 1 == _KILL_AT_STEP:      # fault injection for the resume test
-                os.kill(os.getpid(), signal.SIGKILL)
             if pending is not None:
                 last = _check(pending, metrics_log, lr_at, t)
             pending = (step + 1, metrics)

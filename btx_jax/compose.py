@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from btx_jax.checkpoint import peft
+from btx_jax.checkpoint import btx, peft
 from btx_jax.config import AdapterSpec, ConfigError
 from btx_jax.model import abstract_leaves, routed_layers
 from btx_jax.pretrained import ModelSource, Pretrained, memory_source, open_model
@@ -64,7 +64,8 @@ def _router(rng, shape, router_init: str, router_std: float) -> np.ndarray:
 
 def compose_source(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False,
                    router_init: str = "normal", router_std: float = 0.02, router_layers: Sequence[int] | None = None,
-                   router_jitter: float = 0.0, seed: int = 0, allow_pickle: bool = False) -> ModelSource:
+                   router_jitter: float = 0.0, seed: int = 0, allow_pickle: bool = False,
+                   allow_other_base: bool = False) -> ModelSource:
     """The LoRA-MoE as a `ModelSource` (nothing read yet; see `compose` for the arguments).  Its reference
     names the base and the expert directories, so a lean checkpoint of it stores only routers and what trains."""
     experts = list(experts)
@@ -102,21 +103,49 @@ def compose_source(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool
     src = base.with_leaves(config, peft.concat_experts([lora for _, lora in loaded], flags), covered=on_disk)
     src = src.with_leaves(config, routers, covered=False)
     reference = {**base.reference, "experts": [str(Path(e).absolute()) for e in experts]} if on_disk else None
-    return dataclasses.replace(src, reference=reference)
+    src = dataclasses.replace(src, reference=reference)
+    return src if allow_other_base else _checking_base(src, experts, labels)
+
+
+def _checking_base(src: ModelSource, experts: list, labels: list[str]) -> ModelSource:
+    """`src` whose fill refuses the base if it is not the one a btx expert was trained on (the digest of the
+    frozen weights its training recorded, btx_jax/checkpoint/btx.py, against the same leaves here)."""
+    recorded = []
+    for e, label in zip(experts, labels):
+        if isinstance(e, (str, Path)) and btx.is_btx(Path(e)):
+            ref = btx.read_config(e)[1]
+            if ref and ref.get("digest") and ref.get("digest_paths"):
+                recorded.append((label, ref))
+    if not recorded:
+        return src
+
+    def fill(target):
+        out = src.fill(target)
+        for label, ref in recorded:
+            if all(p in out for p in ref["digest_paths"]):
+                found = btx.digest({p: out[p] for p in ref["digest_paths"]})
+                if found != ref["digest"]:
+                    raise ConfigError(f"{label}: was trained on another base ({ref['path']}, digest {ref['digest']}; "
+                                      f"this base: {found}); pass allow_other_base=True (--allow-other-base, "
+                                      "model.compose.allow_other_base) if they are meant to be used together")
+        return out
+    return dataclasses.replace(src, fill=fill)
 
 
 def compose(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False, router_init: str = "normal",
             router_std: float = 0.02, router_layers: Sequence[int] | None = None, router_jitter: float = 0.0,
-            seed: int = 0, dtype=None, allow_pickle: bool = False, mesh=None) -> Pretrained:
+            seed: int = 0, dtype=None, allow_pickle: bool = False, allow_other_base: bool = False,
+            mesh=None) -> Pretrained:
     """LoRA-MoE `Pretrained` from a base (HF Llama directory or base `Pretrained`) and LoRA experts.
 
     `top_k`: experts mixed per token (1..len(experts) + seed_expert).  `router_init`: "normal" (default) or
     "zeros" (see the module docstring on ties).  `router_layers`: decoder layer indices to route (mergoo's
     router_layers_index; default all); the other layers run the base projection alone and hold zeros.
+    `allow_other_base`: skip the check that btx experts were trained on this base (their recorded digest).
     `mesh`: shard the result over it as it is built (default: one device)."""
     src = compose_source(base, experts, top_k=top_k, seed_expert=seed_expert, router_init=router_init,
                          router_std=router_std, router_layers=router_layers, router_jitter=router_jitter, seed=seed,
-                         allow_pickle=allow_pickle)
+                         allow_pickle=allow_pickle, allow_other_base=allow_other_base)
     if dtype is None and isinstance(base, Pretrained):
         dtype = base.dtype
     return src.load(dtype=dtype, mesh=mesh)

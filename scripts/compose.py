@@ -40,6 +40,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="compose btx experts even if they were trained on another base (their recorded digest)")
     return p.parse_args(argv)
 
 
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     try:
         moe = btx_jax.compose(args.base, args.experts, top_k=args.top_k, seed_expert=args.seed_expert,
                               router_init=args.router_init, router_std=args.router_std,
-                              router_layers=args.router_layers, seed=args.seed, allow_pickle=args.allow_pickle)
+                              router_layers=args.router_layers, seed=args.seed, allow_pickle=args.allow_pickle,
+                              allow_other_base=args.allow_other_base)
         out = moe.save_pretrained(args.out, format=args.format, overwrite=args.overwrite)
     except (btx_jax.ConfigError, btx_jax.CheckpointError) as e:
         print(f"compose.py: error: {e}", file=sys.stderr)

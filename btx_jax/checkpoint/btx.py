@@ -101,17 +101,24 @@ def save(directory: Path, config: LlamaConfig, params: dict, reference: dict | N
 
 def _fingerprint(x):
     """Two uint32 checksums of a leaf rounded to bf16: plain and position-weighted sums (wrapping)."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32).reshape(-1)
-    weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(0x9E3779B9)
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+    position, stride = jnp.zeros(x.shape, jnp.uint32), 1          # row-major index, built in place: a reshape
+    for dim in reversed(range(x.ndim)):                          # of a sharded leaf would gather it
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[dim]
+    weights = position * jnp.uint32(2654435761) + jnp.uint32(0x9E3779B9)
     return jnp.stack([jnp.sum(bits), jnp.sum(bits * weights)])
+
+
+_jit_fingerprint = jax.jit(_fingerprint)
 
 
 def digest(flat: dict[str, jax.Array]) -> str:
     """Content digest of {path: array}: a checksum of every leaf rounded to bf16, computed where the leaves
     live (sharded arrays stay sharded; integer sums are exact in any order), combined with the paths and
     shapes.  bf16 rounding makes a base read in fp32 and the same base kept in bf16 digest alike."""
-    sums = jax.device_get(jax.jit(lambda f: {k: _fingerprint(v) for k, v in f.items()})(flat))
     h = hashlib.sha256()
-    for path in sorted(flat):
-        h.update(f"{path}:{list(flat[path].shape)}:{np.asarray(sums[path]).tolist()};".encode())
+    for path in sorted(flat):                  # one leaf at a time: temporaries stay at one leaf's size
+        sums = np.asarray(jax.device_get(_jit_fingerprint(flat[path]))).tolist()
+        h.update(f"{path}:{list(flat[path].shape)}:{sums};".encode())
     return h.hexdigest()[:32]

@@ -5,7 +5,8 @@ until the trainer fills its sharded target):
               or a btx_jax checkpoint (e.g. the previous phase's `final/`)
     arch      LlamaConfig fields for init="random"
     lora      fresh LoRA expert to add (phase 1): targets, rank, alpha, rslora, dropout, init
-    compose   LoRA-MoE composition (phase 2): experts (dirs), top_k, seed_expert, router_init, router_layers
+    compose   LoRA-MoE composition (phase 2): experts (dirs), top_k, seed_expert, router_init, router_layers,
+              allow_other_base (skip the check that btx experts were trained on this base)
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def initial_source(model_cfg, seed: int) -> ModelSource:
         return compose_source(m["init"], list(c["experts"]), top_k=int(c.get("top_k", 2)),
                               seed_expert=bool(c.get("seed_expert", False)),
                               router_init=c.get("router_init", "normal"),
-                              router_layers=c.get("router_layers"), seed=seed)
+                              router_layers=c.get("router_layers"), seed=seed,
+                              allow_other_base=bool(c.get("allow_other_base", False)))
     if m.get("init", "random") == "random":
         if not m.get("arch"):
             raise ConfigError("model.init='random' needs model.arch (LlamaConfig fields)")

@@ -278,7 +278,7 @@ def save_final(dst: Path, phase: Phase, state: dict) -> None:
     linked = {p: v for p, v in frozen.items() if p in phase.source.covered} if reference is not None else {}
     stored = {**{p: v for p, v in frozen.items() if p not in linked}, **trainable}
     if linked:
-        reference = {**reference, "digest": btx.digest(linked)}
+        reference = {**reference, "digest": btx.digest(linked), "digest_paths": sorted(linked)}
     tmp = dst.with_name(f".{dst.name}.tmp")
     if jax.process_index() == 0 and tmp.exists():
         shutil.rmtree(tmp)

@@ -1,0 +1,97 @@
+"""Model-state memory benchmark: model bytes vs peak host RSS vs checkpoint bytes of a LoRA expert run.
+
+    python scripts/bench_memory.py --sizes 68M,271M --out docs/bench_memory.json
+
+For each size it writes a random bf16 HF Llama (safetensors) once, then runs `scripts/train.py
+--config=configs/expert.py:synthetic` on it (LoRA r=8 on gate/up/down_proj, 8 virtual devices, 2 steps, a
+checkpoint every step) in a fresh process, and reports that process's peak RSS, the size of each checkpoint
+step and of `final`.  `--repo DIR` runs another checkout's scripts/train.py (e.g. an older commit, for a
+before/after table in one run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# hidden, intermediate, layers, heads (vocab 32000, head_dim 64): about 68M and 271M parameters.
+SIZES = {"68M": (512, 1408, 8, 8), "271M": (1024, 2816, 16, 16)}
+
+CHILD = """
+import resource, sys, runpy
+sys.argv = {argv!r}
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+"""
+
+
+def write_model(size: str, directory: Path) -> int:
+    """A random bf16 HF Llama of `size` at `directory` (written by a child process); returns its bytes."""
+    hidden, inter, layers, heads = SIZES[size]
+    arch = dict(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads,
+                num_kv_heads=heads, head_dim=64)
+    code = ("import btx_jax, sys\n"
+            "from btx_jax.pretrained import random_source\n"
+            f"src = random_source(btx_jax.LlamaConfig(**{arch!r}), 0)\n"
+            f"src.load(dtype='bfloat16').save_pretrained({str(directory)!r}, format='hf')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    return du(directory)
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def run_expert(repo: Path, model: Path, workdir: Path) -> dict:
+    argv = [str(repo / "scripts" / "train.py"), "--config=configs/expert.py:synthetic", f"--workdir={workdir}",
+            f"--config.model.init={model}", "--config.train.steps=2", "--config.train.ckpt_every=1",
+            "--config.train.keep_checkpoints=2", "--config.train.frozen_dtype=bfloat16",
+            "--config.train.seq_len=128", "--config.train.global_batch_size=8"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(argv=argv)], cwd=repo, env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"train.py failed in {repo}:\n{proc.stderr[-3000:]}")
+    peak = int(proc.stdout.split("PEAK_RSS_KB")[-1].split()[0]) * 1024
+    steps = sorted((p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    return {"peak_rss_bytes": peak, "checkpoint_step_bytes": [du(p) for p in steps],
+            "final_bytes": du(workdir / "final")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="68M,271M", help=f"comma-separated, from {', '.join(SIZES)}")
+    p.add_argument("--repo", action="append", default=None,
+                   help="checkout whose scripts/train.py runs (repeat to compare; default: this one)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    repos = [Path(r).resolve() for r in (args.repo or [REPO])]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            if size not in SIZES:
+                raise SystemExit(f"error: unknown size {size!r} (choose from {', '.join(SIZES)})")
+            model = Path(tmp) / f"llama_{size}"
+            model_bytes = write_model(size, model)
+            for i, repo in enumerate(repos):
+                r = {"size": size, "repo": str(repo), "model_bytes": model_bytes,
+                     **run_expert(repo, model, Path(tmp) / f"run_{size}_{i}")}
+                results.append(r)
+                gib = 2 ** 30
+                print(f"{size:>5} {repo.name:>12}: model {model_bytes / gib:.2f} GiB  peak RSS "
+                      f"{r['peak_rss_bytes'] / gib:.2f} GiB  checkpoint steps "
+                      f"{[round(b / 2**20, 1) for b in r['checkpoint_step_bytes']]} MiB  final "
+                      f"{r['final_bytes'] / 2**20:.1f} MiB", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,5 @@
 """btx-jax: Branch-Train-MiX post-training of Llama models with LoRA experts, in JAX/Flax."""
+from btx_jax import mesh
 from btx_jax.config import AdapterSpec, ConfigError, ExpertSpec, LlamaConfig
 from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.pretrained import Pretrained, load_pretrained
@@ -6,4 +7,4 @@ from btx_jax.counting import count_params
 from btx_jax.compose import compose   # note: binds the function over the btx_jax.compose submodule name
 
 __all__ = ["AdapterSpec", "CheckpointError", "ConfigError", "ExpertSpec", "LlamaConfig", "Pretrained",
-           "compose", "count_params", "load_pretrained"]
+           "compose", "count_params", "load_pretrained", "mesh"]

@@ -4,7 +4,7 @@
     count_params(config, [r"layers/mlp/\\w+/router", "lm_head"])
 
 `phase_patterns` are the phase-mask regexes of the training configs, full-matched against parameter paths
-(btx_jax.param_paths.mask_from_patterns); None means everything is trainable.
+(btx_jax.param_paths.matches); None means everything is trainable.
 
 Adapter parameters (lora_a, lora_b, router) of a LoRA-MoE restricted to `router_layers` are counted for the
 routed layers only: btx_jax's scanned stack stores them in every layer (zeros, multiplied by a 0/1 layer flag),
@@ -44,8 +44,6 @@ def count_params(config: LlamaConfig, phase_patterns=None) -> dict[str, int]:
     else:
         if isinstance(phase_patterns, str):
             phase_patterns = [phase_patterns]
-        mask = param_paths.flatten(param_paths.mask_from_patterns(param_paths.unflatten(counts),
-                                                                  list(phase_patterns)))
-        trainable = sum(n for p, n in counts.items() if mask[p])
+        trainable = sum(n for p, n in counts.items() if param_paths.matches(p, list(phase_patterns)))
     total = sum(counts.values())
     return {"total": total, "trainable": trainable, "frozen": total - trainable}

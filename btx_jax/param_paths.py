@@ -13,6 +13,7 @@ import re
 from typing import Any, Iterator
 
 import jax
+from flax import traverse_util
 
 # (input logical axis, output logical axis, HF block) of each projection.
 PROJECTIONS = {
@@ -64,18 +65,16 @@ def path_str(key_path) -> str:
 
 def flatten(tree: Any) -> dict[str, Any]:
     """{path: leaf} for a params tree (nested dicts)."""
-    return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return tree
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def matches(path: str, patterns) -> bool:
+    """Whether `path` full-matches any of the regexes `patterns` (the phase tables' semantics)."""
+    return any(re.fullmatch(p, path) for p in patterns)
 
 
 def matching_rules(path: str) -> list[ParamRule]:
@@ -102,10 +101,3 @@ def hf_keys(path: str, num_layers: int) -> Iterator[tuple[int | None, str]]:
         return
     for i in range(num_layers):
         yield i, rule.hf_key.format(i=i)
-
-
-def mask_from_patterns(tree: Any, patterns: list[str] | tuple[str, ...]) -> Any:
-    """Bool tree: True where the leaf's path full-matches any of the regexes."""
-    compiled = [re.compile(p) for p in patterns]
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, _: any(c.fullmatch(path_str(kp)) for c in compiled), tree)

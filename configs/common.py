@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL
-
 # Architectures by name: the seed's Llama-2-7B and CPU-sized ones for the demo, tests and benchmarks.
 ARCHS = {
     "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -65,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.95, eps=1e-8,
         lb_alpha=0.01, z_alpha=0.0,      # router aux losses (BTX: load balancing 0.01)
         dtype="float32", frozen_dtype="float32", remat="none",
-        attention=DEFAULT_IMPL, attention_block=DEFAULT_BLOCK,   # btx_jax/model/attention.py; "xla" = reference
+        attention="blocked", attention_block=64,   # btx_jax/model/attention.py; "xla" = reference
         skip_nonfinite=False, max_consecutive_nonfinite=5,
         seed=0, log_every=10, ckpt_every=50, keep_checkpoints=2,
     ))

@@ -4,7 +4,8 @@
 
 For each size it writes a random bf16 HF Llama (safetensors) once, then runs `scripts/train.py
 --config=configs/expert.py:synthetic` on it (LoRA r=8 on gate/up/down_proj, 8 virtual devices, 2 steps, a
-checkpoint every step) in a fresh process, and reports that process's peak RSS, the size of each checkpoint
+checkpoint every step; the preset's batch 8 x 64 tokens) in a
+fresh process, and reports that process's peak RSS, the size of each checkpoint
 step and of `final`.  `--repo DIR` runs another checkout's scripts/train.py (e.g. an older commit, for a
 before/after table in one run).
 """
@@ -52,8 +53,7 @@ def du(path: Path) -> int:
 def run_expert(repo: Path, model: Path, workdir: Path) -> dict:
     argv = [str(repo / "scripts" / "train.py"), "--config=configs/expert.py:synthetic", f"--workdir={workdir}",
             f"--config.model.init={model}", "--config.train.steps=2", "--config.train.ckpt_every=1",
-            "--config.train.keep_checkpoints=2", "--config.train.frozen_dtype=bfloat16",
-            "--config.train.seq_len=128", "--config.train.global_batch_size=8"]
+            "--config.train.keep_checkpoints=2", "--config.train.frozen_dtype=bfloat16"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(repo)}
     proc = subprocess.run([sys.executable, "-c", CHILD.format(argv=argv)], cwd=repo, env=env, capture_output=True,
                           text=True)

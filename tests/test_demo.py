@@ -37,7 +37,7 @@ def test_demo_quick_writes_report_models_and_exports(tmp_path):
     info = {p: json.loads((out / p / "run_info.json").read_text()) for p in ("seed", "expert_math", "router", "sft")}
     assert info["seed"]["params_frozen"] == 0
     moe = load_pretrained(out / "router" / "final")
-    flat = {"/".join(k): v for k, v in _flatten(moe.params)}
+    flat = moe.flat_numpy()
     routers = sum(v.size for k, v in flat.items() if k.endswith("router"))
     assert info["router"]["params_trainable"] == routers + flat["lm_head"].size
     assert info["expert_math"]["params_trainable"] == sum(
@@ -49,10 +49,3 @@ def test_demo_quick_writes_report_models_and_exports(tmp_path):
     np.testing.assert_allclose(load_pretrained(out / "export" / "moe_router_mergoo").logits(ids),
                                moe.logits(ids), atol=1e-4)
 
-
-def _flatten(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), np.asarray(v)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 IMPLS = ("blocked", "xla")
-DEFAULT_IMPL, DEFAULT_BLOCK = "blocked", 64      # the model's, Pretrained.model's and the train config's defaults
+DEFAULT_IMPL, DEFAULT_BLOCK = "blocked", 64      # the model's defaults (configs/common.py repeats the literals)
 MAX_BLOCKS = 16
 _NEG = -1e30
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from btx_jax.config import ConfigError
 
@@ -53,20 +54,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def check_compatible(saved: dict, current: dict, directory: Path) -> None:
     """ConfigError naming the first key that differs and may not change across a resume."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = (traverse_util.flatten_dict(d, sep=".") for d in (saved, current))
     for key in sorted(set(a) | set(b)):
         if any(key == r or key.startswith(r + ".") for r in RESUMABLE_CHANGES):
             continue

@@ -9,8 +9,6 @@ A config may replace a phase's patterns with `config.trainable`.
 """
 from __future__ import annotations
 
-import re
-
 from btx_jax import param_paths
 from btx_jax.config import ConfigError
 
@@ -34,8 +32,7 @@ def trainable_patterns(phase: str, override=None) -> tuple[str, ...]:
 def split(leaves: dict, patterns) -> tuple[dict, dict]:
     """(trainable, frozen) parts of {path: leaf}: the paths full-matching any of `patterns`, and the rest;
     ConfigError if nothing is trainable."""
-    compiled = [re.compile(p) for p in patterns]
-    trainable = {k: v for k, v in leaves.items() if any(c.fullmatch(k) for c in compiled)}
+    trainable = {k: v for k, v in leaves.items() if param_paths.matches(k, patterns)}
     if not trainable:
         raise ConfigError(f"trainable patterns {list(patterns)} match no parameter of this model")
     return trainable, {k: v for k, v in leaves.items() if k not in trainable}

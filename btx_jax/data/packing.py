@@ -19,20 +19,27 @@ continues straight into epoch e + 1, so no token is ever dropped.
 With `wrap=False` (evaluation) the stream is one epoch in file order and the last row is padded.
 
 `PackedExamples` (SFT) packs whole examples, each shifted on its own (an example of n tokens
-gives n - 1 input/target pairs), greedily in order into rows of seq_len pairs, then pads. An
-example longer than a row is truncated (its first seq_len + 1 tokens) or dropped, per
-`overlong`; one left with no response token is dropped; both are counted. Packing is done once
-(example order drawn from the seed); each epoch visits the rows in a new seeded order.
+gives n - 1 input/target pairs), greedily in order into rows of seq_len pairs (next-fit: an
+example that does not fit the current row opens the next one), then pads. An example longer than
+a row is truncated (its first seq_len + 1 tokens) or dropped, per `overlong`; one left with no
+response token is dropped; both are counted. The layout (row and offset of every example) is
+planned once from the example lengths (example order drawn from the seed); rows are filled from
+the memory-mapped store only when asked for; each epoch visits the rows in a new seeded order.
+
+Both classes are random access (row number -> row), pure functions of (store, seed, options), so
+any process or loader worker can build any row; only the document/row orders of the epochs in use
+are kept in memory (int64 per document or row).
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
 
 from btx_jax.data.errors import DataError
-from btx_jax.data.sources import TokenizedDocs
+from btx_jax.data.store import TokenizedDocs
 
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -74,18 +81,13 @@ class PackedStream:
             raise DataError(f"source {name!r}: no tokens")
         row = seq_len + 1
         self.rows_per_epoch = self.tokens_per_epoch / row if wrap else -(-self.tokens_per_epoch // row)
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+    @functools.lru_cache(maxsize=4)
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(document order, start of each document in the epoch's stream + total)."""
-        if epoch not in self._epochs:
-            n = len(self.docs.offsets) - 1
-            order = source_rng(self.seed, self.name, epoch).permutation(n) if self.shuffle else np.arange(n)
-            starts = np.concatenate([[0], np.cumsum(self.docs.lengths[order])])
-            if len(self._epochs) >= 4:
-                self._epochs.pop(min(self._epochs))
-            self._epochs[epoch] = (order, starts)
-        return self._epochs[epoch]
+        n = len(self.docs.offsets) - 1
+        order = source_rng(self.seed, self.name, epoch).permutation(n) if self.shuffle else np.arange(n)
+        return order, np.concatenate([[0], np.cumsum(self.docs.lengths[order])])
 
     def epochs_done(self, rows: int) -> float:
         return rows / self.rows_per_epoch
@@ -138,11 +140,123 @@ class PackedExamples:
         starts, lengths = docs.offsets[:-1], docs.lengths
         too_long = lengths - 1 > seq_len
         keep_len = np.minimum(lengths, seq_len + 1)
-        mask = docs.response_mask
-        response_cum = np.concatenate([[0], np.cumsum(mask)])
-        # targets are tokens 1..keep_len-1 of each example: count the response tokens among them
-        n_response = response_cum[starts + keep_len] - response_cum[starts + 1]
-        keep = (n_response > 0) & ~(too_long & (overlong == "drop"))
+        # targets are tokens 1..keep_len-1 of each example: keep it if one of them is a response token
+        keep = (docs.first_response < keep_len) & ~(too_long & (overlong == "drop"))
+        self.counts = {
+            "examples": int(keep.sum()),
+            "truncated": int((too_long & keep).sum()),
+            "dropped": int((~keep).sum()),
+        }
+        if not keep.any():
+            raise DataError(
+                f"source {name!r}: every example was dropped (too long for seq_len={seq_len} or no response tokens)"
+            )
+        order = source_rng(seed, name).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+        order = order[keep[order]]
+        self.docs, self.pad_id = docs, pad_id
+        self._starts, self._pairs = starts[order], keep_len[order] - 1
+        self._row_of, self._offset, self._seg, self._fill = self._plan(self._pairs)
+        self._first = np.searchsorted(self._row_of, np.arange(len(self._fill) + 1))  # first example of each row
+        self.rows_per_epoch = len(self._fill)
+
+    def _plan(self, pairs: np.ndarray):
+        """Greedy in-order packing: each example goes to the current row if it fits, else a new one."""
+        row_of, offset_in_row, seg_of = (np.empty(len(pairs), np.int64) for _ in range(3))
+        row, used, seg = 0, 0, 0
+        for i, n in enumerate(pairs.tolist()):
+            if used + n > self.seq_len:
+                row, used, seg = row + 1, 0, 0
+            row_of[i], offset_in_row[i], seg_of[i] = row, used, seg + 1
+            used, seg = used + n, seg + 1
+        fill = np.bincount(row_of, weights=pairs, minlength=row + 1).astype(np.int64)
+        return row_of, offset_in_row, seg_of, fill
+
+    def _materialise(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows `ids` of the layout, filled from the store."""
+        rows = empty_rows(len(ids), self.seq_len, self.pad_id)
+        per_row = self._first[ids + 1] - self._first[ids]
+        example = np.repeat(self._first[ids] - np.cumsum(per_row) + per_row, per_row) + np.arange(per_row.sum())
+        slot = np.repeat(np.arange(len(ids)), per_row)  # output row of each example
+        pairs = self._pairs[example]
+        k = np.arange(pairs.sum()) - np.repeat(np.cumsum(pairs) - pairs, pairs)  # pair index in its example
+        src = np.repeat(self._starts[example], pairs) + k
+        dest = np.repeat(slot * self.seq_len + self._offset[example], pairs) + k
+        for field, values in (
+            ("inputs", self.docs.tokens[src]),
+            ("targets", self.docs.tokens[src + 1]),
+            ("loss_mask", self.docs.response_mask[src + 1]),
+            ("segment_ids", np.repeat(self._seg[example], pairs)),
+            ("positions", k),
+        ):
+            rows[field].reshape(-1)[dest] = values
+        return rows
+
+    def _row_ids(self, cursors: np.ndarray) -> np.ndarray:
+        epoch, index = np.divmod(np.asarray(cursors, np.int64), self.rows_per_epoch)
+        if not self.shuffle:
+            return index
+        out = np.empty_like(index)
+        for e in np.unique(epoch):
+            out[epoch == e] = self._row_order(int(e))[index[epoch == e]]
+        return out
+
+    @functools.lru_cache(maxsize=2)
+    def _row_order(self, epoch: int) -> np.ndarray:
+        return source_rng(self.seed, self.name, 1, epoch).permutation(self.rows_per_epoch)
+
+    def epochs_done(self, rows: int) -> float:
+        return rows / self.rows_per_epoch
+
+    def non_pad(self, cursors: np.ndarray) -> int:
+        return len(cursors) * self.seq_len  # training rows are always full
+
+    def rows(self, cursors: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows number `cursors` of the stream, [len(cursors), seq_len] each."""
+        total, n_docs = self.tokens_per_epoch, len(self.docs.offsets) - 1
+        row_start = np.asarray(cursors, np.int64)[:, None] * (self.seq_len + 1)
+        pos = row_start + np.arange(self.seq_len + 1)  # stream positions [n, L+1]
+        epoch, within = np.divmod(pos, total)
+        tokens = np.full(pos.shape, self.pad_id, np.int32)
+        doc_uid = np.full(pos.shape, -1, np.int64)  # unique per document per epoch
+        doc_start = np.zeros(pos.shape, np.int64)  # stream position of its first token
+        valid = np.ones(pos.shape, bool) if self.wrap else epoch == 0
+        for e in np.unique(epoch[valid]):
+            sel = valid & (epoch == e)
+            order, starts = self._epoch(int(e))
+            rank = np.searchsorted(starts, within[sel], side="right") - 1
+            doc = order[rank]
+            tokens[sel] = self.docs.tokens[self.docs.offsets[doc] + within[sel] - starts[rank]]
+            doc_uid[sel] = e * n_docs + rank
+            doc_start[sel] = e * total + starts[rank]
+        out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+        target_real = valid[:, 1:]
+        if self.segments:
+            seg = np.where(valid, doc_uid - doc_uid[:, :1] + 1, 0)
+            same_doc = seg[:, 1:] == seg[:, :-1]
+            out["loss_mask"] = (same_doc & target_real).astype(np.float32)
+            out["segment_ids"] = seg[:, :-1].astype(np.int32)
+            out["positions"] = np.where(valid, pos - np.maximum(doc_start, row_start), 0)[:, :-1].astype(np.int32)
+        else:
+            out["loss_mask"] = target_real.astype(np.float32)
+            out["segment_ids"] = valid[:, :-1].astype(np.int32)
+            out["positions"] = np.where(valid[:, :-1], np.arange(self.seq_len), 0).astype(np.int32)
+        return out
+
+
+class PackedExamples:
+    """SFT examples packed whole into padded rows (see module docstring)."""
+
+    def __init__(
+        self, docs: TokenizedDocs, *, name: str, seq_len: int, seed: int, shuffle: bool, pad_id: int, overlong: str
+    ):
+        if overlong not in ("truncate", "drop"):
+            raise DataError(f"overlong must be 'truncate' or 'drop', not {overlong!r}")
+        self.name, self.seq_len, self.seed, self.shuffle = name, seq_len, seed, shuffle
+        starts, lengths = docs.offsets[:-1], docs.lengths
+        too_long = lengths - 1 > seq_len
+        keep_len = np.minimum(lengths, seq_len + 1)
+        # targets are tokens 1..keep_len-1 of each example: keep it if one of them is a response token
+        keep = (docs.first_response < keep_len) & ~(too_long & (overlong == "drop"))
         self.counts = {
             "examples": int(keep.sum()),
             "truncated": int((too_long & keep).sum()),
@@ -204,5 +318,4 @@ class PackedExamples:
         return int(self._fill[self._row_ids(cursors)].sum())
 
     def rows(self, cursors: np.ndarray) -> dict[str, np.ndarray]:
-        ids = self._row_ids(cursors)
-        return {f: self._rows[f][ids] for f in FIELDS}
+        return self._materialise(self._row_ids(cursors))

@@ -5,8 +5,9 @@ The global batch stream is a pure function of (stores, seed, ratios, global batc
   mixture   `grain.MapDataset.mix` interleaves the sources' row numbers with the configured weights (exact
             proportions, closed form: global row r -> (source, row number within it)); zero-weight sources
             are left out of the mix and never sampled
-  batches   global batch b holds global rows b*B ... b*B + B-1, in an order permuted by (seed, b) so every
-            process sees every source; process p builds only positions [p*B/P, (p+1)*B/P) of it
+  batches   global batch b holds global rows b*B ... b*B + B-1: their sources are put in an order drawn from
+            (seed, b), so every process sees every source, and each source's rows follow in batch order
+            (one source: consecutive rows); process p builds only positions [p*B/P, (p+1)*B/P) of it
 The loader is `grain.MapDataset.range(...).map(batch)` turned into an iterator with `read_ahead` batches
 prefetched by a thread (`grain.ReadOptions`) and, with `workers` > 0, built in that many worker processes
 (`mp_prefetch`; workers reopen the memory-mapped stores, nothing is copied). Its state is grain's
@@ -55,8 +56,11 @@ class BatchBuilder:
         """(source, row number within the source) of each row of the global batch, in batch order."""
         start = batch_index * self.global_batch_size
         pairs = np.array([self._mixed[start + j] for j in range(self.global_batch_size)], np.int64)
-        pairs = pairs[np.random.default_rng([self.seed, batch_index]).permutation(self.global_batch_size)]
-        return pairs[:, 0], pairs[:, 1]
+        sources = pairs[np.random.default_rng([self.seed, batch_index]).permutation(self.global_batch_size), 0]
+        cursors = np.empty_like(sources)
+        for k in np.unique(sources):  # each source's rows keep their order, in batch order
+            cursors[sources == k] = pairs[pairs[:, 0] == k, 1]
+        return sources, cursors
 
     def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
         sources, cursors = self.global_rows(batch_index)

@@ -145,15 +145,14 @@ class Pipeline:
         self._batch_index = 0
         self._rows = np.zeros(len(stores), np.int64)  # global rows taken from each source so far
         self._non_pad = 0  # global non-padding input positions so far
-        self._iter = None  # started on the first batch, after any set_state
+        self._iter, self._start = None, 0  # the grain iterator over global batches _start, ...; made on first use
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def _iterator(self):
         if self._iter is None:
-            self._iter = batch_iterator(self.builder, self._batch_index, workers=self.workers,
-                                        read_ahead=self.read_ahead)
+            self._iter = batch_iterator(self.builder, self._start, workers=self.workers, read_ahead=self.read_ahead)
         return self._iter
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -180,6 +179,7 @@ class Pipeline:
             "rows": {n: int(r) for n, r in zip(self.names, self._rows)},
             "non_pad_tokens": int(self._non_pad),
             "workers": self.workers,
+            "start": self._start,
             "grain": self._iterator().get_state(),
         }
 
@@ -192,9 +192,11 @@ class Pipeline:
         self._batch_index = int(state["batch_index"])
         self._rows = np.array([state["rows"][n] for n in self.names], np.int64)
         self._non_pad = int(state["non_pad_tokens"])
-        self._iter = None
-        if state.get("workers") == self.workers and "grain" in state:
-            self._iterator().set_state(state["grain"])  # grain's own state; else the batch index restarts it
+        self._iter, self._start = None, 0
+        if state.get("workers") == self.workers and state.get("start") == 0:
+            self._iterator().set_state(state["grain"])  # grain's own state
+        else:  # another worker layout: a fresh iterator from the global batch index
+            self._start = self._batch_index
 
     def stats(self) -> dict:
         """Realised mixture, packing efficiency, epochs, and per-source document counts."""

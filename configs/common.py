@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from btx_jax.data.bundled import BUNDLED_TOKENIZER as _BUNDLED_TOKENIZER
 from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL
 
 # Architectures by name: the seed's Llama-2-7B and CPU-sized ones for the demo, tests and benchmarks.
@@ -20,7 +21,7 @@ ARCHS = {
                   num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=2048),
 }
 DEMO_DIR = "runs/demo"            # where the tiny presets read and write each phase's result
-BUNDLED_TOKENIZER = "data/tokenizer/tokenizer.model"
+BUNDLED_TOKENIZER = str(_BUNDLED_TOKENIZER)   # inside the installed package: btx_jax/data/corpora/
 SEED_LORA = dict(targets=("gate_proj", "up_proj", "down_proj"), rank=640, alpha=32.0, dropout=0.1)
 
 

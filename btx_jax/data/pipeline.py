@@ -129,8 +129,27 @@ def prepare(cfg: Any, tokenizer, *, held_out: bool = True, progress: bool = True
     out = []
     for source in sources:
         docs = source_docs(cfg, source, tokenizer, progress=progress)
-        out.append((", ".join(source.path), {**docs.counts, "tokens": int(docs.offsets[-1]), "store": docs.reopen[0]}))
+        path, meta, _ = docs.reopen
+        out.append((", ".join(source.path), {**docs.counts, "tokens": int(docs.offsets[-1]), "store": str(path),
+                                              "seconds": meta["seconds"]}))
     return out
+
+
+def prepare_config(data_cfg: Any, *, num_proc: int | None = None) -> None:
+    """`scripts/prepare_data.py`: load the config's tokenizer, build every store, print one line per store."""
+    from btx_jax.data.tokenizer import load_tokenizer
+
+    d = dict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg)
+    if d.get("kind") == "synthetic":
+        raise DataError("data config: kind='synthetic' has no sources to prepare")
+    if not d.get("tokenizer"):
+        raise DataError("data config: no 'tokenizer' (a sentencepiece .model or a tokenizer directory)")
+    tokenizer = load_tokenizer(d["tokenizer"])
+    if num_proc is not None:
+        d["num_proc"] = num_proc
+    for path, info in prepare(d, tokenizer):
+        rate = f", {info['tokens'] / info['seconds']:,.0f} tokens/s" if info["seconds"] else ""
+        print(f"{path}: {info['documents']:,} documents, {info['tokens']:,} tokens{rate} -> {info['store']}")
 
 
 class Pipeline:

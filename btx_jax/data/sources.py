@@ -36,6 +36,7 @@ import codecs
 import dataclasses
 import glob
 import json
+import logging
 import string
 from pathlib import Path
 from typing import Any, Callable
@@ -90,11 +91,12 @@ class Source:
                 spec[key] = (str(spec[key]),)
             elif spec.get(key) is not None:
                 spec[key] = tuple(str(p) for p in spec[key])
-        spec.setdefault("name", Path(spec["path"][0]).stem)
         hub_name, _, subset = spec["path"][0].rpartition(":")
         if len(spec["path"]) == 1 and hub_name and "/" not in subset and spec.get("subset") is None:
             if spec.get("format") == "hub" or not Path(spec["path"][0]).exists():
                 spec["path"], spec["subset"] = (hub_name,), subset  # "org/dataset:subset" shorthand
+        default_name = Path(spec["path"][0]).stem
+        spec.setdefault("name", f"{default_name}_{spec['subset']}" if spec.get("subset") else default_name)
         if spec.get("format") is not None and spec["format"] not in _FORMATS:
             raise DataError(f"source {spec['name']!r}: format {spec['format']!r} not one of {sorted(_FORMATS)}")
         return cls(**spec)
@@ -188,8 +190,10 @@ def load_records(source: Source, cache_dir: str | None = None, num_proc: int | N
     if files is None:
         return _load_hub(source)
     builder = _builder(source, files)
-    if builder != "parquet":
-        for f in files:
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"source {source.name!r}: {f} is empty")
+        if builder != "parquet":
             _check_utf8(source, f)
     kwargs = {"sample_by": source.sample_by} if builder == "text" else {}
     try:
@@ -222,17 +226,22 @@ def _load_hub(source: Source):
     import datasets
 
     name = source.path[0]
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # no retry warnings: the failure is reported below in one line
     try:
         return datasets.load_dataset(name, source.subset, split=source.split, revision=source.revision)
     except Exception as e:  # datasets raises many types here (connection, not found, offline, bad config)
         cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        offline = " (offline: the hub cannot be reached and it is not in the local datasets cache)"
+        offline = " (not in the local datasets cache, and the hub is offline or does not have it)"
         local = Path(name).is_dir()
         raise DataError(
             f"source {source.name!r}: cannot load {'dataset directory' if local else 'hub dataset'} {name!r}"
             f"{f' subset {source.subset!r}' if source.subset else ''} split {source.split!r}"
             f"{'' if local else offline}: {cause}"
         ) from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def require_fields(source: Source, dataset, fields: list[str]) -> None:

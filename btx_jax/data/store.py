@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -119,7 +120,8 @@ def store_path(source: Source, options: dict, cache_dir: str | Path | None) -> P
 
         fields["format_fn"] = Hasher.hash(source.format_fn)
     blob = json.dumps([STORE_VERSION, source_stamp(source), fields, options], sort_keys=True, default=str)
-    return Path(cache_dir or default_cache_dir()) / f"{source.name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    name = re.sub(r"[^\w.-]", "_", source.name)
+    return Path(cache_dir or default_cache_dir()) / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
 def _check_tokenizer(path: Path, recorded: str, tokenizer) -> None:
@@ -282,7 +284,7 @@ def _tokenize_shard(shard, encoder: Encoder, path: Path, index: int, dtype: str,
         remove_columns=shard.column_names,
         features=datasets.Features(features),
         cache_file_name=str(path / "tmp" / f"shard-{index:05d}.arrow"),
-        new_fingerprint=f"{path.name}-{index}",
+        new_fingerprint=hashlib.sha256(f"{path}-{index}".encode()).hexdigest()[:16],
     )
     n_docs = n_tokens = 0
     with open(path / "tokens.bin", "ab") as ft, open(path / "lengths.bin", "ab") as fl:

@@ -85,5 +85,9 @@ def batch_iterator(builder: BatchBuilder, start: int, *, workers: int, read_ahea
     read = grain.ReadOptions(num_threads=1 if read_ahead else 0, prefetch_buffer_size=read_ahead)
     dataset = dataset.to_iter_dataset(read)
     if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker start reads absl flags: outside an absl app, defaults
+            flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(dataset)

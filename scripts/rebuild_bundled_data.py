@@ -1,6 +1,8 @@
-"""Rebuild the small bundled corpora in `data/` from the full copies in a shared data folder.
+"""Rebuild the small bundled corpora in `btx_jax/data/corpora/` from the full copies in a shared data folder.
 
-    python scripts/prepare_data.py --shared /work/shared/data --out data
+    python scripts/rebuild_bundled_data.py --shared /work/shared/data --out btx_jax/data/corpora
+
+(Tokenising a config's sources into stores ahead of training is `scripts/prepare_data.py`.)
 
 Deterministic: the subsets are prefixes / fixed article splits, no randomness. Each domain gets a
 train and a held-out valid split; SOURCE.md per folder says where every file came from.
@@ -107,7 +109,7 @@ def prepare_sft(shared: Path, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=Path("/work/shared/data"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "btx_jax/data/corpora")
     args = parser.parse_args()
     for prepare in (prepare_wiki, prepare_math, prepare_novel, prepare_sft):
         prepare(args.shared, args.out)

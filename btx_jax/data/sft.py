@@ -100,7 +100,7 @@ def encode_sft(source: Source, tokenizer, records: list[dict], *, add_bos: bool,
     else:
         examples = [default_template_pieces(source, r) for r in records]
     texts = [text for ex in examples for text, _ in ex if text]
-    piece_ids = iter(tokenizer.encode_batch(texts))
+    piece_ids = iter(tokenizer.encode_batch(texts, num_threads=1))
     bos = [tokenizer.bos_id] if add_bos and not use_tokenizer_template else []
     eos = [] if use_tokenizer_template else [tokenizer.eos_id]
     ids, masks = [], []

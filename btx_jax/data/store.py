@@ -98,7 +98,7 @@ class Encoder:
         texts, _ = document_texts(self.source, batch)
         bos = [tok.bos_id] if opt["add_bos"] else []
         eos = [tok.eos_id] if opt["add_eos"] else []
-        return {"input_ids": [bos + x + eos for x in tok.encode_batch(texts)]}
+        return {"input_ids": [bos + x + eos for x in tok.encode_batch(texts, num_threads=1)]}
 
 
 def sft_options(tokenizer, *, add_bos: bool, chat_template: str) -> dict:

@@ -43,10 +43,11 @@ class Tokenizer:
         ids = self.encode_batch([text])[0]
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, no special tokens added."""
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        """Token ids of each text, no special tokens added. `num_threads`: sentencepiece's threads (-1: every
+        core; the store's tokenising processes use 1 each, their parallelism is the process count)."""
         if self._sp is not None:
-            return self._sp.encode(list(texts))
+            return self._sp.encode(list(texts), num_threads=num_threads)
         return self._hf(list(texts), add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: Sequence[int]) -> str:

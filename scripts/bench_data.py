@@ -133,7 +133,8 @@ def main() -> None:
                 cache = args.workdir / f"store-{mb}mb-{num_proc}proc"
                 shutil.rmtree(cache, ignore_errors=True)
                 fresh = run_child(args, corpus, cache, num_proc, workers=0, batches=0)
-                row = {"corpus_mb": size / (1 << 20), "num_proc": num_proc, **{f"fresh_{k}": v for k, v in fresh.items()}}
+                row = {"corpus_mb": size / (1 << 20), "num_proc": num_proc}
+                row.update({f"fresh_{k}": v for k, v in fresh.items()})
                 if num_proc == procs[-1]:
                     reuse = run_child(args, corpus, cache, num_proc, workers=0, batches=args.batches)
                     worker = run_child(args, corpus, cache, num_proc, workers=1, batches=args.batches)

@@ -7,7 +7,8 @@ import numpy as np
 from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, load_tokenizer, make_pipeline
 
 TOK = load_tokenizer(BUNDLED_TOKENIZER)
-CFG = {"sources": [bundled_source("math", 0.7), dict(bundled_source("wiki", 0.3), path=bundled_source("wiki")["eval_path"])]}
+WIKI_VALID = dict(bundled_source("wiki", 0.3), path=bundled_source("wiki")["eval_path"])
+CFG = {"sources": [bundled_source("math", 0.7), WIKI_VALID]}
 
 
 def same(a, b):

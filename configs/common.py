@@ -18,7 +18,7 @@ ARCHS = {
                   num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=2048),
 }
 DEMO_DIR = "runs/demo"            # where the tiny presets read and write each phase's result
-BUNDLED_TOKENIZER = "data/tokenizer/tokenizer.model"
+BUNDLED_TOKENIZER = "bundled:tokenizer/tokenizer.model"   # "bundled:" = btx_jax/data/corpora/ (installed)
 SEED_LORA = dict(targets=("gate_proj", "up_proj", "down_proj"), rank=640, alpha=32.0, dropout=0.1)
 
 
@@ -39,8 +39,8 @@ def parse_preset(preset: str, choices: tuple[str, ...] = ()) -> tuple[set[str], 
 
 
 def bundled(domain: str, ratio: float = 1.0) -> dict:
-    from btx_jax.data import bundled_source
-    return bundled_source(domain, ratio)
+    """A data source: one of the corpora bundled with the package (btx_jax/data/bundled.py)."""
+    return dict(bundled=domain, ratio=ratio)
 
 
 def base_config() -> ml_collections.ConfigDict:

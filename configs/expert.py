@@ -2,7 +2,8 @@
 
 Presets (`--config=configs/expert.py:DOMAIN[,tiny]`), DOMAIN in wiki | math | novel:
   DOMAIN        the seed recipe: Llama-2-7B, LoRA r=640 alpha=32 dropout 0.1 on gate/up/down_proj, the seed's
-                data mixture for the domain (hub dataset names: point them at your copies)
+                data mixture for the domain: hub datasets as (path, subset) (point non-hub names at your copies;
+                tokenise ahead with `python scripts/prepare_data.py --config=configs/expert.py:DOMAIN`)
   DOMAIN,tiny   the CPU demo: the tiny seed from configs/pretrain.py, the bundled domain corpus
   synthetic     engine tests: a random tiny model, LoRA r=8, random tokens
 """
@@ -10,15 +11,15 @@ from configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, SEED_LORA, base_config,
                             seed_scale, tiny_scale)
 
 DOMAINS = ("wiki", "math", "novel")
-# The seed's expert mixtures (share of tokens).
+# The seed's expert mixtures (share of tokens): (name, hub path, subset, ratio).
 SEED_MIXTURES = {
-    "wiki": [("wikipedia_ja", "wikimedia/wikipedia:20231101.ja", 0.36),
-             ("wikipedia_en", "wikimedia/wikipedia:20231101.en", 0.20),
-             ("news_ja", "news_ja", 0.43)],
-    "math": [("atlas_math_sets", "AtlasUnified/atlas-math-sets", 0.43),
-             ("open_math_instruct", "nvidia/OpenMathInstruct-1", 0.37),
-             ("basic_math", "basicMath", 0.17), ("gsm8k", "openai/gsm8k:main", 0.01)],
-    "novel": [("aozora_bunko", "globis-university/aozorabunko-clean", 0.10), ("novels", "novels_ja", 0.90)],
+    "wiki": [("wikipedia_ja", "wikimedia/wikipedia", "20231101.ja", 0.36),
+             ("wikipedia_en", "wikimedia/wikipedia", "20231101.en", 0.20),
+             ("news_ja", "news_ja", None, 0.43)],
+    "math": [("atlas_math_sets", "AtlasUnified/atlas-math-sets", None, 0.43),
+             ("open_math_instruct", "nvidia/OpenMathInstruct-1", None, 0.37),
+             ("basic_math", "basicMath", None, 0.17), ("gsm8k", "openai/gsm8k", "main", 0.01)],
+    "novel": [("aozora_bunko", "globis-university/aozorabunko-clean", None, 0.10), ("novels", "novels_ja", None, 0.90)],
 }
 
 
@@ -40,5 +41,5 @@ def get_config(preset: str = "wiki,tiny"):
         return c
     seed_scale(c)
     c.train.update(steps=10000, lr=1e-4, warmup_steps=100)
-    c.data.sources = [dict(name=n, path=p, format="hub", ratio=r) for n, p, r in SEED_MIXTURES[domain]]
+    c.data.sources = [dict(name=n, path=p, subset=s, format="hub", ratio=r) for n, p, s, r in SEED_MIXTURES[domain]]
     return c

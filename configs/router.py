@@ -23,6 +23,6 @@ def get_config(preset: str = "tiny"):
     c.model.compose = dict(experts=[f"runs/btx/expert_{d}/final" for d in DOMAINS], top_k=2,
                            seed_expert=False, router_init="normal")
     c.train.update(steps=2000, lr=1e-4, warmup_steps=50)
-    c.data.sources = [dict(name=n, path=p, format="hub", ratio=r / 3)
-                      for d in DOMAINS for n, p, r in SEED_MIXTURES[d]]
+    c.data.sources = [dict(name=n, path=p, subset=s, format="hub", ratio=r / 3)
+                      for d in DOMAINS for n, p, s, r in SEED_MIXTURES[d]]
     return c

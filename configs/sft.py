@@ -19,5 +19,5 @@ def get_config(preset: str = "tiny"):
     c.model.init = "runs/btx/router/final"
     c.train.update(steps=3000, lr=2e-5, warmup_steps=100)
     c.data = dict(kind="sft", tokenizer=c.data.tokenizer,
-                  sources=[dict(name="ja_instructions", path="data/sft/train.jsonl", ratio=1.0)])
+                  sources=[dict(bundled("sft"), name="ja_instructions")])
     return c

@@ -1,6 +1,6 @@
 """Train the bundled sentencepiece tokenizer on the bundled train splits.
 
-    python scripts/train_tokenizer.py            # writes data/tokenizer/tokenizer.model
+    python scripts/train_tokenizer.py            # writes btx_jax/data/corpora/tokenizer/tokenizer.model
 
 BPE, byte fallback (no <unk> on unseen characters), identity normalisation and kept whitespace so
 that decode(encode(text)) == text, digits split one per piece (for math).
@@ -38,8 +38,8 @@ def train_texts(data_dir: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO / "data")
-    parser.add_argument("--out", type=Path, default=REPO / "data/tokenizer/tokenizer.model")
+    parser.add_argument("--data", type=Path, default=REPO / "btx_jax/data/corpora")
+    parser.add_argument("--out", type=Path, default=REPO / "btx_jax/data/corpora/tokenizer/tokenizer.model")
     parser.add_argument("--vocab_size", type=int, default=4096)
     parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
     parser.add_argument("--character_coverage", type=float, default=0.9995)

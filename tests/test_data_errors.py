@@ -1,5 +1,9 @@
 """Bad input raises DataError with one line naming the file or field."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from btx_jax.data import BUNDLED_TOKENIZER, DataError, bundled_source, load_tokenizer, make_pipeline
@@ -64,3 +68,33 @@ def test_tokenizer_larger_than_model():
 
 def test_unknown_config_key():
     raises(r"unknown keys \['txt_field'\]", [dict(bundled_source("wiki"), txt_field="text")])
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    raises(r"empty\.jsonl is empty", [{"path": str(tmp_path / "empty.jsonl")}])
+
+
+def test_broken_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": oops}\n', encoding="utf-8")
+    raises(r"broken\.jsonl line 4: Expecting value at column 10", [{"path": str(path)}])
+
+
+def test_prepare_data_cli_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "sjis.txt"
+    path.write_bytes("吾輩は猫である。\n".encode("shift_jis"))
+    config = tmp_path / "config.py"
+    config.write_text(
+        "import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict({'data': {"
+        f"'kind': 'pretrain', 'tokenizer': {str(BUNDLED_TOKENIZER)!r}, 'sources': [{{'path': {str(path)!r}}}],"
+        f" 'cache_dir': {str(tmp_path / 'cache')!r}}}}})\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / "scripts/prepare_data.py"), f"--config={config}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: source 'sjis': {path} is not UTF-8 text (bad byte at offset 0)"
+    )
+    assert "Traceback" not in out.stderr

@@ -1,18 +1,26 @@
-"""Specs of the small real corpora bundled in the repository's `data/` folder (see its SOURCE.md
-files). Mixtures are not files: they are configs built here or in configs/.
+"""Specs of the small real corpora bundled inside the package, in `btx_jax/data/corpora/` (see its
+SOURCE.md files; installed with the package, so `pip install .` runs the demo). Mixtures are not files:
+they are configs built here or in configs/.
 
-  wiki   pretrain  data/wiki/{train,valid}.jsonl    WikiText-2 articles (en) + Wikipedia paragraphs (ja)
-  math   pretrain  data/math/{train,valid}.jsonl    GSM8K, as "Question: ...\\nAnswer: ..."
-  novel  pretrain  data/novel/{train,valid}/*.txt   Aozora Bunko novels (ja) + Tiny Shakespeare, one doc per file
-  sft    sft       data/sft/{train,valid}.jsonl     JCommonsenseQA + JSQuAD instruction records (ja)
+  wiki   pretrain  corpora/wiki/{train,valid}.jsonl    WikiText-2 articles (en) + Wikipedia paragraphs (ja)
+  math   pretrain  corpora/math/{train,valid}.jsonl    GSM8K, as "Question: ...\\nAnswer: ..."
+  novel  pretrain  corpora/novel/{train,valid}/*.txt   Aozora Bunko novels (ja) + Tiny Shakespeare, one doc per file
+  sft    sft       corpora/sft/{train,valid}.jsonl     JCommonsenseQA + JSQuAD instruction records (ja)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-BUNDLED_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "corpora"
 BUNDLED_TOKENIZER = BUNDLED_DATA_DIR / "tokenizer" / "tokenizer.model"
+PREFIX = "bundled:"          # configs name bundled files as "bundled:tokenizer/tokenizer.model" (literals)
+
+
+def resolve(path: str | Path) -> str:
+    """`path`, with a leading "bundled:" replaced by the bundled corpora directory."""
+    path = str(path)
+    return str(BUNDLED_DATA_DIR / path[len(PREFIX):]) if path.startswith(PREFIX) else path
 
 _DOMAINS = {
     "wiki": {"path": "wiki/train.jsonl", "eval_path": "wiki/valid.jsonl", "text_field": "text"},

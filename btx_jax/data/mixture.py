@@ -1,10 +1,10 @@
-"""Mixture sampling: which source each row of a global batch comes from.
+"""Mixture ratios: validated and normalised to probabilities.
 
-Rows are allocated by stratified (deficit) sampling: the next row goes to the source whose row
-count lags its target share the most, so after every batch each source's count is within one row
-of ratio * rows_so_far. The positions of the sources' rows inside each batch are then shuffled by
-a generator fixed by (seed, batch index), so the result depends only on the seed and is
-reproducible on every process. Ratios are shares of rows, i.e. of tokens (all rows have seq_len).
+Ratios are shares of rows, i.e. of tokens (all rows have seq_len). Which source each global row comes
+from is grain's exact-proportion interleave (`grain.MapDataset.mix`, see btx_jax.data.loader): after n
+rows every source's count is within a row or two of ratio * n; the rows of each batch are then put in an
+order drawn from (seed, batch index), so the result depends only on the seed and is the same on every
+process.
 """
 
 from __future__ import annotations
@@ -26,26 +26,3 @@ def normalize_ratios(names: Sequence[str], ratios: Sequence[float]) -> np.ndarra
     if total <= 0:
         raise DataError(f"mixture ratios are all zero (sources: {', '.join(names)})")
     return np.asarray(ratios, np.float64) / total
-
-
-def allocate_batch(counts: np.ndarray, probs: np.ndarray, batch_size: int, seed: int, batch_index: int) -> np.ndarray:
-    """Source index of each of the batch's rows, [batch_size]. `counts` (rows each source has had
-    so far) is not modified."""
-    counts = counts.astype(np.float64).copy()
-    done = counts.sum()
-    chosen = np.empty(batch_size, np.int64)
-    for j in range(batch_size):
-        k = int(np.argmax((done + j + 1) * probs - counts))
-        chosen[j] = k
-        counts[k] += 1
-    return chosen[np.random.default_rng([seed, batch_index]).permutation(batch_size)]
-
-
-def cursors_for(sources: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """Row number, within its source's stream, of every row: source k's rows get start[k],
-    start[k] + 1, ... in batch order."""
-    cursors = np.empty(len(sources), np.int64)
-    for k in np.unique(sources):
-        sel = sources == k
-        cursors[sel] = start[k] + np.arange(sel.sum())
-    return cursors

@@ -19,20 +19,27 @@ continues straight into epoch e + 1, so no token is ever dropped.
 With `wrap=False` (evaluation) the stream is one epoch in file order and the last row is padded.
 
 `PackedExamples` (SFT) packs whole examples, each shifted on its own (an example of n tokens
-gives n - 1 input/target pairs), greedily in order into rows of seq_len pairs, then pads. An
-example longer than a row is truncated (its first seq_len + 1 tokens) or dropped, per
-`overlong`; one left with no response token is dropped; both are counted. Packing is done once
-(example order drawn from the seed); each epoch visits the rows in a new seeded order.
+gives n - 1 input/target pairs), greedily in order into rows of seq_len pairs (next-fit: an
+example that does not fit the current row opens the next one), then pads. An example longer than
+a row is truncated (its first seq_len + 1 tokens) or dropped, per `overlong`; one left with no
+response token is dropped; both are counted. The layout (row and offset of every example) is
+planned once from the example lengths (example order drawn from the seed); rows are filled from
+the memory-mapped store only when asked for; each epoch visits the rows in a new seeded order.
+
+Both classes are random access (row number -> row), pure functions of (store, seed, options), so
+any process or loader worker can build any row; only the document/row orders of the epochs in use
+are kept in memory (int64 per document or row).
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
 
 from btx_jax.data.errors import DataError
-from btx_jax.data.sources import TokenizedDocs
+from btx_jax.data.store import TokenizedDocs
 
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -74,18 +81,13 @@ class PackedStream:
             raise DataError(f"source {name!r}: no tokens")
         row = seq_len + 1
         self.rows_per_epoch = self.tokens_per_epoch / row if wrap else -(-self.tokens_per_epoch // row)
-        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
+    @functools.lru_cache(maxsize=4)
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(document order, start of each document in the epoch's stream + total)."""
-        if epoch not in self._epochs:
-            n = len(self.docs.offsets) - 1
-            order = source_rng(self.seed, self.name, epoch).permutation(n) if self.shuffle else np.arange(n)
-            starts = np.concatenate([[0], np.cumsum(self.docs.lengths[order])])
-            if len(self._epochs) >= 4:
-                self._epochs.pop(min(self._epochs))
-            self._epochs[epoch] = (order, starts)
-        return self._epochs[epoch]
+        n = len(self.docs.offsets) - 1
+        order = source_rng(self.seed, self.name, epoch).permutation(n) if self.shuffle else np.arange(n)
+        return order, np.concatenate([[0], np.cumsum(self.docs.lengths[order])])
 
     def epochs_done(self, rows: int) -> float:
         return rows / self.rows_per_epoch
@@ -138,11 +140,8 @@ class PackedExamples:
         starts, lengths = docs.offsets[:-1], docs.lengths
         too_long = lengths - 1 > seq_len
         keep_len = np.minimum(lengths, seq_len + 1)
-        mask = docs.response_mask
-        response_cum = np.concatenate([[0], np.cumsum(mask)])
-        # targets are tokens 1..keep_len-1 of each example: count the response tokens among them
-        n_response = response_cum[starts + keep_len] - response_cum[starts + 1]
-        keep = (n_response > 0) & ~(too_long & (overlong == "drop"))
+        # targets are tokens 1..keep_len-1 of each example: keep it if one of them is a response token
+        keep = (docs.first_response < keep_len) & ~(too_long & (overlong == "drop"))
         self.counts = {
             "examples": int(keep.sum()),
             "truncated": int((too_long & keep).sum()),
@@ -154,35 +153,43 @@ class PackedExamples:
             )
         order = source_rng(seed, name).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
         order = order[keep[order]]
-        self._rows, self._fill = self._pack(docs, starts[order], keep_len[order] - 1, pad_id)
+        self.docs, self.pad_id = docs, pad_id
+        self._starts, self._pairs = starts[order], keep_len[order] - 1
+        self._row_of, self._offset, self._seg, self._fill = self._plan(self._pairs)
+        self._first = np.searchsorted(self._row_of, np.arange(len(self._fill) + 1))  # first example of each row
         self.rows_per_epoch = len(self._fill)
-        self._orders: dict[int, np.ndarray] = {}  # epoch -> row order, for the epochs in use
 
-    def _pack(self, docs: TokenizedDocs, starts: np.ndarray, pairs: np.ndarray, pad_id: int):
+    def _plan(self, pairs: np.ndarray):
         """Greedy in-order packing: each example goes to the current row if it fits, else a new one."""
-        row_of, offset_in_row = np.empty(len(pairs), np.int64), np.empty(len(pairs), np.int64)
-        seg_of = np.empty(len(pairs), np.int64)
+        row_of, offset_in_row, seg_of = (np.empty(len(pairs), np.int64) for _ in range(3))
         row, used, seg = 0, 0, 0
         for i, n in enumerate(pairs.tolist()):
             if used + n > self.seq_len:
                 row, used, seg = row + 1, 0, 0
             row_of[i], offset_in_row[i], seg_of[i] = row, used, seg + 1
             used, seg = used + n, seg + 1
-        rows = empty_rows(row + 1, self.seq_len, pad_id)
-        example = np.repeat(np.arange(len(pairs)), pairs)
-        k = np.arange(len(example)) - np.repeat(np.cumsum(pairs) - pairs, pairs)  # pair index in example
-        src = starts[example] + k
-        dest = row_of[example] * self.seq_len + offset_in_row[example] + k
+        fill = np.bincount(row_of, weights=pairs, minlength=row + 1).astype(np.int64)
+        return row_of, offset_in_row, seg_of, fill
+
+    def _materialise(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows `ids` of the layout, filled from the store."""
+        rows = empty_rows(len(ids), self.seq_len, self.pad_id)
+        per_row = self._first[ids + 1] - self._first[ids]
+        example = np.repeat(self._first[ids] - np.cumsum(per_row) + per_row, per_row) + np.arange(per_row.sum())
+        slot = np.repeat(np.arange(len(ids)), per_row)  # output row of each example
+        pairs = self._pairs[example]
+        k = np.arange(pairs.sum()) - np.repeat(np.cumsum(pairs) - pairs, pairs)  # pair index in its example
+        src = np.repeat(self._starts[example], pairs) + k
+        dest = np.repeat(slot * self.seq_len + self._offset[example], pairs) + k
         for field, values in (
-            ("inputs", docs.tokens[src]),
-            ("targets", docs.tokens[src + 1]),
-            ("loss_mask", docs.response_mask[src + 1]),
-            ("segment_ids", seg_of[example]),
+            ("inputs", self.docs.tokens[src]),
+            ("targets", self.docs.tokens[src + 1]),
+            ("loss_mask", self.docs.response_mask[src + 1]),
+            ("segment_ids", np.repeat(self._seg[example], pairs)),
             ("positions", k),
         ):
             rows[field].reshape(-1)[dest] = values
-        fill = np.bincount(row_of, weights=pairs, minlength=row + 1).astype(np.int64)
-        return rows, fill
+        return rows
 
     def _row_ids(self, cursors: np.ndarray) -> np.ndarray:
         epoch, index = np.divmod(np.asarray(cursors, np.int64), self.rows_per_epoch)
@@ -190,12 +197,12 @@ class PackedExamples:
             return index
         out = np.empty_like(index)
         for e in np.unique(epoch):
-            if int(e) not in self._orders:
-                if len(self._orders) >= 2:
-                    self._orders.pop(min(self._orders))
-                self._orders[int(e)] = source_rng(self.seed, self.name, 1, int(e)).permutation(self.rows_per_epoch)
-            out[epoch == e] = self._orders[int(e)][index[epoch == e]]
+            out[epoch == e] = self._row_order(int(e))[index[epoch == e]]
         return out
+
+    @functools.lru_cache(maxsize=2)
+    def _row_order(self, epoch: int) -> np.ndarray:
+        return source_rng(self.seed, self.name, 1, epoch).permutation(self.rows_per_epoch)
 
     def epochs_done(self, rows: int) -> float:
         return rows / self.rows_per_epoch
@@ -204,5 +211,4 @@ class PackedExamples:
         return int(self._fill[self._row_ids(cursors)].sum())
 
     def rows(self, cursors: np.ndarray) -> dict[str, np.ndarray]:
-        ids = self._row_ids(cursors)
-        return {f: self._rows[f][ids] for f in FIELDS}
+        return self._materialise(self._row_ids(cursors))

@@ -13,12 +13,20 @@ CONFIG SCHEMA (`ml_collections.ConfigDict` or dict; every key but `sources` is o
   shuffle        True: document order (pretrain) / packing order and row order (SFT) drawn from seed
   overlong       "truncate" (default) | "drop": SFT examples longer than seq_len + 1 tokens
   chat_template  "auto" (default: the tokenizer's template if it has one) | "default"
-  cache_dir      None: optional folder for .npz token caches shared across runs
+  cache_dir      where the tokenised stores go (btx_jax.data.store); None: $BTX_DATA_CACHE, else
+                 ~/.cache/btx_jax/data. A shared filesystem path lets several hosts share one store.
+  num_proc       processes tokenising a store (None: every core)
+  shard_mb       store build shard size in MB of records (resume granularity; default 64)
+  workers        grain worker processes building batches (default 0: built by a read-ahead thread)
+  read_ahead     batches prefetched ahead of the trainer (default 2; 0: built on demand)
+  tokenizer      ignored here (the trainer and scripts/prepare_data.py load it)
 
 Each `next(pipeline)` returns this process's rows (global_batch_size // process_count) of the
-global batch, as the dict of numpy arrays described in btx_jax.data.packing. The state is global
-(the same on every process): restoring it with another process count continues the same global
-batch stream.
+global batch, as the dict of numpy arrays described in btx_jax.data.packing. Sources are tokenised
+once into memory-mapped stores (btx_jax.data.store) and batches are built by grain
+(btx_jax.data.loader). The state is global (the same on every process) and JSON: grain's iterator
+state plus the global batch index, so restoring it with another process count continues the same
+global batch stream.
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from btx_jax.data.errors import DataError
-from btx_jax.data.mixture import allocate_batch, cursors_for, normalize_ratios
+from btx_jax.data.loader import BatchBuilder, batch_iterator
+from btx_jax.data.mixture import normalize_ratios
 from btx_jax.data.packing import FIELDS, PackedExamples, PackedStream, empty_rows
-from btx_jax.data.sft import tokenize_sft
-from btx_jax.data.sources import Source, tokenize_texts
+from btx_jax.data.sources import Source
+from btx_jax.data.store import open_store, pretrain_options, sft_options
 
 _DEFAULTS = {
     "kind": "pretrain",
@@ -44,8 +53,13 @@ _DEFAULTS = {
     "overlong": "truncate",
     "chat_template": "auto",
     "cache_dir": None,
+    "num_proc": None,
+    "shard_mb": None,
+    "workers": 0,
+    "read_ahead": 2,
+    "tokenizer": None,
 }
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def parse_config(cfg: Any) -> dict:
@@ -58,6 +72,8 @@ def parse_config(cfg: Any) -> dict:
         raise DataError(f"data config: kind must be 'pretrain' or 'sft', not {cfg['kind']!r}")
     if not cfg["sources"]:
         raise DataError("data config: 'sources' is empty")
+    if cfg["chat_template"] not in ("auto", "default"):
+        raise DataError(f"chat_template must be 'auto' or 'default', not {cfg['chat_template']!r}")
     cfg["sources"] = [Source.from_dict(s) for s in cfg["sources"]]
     names = [s.name for s in cfg["sources"]]
     if len(set(names)) != len(names):
@@ -65,13 +81,21 @@ def parse_config(cfg: Any) -> dict:
     return cfg
 
 
-def build_store(cfg: dict, source: Source, tokenizer, *, seq_len: int, seed: int, training: bool):
-    """The packed rows of one source: PackedStream (pretrain) or PackedExamples (SFT)."""
+def source_docs(cfg: dict, source: Source, tokenizer, progress: bool = True):
+    """The source's tokenised documents from its store (built on first use)."""
     if cfg["kind"] == "pretrain":
-        docs = tokenize_texts(
-            source, tokenizer, add_bos=cfg["add_bos"], add_eos=cfg["add_eos"], cache_dir=cfg["cache_dir"]
-        )
-        store = PackedStream(
+        options = pretrain_options(add_bos=cfg["add_bos"], add_eos=cfg["add_eos"])
+    else:
+        options = sft_options(tokenizer, add_bos=cfg["add_bos"], chat_template=cfg["chat_template"])
+    return open_store(source, tokenizer, options, cache_dir=cfg["cache_dir"], num_proc=cfg["num_proc"],
+                      shard_mb=cfg["shard_mb"], progress=progress)
+
+
+def packed_rows(cfg: dict, source: Source, tokenizer, *, seq_len: int, seed: int, training: bool):
+    """The packed rows of one source: PackedStream (pretrain) or PackedExamples (SFT)."""
+    docs = source_docs(cfg, source, tokenizer)
+    if cfg["kind"] == "pretrain":
+        rows = PackedStream(
             docs,
             name=source.name,
             seq_len=seq_len,
@@ -81,12 +105,9 @@ def build_store(cfg: dict, source: Source, tokenizer, *, seq_len: int, seed: int
             pad_id=tokenizer.pad_id,
             wrap=training,
         )
-        store.counts = {**docs.counts, "truncated": 0, "dropped": 0}
-        return store
-    docs = tokenize_sft(
-        source, tokenizer, add_bos=cfg["add_bos"], chat_template=cfg["chat_template"], cache_dir=cfg["cache_dir"]
-    )
-    store = PackedExamples(
+        rows.counts = {**docs.counts, "truncated": 0, "dropped": 0}
+        return rows
+    rows = PackedExamples(
         docs,
         name=source.name,
         seq_len=seq_len,
@@ -95,78 +116,94 @@ def build_store(cfg: dict, source: Source, tokenizer, *, seq_len: int, seed: int
         pad_id=tokenizer.pad_id,
         overlong=cfg["overlong"],
     )
-    store.counts = {**docs.counts, **store.counts}
-    return store
+    rows.counts = {**docs.counts, **rows.counts}
+    return rows
+
+
+def prepare(cfg: Any, tokenizer, *, held_out: bool = True, progress: bool = True) -> list[tuple[str, dict]]:
+    """Build every store the config's training (and evaluation) sources need; (source, store totals)."""
+    cfg = parse_config(cfg)
+    sources = list(cfg["sources"])
+    if held_out:
+        sources += [s.held_out() for s in cfg["sources"] if s.eval_path]
+    out = []
+    for source in sources:
+        docs = source_docs(cfg, source, tokenizer, progress=progress)
+        path, meta, _ = docs.reopen
+        out.append((", ".join(source.path), {**docs.counts, "tokens": int(docs.offsets[-1]), "store": str(path),
+                                              "seconds": meta["seconds"]}))
+    return out
+
+
+def prepare_config(data_cfg: Any, *, num_proc: int | None = None) -> None:
+    """`scripts/prepare_data.py`: load the config's tokenizer, build every store, print one line per store."""
+    from btx_jax.data.tokenizer import load_tokenizer
+
+    d = dict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg)
+    if d.get("kind") == "synthetic":
+        raise DataError("data config: kind='synthetic' has no sources to prepare")
+    if not d.get("tokenizer"):
+        raise DataError("data config: no 'tokenizer' (a sentencepiece .model or a tokenizer directory)")
+    tokenizer = load_tokenizer(d["tokenizer"])
+    if num_proc is not None:
+        d["num_proc"] = num_proc
+    for path, info in prepare(d, tokenizer):
+        rate = f", {info['tokens'] / info['seconds']:,.0f} tokens/s" if info["seconds"] else ""
+        print(f"{path}: {info['documents']:,} documents, {info['tokens']:,} tokens{rate} -> {info['store']}")
 
 
 class Pipeline:
     """Iterator of batches; see the module docstring. Build it with `make_pipeline`."""
 
-    def __init__(
-        self,
-        kind: str,
-        names: list[str],
-        probs: np.ndarray,
-        stores: list,
-        *,
-        seq_len: int,
-        global_batch_size: int,
-        process_index: int,
-        process_count: int,
-        seed: int,
-        pad_id: int,
-    ):
-        self.kind, self.names, self.probs = kind, names, probs
-        self.stores = stores
-        self.seq_len, self.global_batch_size, self.seed, self.pad_id = seq_len, global_batch_size, seed, pad_id
-        self.local_batch_size = global_batch_size // process_count
-        self._lo = process_index * self.local_batch_size
+    def __init__(self, kind: str, names: list[str], probs: np.ndarray, stores: list, builder: BatchBuilder, *,
+                 workers: int, read_ahead: int):
+        self.kind, self.names, self.probs, self.stores = kind, names, probs, stores
+        self.builder, self.workers, self.read_ahead = builder, workers, read_ahead
+        self.seq_len, self.seed = builder.seq_len, builder.seed
+        self.global_batch_size, self.local_batch_size = builder.global_batch_size, builder.local_batch_size
         self._batch_index = 0
         self._rows = np.zeros(len(stores), np.int64)  # global rows taken from each source so far
         self._non_pad = 0  # global non-padding input positions so far
+        self._iter, self._start = None, 0  # the grain iterator over global batches _start, ...; made on first use
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
+    def _iterator(self):
+        if self._iter is None:
+            self._iter = batch_iterator(self.builder, self._start, workers=self.workers, read_ahead=self.read_ahead)
+        return self._iter
+
     def __next__(self) -> dict[str, np.ndarray]:
-        sources = allocate_batch(self._rows, self.probs, self.global_batch_size, self.seed, self._batch_index)
-        cursors = cursors_for(sources, self._rows)
-        hi = self._lo + self.local_batch_size
-        local_src, local_cur = sources[self._lo : hi], cursors[self._lo : hi]
-        batch = empty_rows(self.local_batch_size, self.seq_len, self.pad_id)
-        for k in np.unique(local_src):
-            sel = local_src == k
-            rows = self.stores[k].rows(local_cur[sel])
-            for f in FIELDS:
-                batch[f][sel] = rows[f]
-        for k in np.unique(sources):
-            self._non_pad += self.stores[k].non_pad(cursors[sources == k])
-        self._rows += np.bincount(sources, minlength=len(self.stores))
+        batch = dict(next(self._iterator()))
+        self._rows += batch.pop("_rows")
+        self._non_pad += int(batch.pop("_non_pad"))
         self._batch_index += 1
         return batch
 
-    def get_state(self) -> dict:
-        """JSON-serialisable position of the stream (identical on every process)."""
+    def _fixed(self) -> dict:
         return {
             "version": _STATE_VERSION,
             "kind": self.kind,
             "seed": self.seed,
             "seq_len": self.seq_len,
             "global_batch_size": self.global_batch_size,
+        }
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position of the stream (identical on every process)."""
+        return {
+            **self._fixed(),
             "batch_index": self._batch_index,
             "rows": {n: int(r) for n, r in zip(self.names, self._rows)},
             "non_pad_tokens": int(self._non_pad),
+            "workers": self.workers,
+            "start": self._start,
+            "grain": self._iterator().get_state(),
         }
 
     def set_state(self, state: dict) -> None:
-        expected = {
-            "version": _STATE_VERSION,
-            "kind": self.kind,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size,
-        }
-        for key, value in expected.items():
+        for key, value in self._fixed().items():
             if state.get(key) != value:
                 raise DataError(f"data state: {key}={state.get(key)!r} does not match this pipeline's {value!r}")
         if sorted(state["rows"]) != sorted(self.names):
@@ -174,6 +211,11 @@ class Pipeline:
         self._batch_index = int(state["batch_index"])
         self._rows = np.array([state["rows"][n] for n in self.names], np.int64)
         self._non_pad = int(state["non_pad_tokens"])
+        self._iter, self._start = None, 0
+        if state.get("workers") == self.workers and state.get("start") == 0:
+            self._iterator().set_state(state["grain"])  # grain's own state
+        else:  # another worker layout: a fresh iterator from the global batch index
+            self._start = self._batch_index
 
     def stats(self) -> dict:
         """Realised mixture, packing efficiency, epochs, and per-source document counts."""
@@ -192,7 +234,6 @@ class Pipeline:
             "truncated": per("truncated"),
             "dropped": per("dropped"),
         }
-
 
 def make_pipeline(
     cfg: Any,
@@ -214,19 +255,11 @@ def make_pipeline(
     cfg = parse_config(cfg)
     names = [s.name for s in cfg["sources"]]
     probs = normalize_ratios(names, [s.ratio for s in cfg["sources"]])  # fail before tokenising
-    stores = [build_store(cfg, s, tokenizer, seq_len=seq_len, seed=seed, training=True) for s in cfg["sources"]]
-    return Pipeline(
-        cfg["kind"],
-        names,
-        probs,
-        stores,
-        seq_len=seq_len,
-        global_batch_size=global_batch_size,
-        process_index=process_index,
-        process_count=process_count,
-        seed=seed,
-        pad_id=tokenizer.pad_id,
-    )
+    stores = [packed_rows(cfg, s, tokenizer, seq_len=seq_len, seed=seed, training=True) for s in cfg["sources"]]
+    builder = BatchBuilder(stores, probs, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
+                           process_index=process_index, process_count=process_count, pad_id=tokenizer.pad_id)
+    return Pipeline(cfg["kind"], names, probs, stores, builder, workers=int(cfg["workers"]),
+                    read_ahead=int(cfg["read_ahead"]))
 
 
 def eval_batches(
@@ -246,7 +279,7 @@ def eval_batches(
     raw = dict(cfg_or_source.to_dict() if hasattr(cfg_or_source, "to_dict") else cfg_or_source)
     cfg = parse_config(raw if "sources" in raw else {"kind": kind or "pretrain", "sources": [raw]})
     stores = [
-        build_store(cfg, s.held_out(), tokenizer, seq_len=seq_len, seed=0, training=False) for s in cfg["sources"]
+        packed_rows(cfg, s.held_out(), tokenizer, seq_len=seq_len, seed=0, training=False) for s in cfg["sources"]
     ]
     plan = [(store, row) for store in stores for row in range(int(store.rows_per_epoch))]
     n_batches = -(-len(plan) // batch_size)

@@ -25,10 +25,8 @@ DEFAULT TEMPLATE (BOS at the start when add_bos; "{...}" are the record's fields
 
 from __future__ import annotations
 
-import numpy as np
-
 from btx_jax.data.errors import DataError
-from btx_jax.data.sources import Source, TokenizedDocs, cached_tokenize, flatten, load_records, require_fields
+from btx_jax.data.sources import Source
 
 Piece = tuple[str, bool]  # (text, is_response)
 _ROLE_HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
@@ -95,46 +93,30 @@ def chat_template_pieces(source: Source, record: dict, tokenizer) -> list[Piece]
     return pieces + [(full[done:], False)]
 
 
-def tokenize_sft(
-    source: Source, tokenizer, *, add_bos: bool, chat_template: str, cache_dir: str | None = None
-) -> TokenizedDocs:
-    """SFT examples of a source as flat tokens + response mask, tokenised once and cached."""
-    if chat_template not in ("auto", "default"):
-        raise DataError(f"chat_template must be 'auto' or 'default', not {chat_template!r}")
-    use_tokenizer_template = chat_template == "auto" and tokenizer.chat_template is not None
+def encode_sft(source: Source, tokenizer, records: list[dict], *, add_bos: bool, use_tokenizer_template: bool):
+    """Token ids and response masks (lists, one per record) of a batch of SFT records."""
+    if use_tokenizer_template:
+        examples = [chat_template_pieces(source, r, tokenizer) for r in records]
+    else:
+        examples = [default_template_pieces(source, r) for r in records]
+    texts = [text for ex in examples for text, _ in ex if text]
+    piece_ids = iter(tokenizer.encode_batch(texts, num_threads=1))
+    bos = [tokenizer.bos_id] if add_bos and not use_tokenizer_template else []
+    eos = [] if use_tokenizer_template else [tokenizer.eos_id]
+    ids, masks = [], []
+    for ex in examples:
+        toks, mask = list(bos), [False] * len(bos)
+        for text, is_response in ex:
+            piece = (next(piece_ids) if text else []) + (eos if is_response else [])
+            toks += piece
+            mask += [is_response] * len(piece)
+        ids.append(toks)
+        masks.append(mask)
+    return ids, masks
 
-    def build() -> TokenizedDocs:
-        ds = load_records(source)
-        if source.messages_field not in ds.column_names:
-            require_fields(source, ds, [source.instruction_field, source.output_field])
-        records = ds.to_list()[: source.max_docs]
-        if not records:
-            raise DataError(f"source {source.name!r}: no records in {', '.join(source.path)}")
-        if use_tokenizer_template:
-            examples = [chat_template_pieces(source, r, tokenizer) for r in records]
-        else:
-            examples = [default_template_pieces(source, r) for r in records]
-        texts = [text for ex in examples for text, _ in ex if text]
-        piece_ids = iter(tokenizer.encode_batch(texts))
-        bos = [tokenizer.bos_id] if add_bos and not use_tokenizer_template else []
-        eos = [] if use_tokenizer_template else [tokenizer.eos_id]
-        ids, masks = [], []
-        for ex in examples:
-            toks, mask = list(bos), [False] * len(bos)
-            for text, is_response in ex:
-                piece = (next(piece_ids) if text else []) + (eos if is_response else [])
-                toks += piece
-                mask += [is_response] * len(piece)
-            ids.append(toks)
-            masks.append(mask)
-        tokens, offsets = flatten(ids)
-        response = np.fromiter((m for x in masks for m in x), dtype=bool, count=len(tokens))
-        return TokenizedDocs(tokens, offsets, response, {"documents": len(records), "filtered": 0})
 
-    extra = {
-        "kind": "sft",
-        "bos": add_bos,
-        "template": use_tokenizer_template,
-        "chat_template": tokenizer.chat_template,
-    }
-    return cached_tokenize(source, tokenizer, extra, build, cache_dir)
+def sft_fields(source: Source, column_names: list[str]) -> list[str]:
+    """The record fields an SFT source needs (checked before tokenising)."""
+    if source.messages_field in column_names:
+        return [source.messages_field]
+    return [source.instruction_field, source.output_field]

@@ -21,9 +21,13 @@ A source is a dict (or ConfigDict) with these keys (only `path` is required):
                         column names (defaults instruction/input/output/messages) and an
                         optional system prompt prepended to every example
 
-Tokenised sources are cached in memory per process (key: tokenizer content hash, file paths with
-size and mtime, and every option), and on disk as .npz when `cache_dir` is given, so epochs and
-repeated pipelines never re-tokenise.
+Hub datasets: `path="wikimedia/wikipedia", subset="20231101.ja"` or the shorthand
+`path="wikimedia/wikipedia:20231101.ja"`; `revision` pins a hub commit (part of the store fingerprint). A
+local directory is read the same way (`datasets.load_dataset(dir, subset)`), so a copy of a hub dataset
+(its README.md `configs:` and data files) works offline.
+
+Sources are tokenised once into a store on disk (btx_jax.data.store); this module only reads records and
+formats them into document texts, one batch of records at a time.
 """
 
 from __future__ import annotations
@@ -31,14 +35,13 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import glob
-import hashlib
 import json
+import logging
 import string
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
+from btx_jax.data import bundled
 from btx_jax.data.errors import DataError
 
 _SUFFIX_FORMATS = {
@@ -60,6 +63,7 @@ class Source:
     format: str | None = None
     subset: str | None = None
     split: str = "train"
+    revision: str | None = None
     ratio: float = 1.0
     eval_path: tuple[str, ...] | None = None
     sample_by: str = "line"
@@ -78,6 +82,11 @@ class Source:
     @classmethod
     def from_dict(cls, spec: Any) -> "Source":
         spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
+        if "bundled" in spec:          # {"bundled": "wiki", "ratio": ...}: a corpus shipped with the package
+            domain = spec.pop("bundled")
+            if domain not in bundled.DOMAINS:
+                raise DataError(f"source: unknown bundled corpus {domain!r} (choose from {', '.join(bundled.DOMAINS)})")
+            spec = {**bundled.bundled_source(domain, spec.pop("ratio", 1.0)), **spec}
         if "path" not in spec:
             raise DataError(f"source {spec.get('name', spec)!r}: missing 'path'")
         unknown = set(spec) - {f.name for f in dataclasses.fields(cls)}
@@ -85,10 +94,15 @@ class Source:
             raise DataError(f"source {spec.get('name', spec['path'])!r}: unknown keys {sorted(unknown)}")
         for key in ("path", "eval_path"):
             if isinstance(spec.get(key), (str, Path)):
-                spec[key] = (str(spec[key]),)
+                spec[key] = (bundled.resolve(spec[key]),)
             elif spec.get(key) is not None:
-                spec[key] = tuple(str(p) for p in spec[key])
-        spec.setdefault("name", Path(spec["path"][0]).stem)
+                spec[key] = tuple(bundled.resolve(p) for p in spec[key])
+        hub_name, _, subset = spec["path"][0].rpartition(":")
+        if len(spec["path"]) == 1 and hub_name and "/" not in subset and spec.get("subset") is None:
+            if spec.get("format") == "hub" or not Path(spec["path"][0]).exists():
+                spec["path"], spec["subset"] = (hub_name,), subset  # "org/dataset:subset" shorthand
+        default_name = Path(spec["path"][0]).stem
+        spec.setdefault("name", f"{default_name}_{spec['subset']}" if spec.get("subset") else default_name)
         if spec.get("format") is not None and spec["format"] not in _FORMATS:
             raise DataError(f"source {spec['name']!r}: format {spec['format']!r} not one of {sorted(_FORMATS)}")
         return cls(**spec)
@@ -98,7 +112,7 @@ class Source:
         return dataclasses.replace(self, path=self.eval_path or self.path, eval_path=None)
 
 
-def _resolve_local(source: Source) -> list[Path] | None:
+def local_files(source: Source) -> list[Path] | None:
     """The files of a local source, or None for a hub dataset."""
     if source.format == "hub":
         return None
@@ -108,13 +122,28 @@ def _resolve_local(source: Source) -> list[Path] | None:
         for m in matches:
             if Path(m).is_file():
                 files.append(Path(m))
-            elif source.format is None and not Path(m).suffix and "/" in m and not Path(m).exists():
-                return None  # e.g. "org/dataset": a hub name
+            elif source.format is None and len(source.path) == 1 and (Path(m).is_dir() or _looks_like_hub(m)):
+                return None  # "org/dataset" on the hub, or a local directory laid out like one
             else:
                 raise DataError(f"source {source.name!r}: file not found: {m}")
         if not matches:
             raise DataError(f"source {source.name!r}: no file matches {pattern}")
     return files
+
+
+def _looks_like_hub(name: str) -> bool:
+    return not Path(name).suffix and name.count("/") == 1 and not Path(name).exists()
+
+
+def source_stamp(source: Source) -> list:
+    """What identifies the source's bytes without reading them: (path, size, mtime) of every local file
+    (every file under a local dataset directory), or the hub name, subset, split and revision."""
+    files = local_files(source)
+    if files is None and Path(source.path[0]).is_dir():
+        files = sorted(p for p in Path(source.path[0]).rglob("*") if p.is_file())
+    if files is None:
+        return [source.path[0], source.subset, source.split, source.revision]
+    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
 def _builder(source: Source, files: list[Path]) -> str:
@@ -144,27 +173,81 @@ def _check_utf8(source: Source, path: Path) -> None:
         raise DataError(f"source {source.name!r}: {path} is not UTF-8 text (truncated character at end)") from None
 
 
-def load_records(source: Source):
-    """The source's rows as a `datasets.Dataset`."""
+def _first_bad_json_line(path: Path) -> str | None:
+    """'line N: reason' of the first line of a jsonl file that is not a JSON object (1-based), or None."""
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                if not isinstance(json.loads(line), dict):
+                    return f"line {number}: not a JSON object"
+            except json.JSONDecodeError as e:
+                return f"line {number}: {e.msg} at column {e.colno}"
+    return None
+
+
+def load_records(source: Source, cache_dir: str | None = None, num_proc: int | None = None):
+    """The source's rows as a memory-mapped `datasets.Dataset` (Arrow files under `cache_dir`, else
+    the datasets cache). Local files are checked to be UTF-8 text first."""
     import datasets
 
-    files = _resolve_local(source)
-    try:
-        if files is None:
-            return datasets.load_dataset(source.path[0], source.subset, split=source.split)
-        builder = _builder(source, files)
+    files = local_files(source)
+    if files is None:
+        return _load_hub(source)
+    builder = _builder(source, files)
+    for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"source {source.name!r}: {f} is empty")
         if builder != "parquet":
-            for f in files:
-                _check_utf8(source, f)
-        kwargs = {"sample_by": source.sample_by} if builder == "text" else {}
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+            _check_utf8(source, f)
+    kwargs = {"sample_by": source.sample_by} if builder == "text" else {}
+    try:
+        ds = datasets.load_dataset(
+            builder,
+            data_files=[str(f) for f in files],
+            split="train",
+            cache_dir=cache_dir,
+            num_proc=num_proc if num_proc and len(files) > 1 else None,
+            **kwargs,
+        )
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
         if isinstance(e, DataError):
             raise
+        if builder == "json":
+            for f in files:
+                if (bad := _first_bad_json_line(f)) is not None:
+                    raise DataError(f"source {source.name!r}: {f} {bad}") from None
         cause = str(e.__cause__ or e).strip().splitlines()
         raise DataError(
             f"source {source.name!r}: cannot read {', '.join(source.path)} ({cause[0] if cause else type(e).__name__})"
         ) from None
+    if len(ds) == 0:
+        raise DataError(f"source {source.name!r}: no records in {', '.join(source.path)}")
+    return ds
+
+
+def _load_hub(source: Source):
+    """A hub dataset (or a local directory laid out like one); one line when it cannot be resolved."""
+    import datasets
+
+    name = source.path[0]
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # no retry warnings: the failure is reported below in one line
+    try:
+        return datasets.load_dataset(name, source.subset, split=source.split, revision=source.revision)
+    except Exception as e:  # datasets raises many types here (connection, not found, offline, bad config)
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        offline = " (not in the local datasets cache, and the hub is offline or does not have it)"
+        local = Path(name).is_dir()
+        raise DataError(
+            f"source {source.name!r}: cannot load {'dataset directory' if local else 'hub dataset'} {name!r}"
+            f"{f' subset {source.subset!r}' if source.subset else ''} split {source.split!r}"
+            f"{'' if local else offline}: {cause}"
+        ) from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def require_fields(source: Source, dataset, fields: list[str]) -> None:
@@ -176,116 +259,29 @@ def require_fields(source: Source, dataset, fields: list[str]) -> None:
         )
 
 
-def source_texts(source: Source) -> tuple[list[str], int]:
-    """The source's documents as strings after formatting and length filters, and how many were
-    filtered out."""
-    ds = load_records(source)
+def document_texts(source: Source, batch: dict[str, list]) -> tuple[list[str], int]:
+    """A batch of records (columns) as document texts after formatting and the length filters, and
+    how many records the filters dropped."""
+    n = len(next(iter(batch.values()))) if batch else 0
     if source.format_fn is not None:
-        texts = [source.format_fn(r) for r in ds]
+        texts = [source.format_fn({k: v[i] for k, v in batch.items()}) for i in range(n)]
     elif source.template is not None:
-        fields = [f for _, f, _, _ in string.Formatter().parse(source.template) if f]
-        require_fields(source, ds, fields)
-        columns = {f: ds[f] for f in dict.fromkeys(fields)}
-        texts = [source.template.format(**{f: columns[f][i] for f in columns}) for i in range(len(ds))]
+        fields = list(dict.fromkeys(f for _, f, _, _ in string.Formatter().parse(source.template) if f))
+        texts = [source.template.format(**{f: batch[f][i] for f in fields}) for i in range(n)]
     else:
-        require_fields(source, ds, [source.text_field])
-        texts = list(ds[source.text_field])
+        texts = batch[source.text_field]
     kept = [
         t
         for t in texts
         if t is not None and len(t) >= source.min_chars and (source.max_chars is None or len(t) <= source.max_chars)
     ]
-    kept = kept[: source.max_docs] if source.max_docs is not None else kept
-    if not kept:
-        raise DataError(
-            f"source {source.name!r}: no documents left after filtering {', '.join(source.path)} "
-            f"(min_chars={source.min_chars}, max_chars={source.max_chars})"
-        )
-    return kept, len(texts) - len(kept)
+    return kept, n - len(kept)
 
 
-@dataclasses.dataclass
-class TokenizedDocs:
-    """Documents of one source as one flat token array: doc i is tokens[offsets[i]:offsets[i+1]]."""
-
-    tokens: np.ndarray  # [total] int32
-    offsets: np.ndarray  # [num_docs + 1] int64
-    response_mask: np.ndarray | None  # [total] bool, SFT only: True on tokens the loss counts
-    counts: dict[str, int]  # documents, filtered, ...
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-
-def flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged token lists -> (flat int32 tokens, int64 offsets)."""
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
-    return flat, offsets
-
-
-_MEMORY_CACHE: dict[str, TokenizedDocs] = {}
-
-
-def _cache_key(source: Source, tokenizer, extra: dict) -> str | None:
+def template_fields(source: Source) -> list[str]:
+    """The record fields a pretraining source reads (checked before tokenising)."""
     if source.format_fn is not None:
-        return None
-    files = _resolve_local(source)
-    stamp = (
-        [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        if files is not None
-        else list(source.path)
-    )
-    fields = {
-        k: v for k, v in dataclasses.asdict(source).items() if k not in ("name", "ratio", "eval_path", "format_fn")
-    }
-    blob = json.dumps([stamp, fields, tokenizer.fingerprint, extra], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def cached_tokenize(
-    source: Source, tokenizer, extra: dict, build: Callable[[], TokenizedDocs], cache_dir: str | None = None
-) -> TokenizedDocs:
-    """`build()` once per (source, tokenizer, extra options); memory and optional .npz disk cache."""
-    key = _cache_key(source, tokenizer, extra)
-    if key is None:
-        return build()
-    if key in _MEMORY_CACHE:
-        return _MEMORY_CACHE[key]
-    disk = Path(cache_dir) / f"{source.name}-{key}.npz" if cache_dir else None
-    if disk is not None and disk.exists():
-        with np.load(disk) as z:
-            docs = TokenizedDocs(
-                z["tokens"],
-                z["offsets"],
-                z["response_mask"] if "response_mask" in z else None,
-                json.loads(str(z["counts"])),
-            )
-    else:
-        docs = build()
-        if disk is not None:
-            disk.parent.mkdir(parents=True, exist_ok=True)
-            arrays = {"tokens": docs.tokens, "offsets": docs.offsets, "counts": json.dumps(docs.counts)}
-            if docs.response_mask is not None:
-                arrays["response_mask"] = docs.response_mask
-            np.savez(disk, **arrays)
-    _MEMORY_CACHE[key] = docs
-    return docs
-
-
-def tokenize_texts(
-    source: Source, tokenizer, *, add_bos: bool, add_eos: bool, cache_dir: str | None = None
-) -> TokenizedDocs:
-    """Pretraining documents of a source: [BOS] text [EOS] each, tokenised once and cached."""
-
-    def build() -> TokenizedDocs:
-        texts, filtered = source_texts(source)
-        bos = [tokenizer.bos_id] if add_bos else []
-        eos = [tokenizer.eos_id] if add_eos else []
-        ids = [bos + x + eos for x in tokenizer.encode_batch(texts)]
-        tokens, offsets = flatten(ids)
-        return TokenizedDocs(tokens, offsets, None, {"documents": len(texts), "filtered": filtered})
-
-    return cached_tokenize(source, tokenizer, {"kind": "pretrain", "bos": add_bos, "eos": add_eos}, build, cache_dir)
+        return []
+    if source.template is not None:
+        return [f for _, f, _, _ in string.Formatter().parse(source.template) if f]
+    return [source.text_field]

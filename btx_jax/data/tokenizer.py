@@ -16,6 +16,7 @@ import hashlib
 from pathlib import Path
 from typing import Sequence
 
+from btx_jax.data import bundled
 from btx_jax.data.errors import DataError
 
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -43,10 +44,11 @@ class Tokenizer:
         ids = self.encode_batch([text])[0]
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, no special tokens added."""
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        """Token ids of each text, no special tokens added. `num_threads`: sentencepiece's threads (-1: every
+        core; the store's tokenising processes use 1 each, their parallelism is the process count)."""
         if self._sp is not None:
-            return self._sp.encode(list(texts))
+            return self._sp.encode(list(texts), num_threads=num_threads)
         return self._hf(list(texts), add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -111,8 +113,9 @@ def _load_hf(path: Path) -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a sentencepiece `.model` file or a tokenizer directory (see module docstring)."""
-    path = Path(path)
+    """Load a sentencepiece `.model` file or a tokenizer directory (see module docstring); "bundled:..." names
+    a file shipped with the package."""
+    path = Path(bundled.resolve(path))
     if not path.exists():
         raise DataError(f"tokenizer not found: {path}")
     if path.is_file():

@@ -133,5 +133,6 @@ def load_script(name: str):
 
 @pytest.fixture(scope="session")
 def convert_script():
-    """The scripts/convert.py module (its `main(argv) -> exit code`)."""
-    return load_script("convert")
+    """The conversion CLI's entry point module (btx_jax/convert.py: `main(argv) -> exit code`)."""
+    from btx_jax import convert
+    return convert

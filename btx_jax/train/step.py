@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from btx_jax.data.packing import FIELDS
 from btx_jax.model import Llama, summarize_aux
 from btx_jax.train.phases import merge
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+BATCH_KEYS = FIELDS               # the batch layout the data pipeline produces (btx_jax/data/packing.py)
 
 
 def forward(model: Llama, params, batch, rng=None):

@@ -1,13 +1,28 @@
 """Training checkpoints with orbax's CheckpointManager: every N steps and at the end, keep the last K,
 saved asynchronously.  Each step holds the train state (params, optimizer state, step, RNG), the data
-iterator's state and the resolved config; resuming with an incompatible config is refused."""
+iterator's state and the resolved config; resuming with an incompatible config is refused.
+
+Integrity.  orbax writes each step into a temporary directory and renames it when complete; leftover temporary
+directories of an interrupted save are removed when the manager opens.  On resume (`resume`) the newest step
+is restored; if that fails (truncated or missing files, damaged metadata) the step is reported in one line,
+renamed to `<step>.damaged` (never deleted) and the next older step is tried.  If no step restores, nothing
+is renamed and resume stops with a CheckpointError saying so.  Out-of-space and permission errors while
+saving become one-line DiskErrors naming the directory (btx_jax/disk.py).
+"""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Callable
 
+import jax
 import orbax.checkpoint as ocp
 
+from btx_jax import disk
+from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.config import ConfigError
+
+DAMAGED_SUFFIX = ".damaged"
 
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
@@ -16,18 +31,30 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "trai
 
 class Checkpointer:
     def __init__(self, directory: Path, every: int, keep: int):
-        self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1), max_to_keep=int(keep),
-                                                 enable_async_checkpointing=True, create=True))
+        self.directory = Path(directory).absolute()
+        self.nbytes = None
+        with disk.writing(self.directory):
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1), max_to_keep=int(keep),
+                                                     enable_async_checkpointing=True, create=True,
+                                                     cleanup_tmp_directories=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def saved_step(self) -> int | None:
+        """The newest step whose save has completed (waits for the one in flight)."""
+        self.wait()
+        return self.manager.latest_step()
+
     def save(self, step: int, state, data_state: dict, config: dict, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config)), force=force)
+        if self.nbytes is None:
+            self.nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
+        with disk.writing(self.directory, self.nbytes):
+            return self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config)), force=force)
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -38,12 +65,64 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return out["state"], out["data"]
 
+    def resume(self, abstract_state, check: Callable[[dict], None]) -> tuple[int, dict, dict] | None:
+        """(step, state, data state) of the newest step that restores, None when there is no checkpoint.
+
+        `check(saved_config)` may refuse a step (ConfigError): that is not damage and propagates.  Newer steps
+        that fail to restore are set aside (renamed) once an older one has restored."""
+        failed = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                saved = self.saved_config(step)
+            except Exception as e:     # any failure to read it back is damage, whatever the checkpoint holds
+                failed.append((step, e))
+                continue
+            check(saved)
+            try:
+                state, data_state = self.restore(step, abstract_state)
+            except Exception as e:
+                failed.append((step, e))
+                continue
+            for bad, e in failed:
+                self._set_aside(bad, e)
+            if failed:
+                self.manager.reload()
+            return step, state, data_state
+        if failed:
+            steps = ", ".join(str(s) for s, _ in failed)
+            raise CheckpointError(f"{self.directory}: no checkpoint restores (steps {steps}; newest: "
+                                  f"{_reason(failed[0][1])}); nothing was renamed: move the directory away to "
+                                  "start over, or point --workdir elsewhere")
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}{DAMAGED_SUFFIX}"
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = self.directory / f"{step}{DAMAGED_SUFFIX}{n}"
+        if jax.process_index() == 0:
+            os.replace(src, dst)
+        print(f"[btx] checkpoint step {step} cannot be restored ({_reason(error)}): set aside as {dst.name}, "
+              "using the next older step", flush=True)
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with disk.writing(self.directory, self.nbytes):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+def _reason(error: Exception) -> str:
+    """The first line of an exception's message, shortened (TensorStore messages run to pages)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -2,9 +2,11 @@
 
     train(config, workdir)
 
-Running the same command again resumes from the latest checkpoint in `workdir/checkpoints`.  SIGTERM
-(preemption) saves a checkpoint and exits; a non-finite loss stops with a clear message and keeps the last
-good checkpoint (or is skipped with `train.skip_nonfinite`).  The final parameters are written to
+Running the same command again resumes from the newest checkpoint in `workdir/checkpoints` that restores
+(damaged ones are set aside: btx_jax/train/checkpoints.py).  SIGTERM (preemption) and SIGINT (Ctrl-C) save a
+checkpoint and exit 143 / 130; a non-finite loss stops with a clear message and keeps the last good
+checkpoint (or is skipped with `train.skip_nonfinite`); dead training (zero gradients, loss at ln(vocab))
+is warned about (btx_jax/train/health.py).  Config values are checked first (btx_jax/train/validate.py).  The final parameters are written to
 `workdir/final` as a btx_jax checkpoint, which `load_pretrained` and the next phase read.
 """
 from __future__ import annotations
@@ -22,17 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from btx_jax.config import ConfigError
-from btx_jax.model import attention
+from btx_jax import disk
 from btx_jax.pretrained import Pretrained, save_btx
 from btx_jax.train import checkpoints, mesh as mesh_lib, phases
+from btx_jax.train.health import TrainingHealth
 from btx_jax.train.metrics_log import MetricsLog
 from btx_jax.train.model_init import initial_model
 from btx_jax.train.optim import make_optimizer, schedule
 from btx_jax.train.step import BATCH_KEYS, init_state, make_train_step
+from btx_jax.train.validate import check_model, validate
 
 log = logging.getLogger("btx_jax.train")
 _KILL_AT_STEP = int(os.environ.get("BTX_KILL_AT_STEP", "0"))
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)   # save a checkpoint, then exit 128 + signal (143 / 130)
 
 
 class TrainingError(RuntimeError):
@@ -42,33 +46,6 @@ class TrainingError(RuntimeError):
 def resolved(config) -> dict:
     """The config as plain JSON (what checkpoints store and resume compares)."""
     return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
-
-
-def validate(cfg: dict, num_devices: int) -> tuple:
-    """Every check that needs no compilation; ConfigError with one line each."""
-    t = cfg["train"]
-    wanted = int(cfg["mesh"].get("num_devices", 0))
-    if wanted > num_devices:
-        raise ConfigError(f"mesh.num_devices={wanted} but only {num_devices} devices are available")
-    shape = mesh_lib.mesh_shape(cfg["mesh"], wanted or num_devices)
-    sizes = dict(zip(mesh_lib.MESH_AXES, shape))
-    rules = tuple((k, tuple(v)) for k, v in (cfg.get("mesh_rules") or mesh_lib.DEFAULT_RULES))
-    dp = int(np.prod([sizes[a] for a in dict(rules)["batch"]]))
-    gb, micro = int(t["global_batch_size"]), int(t["microbatches"])
-    if micro < 1 or gb % micro:
-        raise ConfigError(f"train.global_batch_size={gb} is not divisible by train.microbatches={micro}")
-    if (gb // micro) % dp:
-        raise ConfigError(f"train.global_batch_size/microbatches={gb // micro} is not divisible by the "
-                          f"data-parallel size {dp} (mesh {sizes})")
-    if gb % jax.process_count():
-        raise ConfigError(f"train.global_batch_size={gb} is not divisible by {jax.process_count()} processes")
-    if int(t["steps"]) < 1:
-        raise ConfigError(f"train.steps={t['steps']} must be >= 1")
-    if t["attention"] not in attention.IMPLS or int(t["attention_block"]) < 1:
-        raise ConfigError(f"train.attention={t['attention']!r} / attention_block={t['attention_block']} must be one "
-                          f"of {attention.IMPLS} / >= 1")
-    phases.trainable_patterns(cfg["phase"], cfg.get("trainable"))
-    return rules
 
 
 def maybe_initialize_distributed(cfg: dict) -> None:
@@ -169,6 +146,7 @@ def train(config, workdir: str | Path) -> dict:
     mesh = mesh_lib.make_mesh(cfg["mesh"])
 
     pre = initial_model(cfg["model"], seed=int(t["seed"]))
+    check_model(cfg, pre)
     trainable, frozen = phase_params(pre.params, cfg)
     model = train_module(pre, t)
     built = build_step(cfg, mesh, rules, model, trainable, frozen)
@@ -179,13 +157,12 @@ def train(config, workdir: str | Path) -> dict:
     data = make_data(cfg, pre.config.vocab_size)
 
     ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])
-    start = ckpt.latest_step()
-    if start is not None:
-        checkpoints.check_compatible(ckpt.saved_config(start), cfg, workdir)
-        state, data_state = ckpt.restore(start, built.abstract_state)
+    resumed = ckpt.resume(built.abstract_state, lambda saved: checkpoints.check_compatible(saved, cfg, workdir))
+    start = 0
+    if resumed is not None:
+        start, state, data_state = resumed
         data.set_state(data_state)
         print(f"[btx] resumed {workdir} at step {start}", flush=True)
-    start = start or 0
 
     info = summary(state["trainable"], state["frozen"], state_shardings, state)
     metrics_log = MetricsLog(workdir, total_steps=int(t["steps"]), start_step=start, enabled=jax.process_index() == 0)
@@ -193,9 +170,10 @@ def train(config, workdir: str | Path) -> dict:
 
     step_fn = built.step_fn
     lr_at = schedule(t)
+    health = TrainingHealth(pre.config.vocab_size, check_loss=cfg["data"].get("kind") != "synthetic")
 
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+    previous = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum)) for s in STOP_SIGNALS}
     last = {}
     try:
         pending = None
@@ -207,27 +185,35 @@ def train(config, workdir: str | Path) -> dict:
             if step + 1 == _KILL_AT_STEP:      # fault injection for the resume test
                 os.kill(os.getpid(), signal.SIGKILL)
             if pending is not None:
-                last = _check(pending, metrics_log, lr_at, t)
+                last = _check(pending, metrics_log, lr_at, t, health, ckpt)
             pending = (step + 1, metrics)
             done = step + 1 == int(t["steps"])
             if (step + 1) % int(t["ckpt_every"]) == 0 or done or stop["signal"]:
-                last = _check(pending, metrics_log, lr_at, t)
+                last = _check(pending, metrics_log, lr_at, t, health, ckpt)
                 pending = None
                 ckpt.save(step + 1, state, data.get_state(), cfg, force=True)
             if stop["signal"]:
-                ckpt.wait()
-                print(f"[btx] SIGTERM: checkpoint saved at step {step + 1}, exiting", flush=True)
-                raise SystemExit(143)
+                name = signal.Signals(stop["signal"]).name
+                saved = ckpt.saved_step()
+                what = (f"checkpoint saved at step {saved}" if saved == step + 1 else
+                        f"no checkpoint could be saved at step {step + 1} (latest on disk: {saved})")
+                print(f"[btx] {name}: {what}, exiting", flush=True)
+                raise SystemExit(128 + int(stop["signal"]))
         if pending is not None:
-            last = _check(pending, metrics_log, lr_at, t)
+            last = _check(pending, metrics_log, lr_at, t, health, ckpt)
         ckpt.wait()
-        save_final(workdir / "final", Pretrained(pre.config, phases.merge(state["trainable"], state["frozen"]),
-                                                 pre.dtype))
+        final = workdir / "final"
+        if resumed is not None and start == int(t["steps"]) and final.is_dir():
+            print(f"[btx] {workdir} already finished (step {start} of train.steps={start}); {final} is up to date",
+                  flush=True)
+        else:
+            save_final(final, Pretrained(pre.config, phases.merge(state["trainable"], state["frozen"]), pre.dtype))
         last["data_stats"] = data.stats()
         metrics_log.footer(last)
         return last
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         ckpt.close()
         metrics_log.close()
 
@@ -239,8 +225,10 @@ def save_final(dst: Path, pre: Pretrained) -> None:
     if jax.process_index() == 0 and tmp.exists():
         shutil.rmtree(tmp)
     multihost_utils.sync_global_devices("btx_final_clean")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_btx(tmp, pre)
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(pre.params))
+    with disk.writing(dst, nbytes, cleanup=[tmp]):
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_btx(tmp, pre)
     multihost_utils.sync_global_devices("btx_final_saved")
     if jax.process_index() == 0:
         if dst.exists():
@@ -249,18 +237,23 @@ def save_final(dst: Path, pre: Pretrained) -> None:
     multihost_utils.sync_global_devices("btx_final_done")
 
 
-def _check(pending, metrics_log: MetricsLog, lr_at, t) -> dict:
-    """Fetch a step's metrics (one step behind the device), log them, stop on a non-finite loss."""
+def _check(pending, metrics_log: MetricsLog, lr_at, t, health: TrainingHealth, ckpt) -> dict:
+    """Fetch a step's metrics (one step behind the device), log them, stop on a non-finite loss, warn when
+    training looks dead."""
     step, metrics = pending
     host = jax.device_get(metrics)
     loss = float(host["loss"])
     finite = all(np.isfinite(float(host[k])) for k in ("loss", "grad_norm", "update_norm"))
     if not finite and not t["skip_nonfinite"]:
         what = "loss" if not np.isfinite(loss) else "gradient"
-        raise TrainingError(f"non-finite {what} at step {step} (loss {loss}): training stopped; the last good "
-                            "checkpoint is kept (lower train.lr, check the data, or set train.skip_nonfinite=True)")
+        saved = ckpt.saved_step()
+        kept = f"the last good checkpoint (step {saved}) is kept" if saved is not None else "no checkpoint was saved"
+        raise TrainingError(f"non-finite {what} at step {step} (loss {loss}): training stopped; {kept} (lower "
+                            "train.lr, check the data, or set train.skip_nonfinite=True)")
     host["lr"] = float(lr_at(step - 1))
     host["step"] = step
-    metrics_log.step(step, host, log=step % int(t["log_every"]) == 0
-                     or step == int(t["steps"]))
+    logged = step % int(t["log_every"]) == 0 or step == int(t["steps"])
+    metrics_log.step(step, host, log=logged)
+    if logged:
+        health.observe(step, host)
     return host

@@ -78,7 +78,16 @@ def message(path: str | Path, reason: str, nbytes: int | None = None) -> str:
     if reason == REASONS[errno.ENOSPC] and nbytes:
         free = free_bytes(path)
         text += f" (writing needs about {human(nbytes)}" + (f", {human(free)} free)" if free is not None else ")")
-    return text + "; earlier results are untouched, free space / fix permissions and rerun"
+    fix = "free space" if reason in (REASONS[errno.ENOSPC], REASONS[errno.EDQUOT]) else "fix the permissions"
+    return text + f"; earlier results are untouched: {fix} and rerun"
+
+
+def require(path: str | Path, nbytes: int) -> None:
+    """DiskError before writing `nbytes` under `path` when the file system has less free space than that
+    (checked up front so that a full disk fails cleanly instead of inside orbax's background threads)."""
+    free = free_bytes(path)
+    if free is not None and free < nbytes:
+        raise DiskError(message(path, REASONS[errno.ENOSPC], nbytes))
 
 
 @contextlib.contextmanager

@@ -11,7 +11,9 @@ saving become one-line DiskErrors naming the directory (btx_jax/disk.py).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +25,7 @@ from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.config import ConfigError
 
 DAMAGED_SUFFIX = ".damaged"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"     # orbax's in-progress step directories
 
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
@@ -51,7 +54,9 @@ class Checkpointer:
     def save(self, step: int, state, data_state: dict, config: dict, force: bool = False) -> bool:
         if self.nbytes is None:
             self.nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
-        with disk.writing(self.directory, self.nbytes):
+        with self._guard():
+            if force or self.manager.should_save(step):
+                disk.require(self.directory, self.nbytes)
             return self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config)), force=force)
@@ -108,8 +113,19 @@ class Checkpointer:
               "using the next older step", flush=True)
 
     def wait(self) -> None:
-        with disk.writing(self.directory, self.nbytes):
+        with self._guard():
             self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Disk faults -> DiskError naming the directory; the failed step's temporary directory is removed."""
+        try:
+            with disk.writing(self.directory, self.nbytes):
+                yield
+        except disk.DiskError:
+            for tmp in self.directory.glob(f"*{TMP_SUFFIX}*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def close(self) -> None:
         try:
@@ -121,6 +137,7 @@ class Checkpointer:
 def _reason(error: Exception) -> str:
     """The first line of an exception's message, shortened (TensorStore messages run to pages)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.split(" See full TensorStore details")[0]
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 

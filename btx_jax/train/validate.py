@@ -41,7 +41,7 @@ def _float(ok, allowed: str):
 
 # train.<key>: (kind, check, allowed range in words)
 TRAIN = {
-    "steps": _int(1), "global_batch_size": _int(1), "microbatches": _int(1), "seq_len": _int(2),
+    "steps": _int(1), "global_batch_size": _int(1), "microbatches": _int(1), "seq_len": _int(1),
     "lr": _float(lambda v: v > 0, "a number > 0"), "warmup_steps": _int(0),
     "min_lr_ratio": _float(lambda v: 0 <= v <= 1, "between 0 and 1"),
     "weight_decay": _float(lambda v: v >= 0, "a number >= 0"),
@@ -146,5 +146,5 @@ def check_model(cfg: dict, pre) -> None:
             raise ConfigError(f"trainable pattern {pattern!r} is not a regular expression ({e})") from None
         if not any(rx.fullmatch(p) for p in paths):
             which = "trainable" if cfg.get("trainable") else f"phase={cfg['phase']!r}"
-            raise ConfigError(f"{which}: pattern {pattern!r} matches no parameter of the model loaded from "
+            raise ConfigError(f"{which}: pattern '{pattern}' matches no parameter of the model loaded from "
                               f"model.init={cfg['model'].get('init')!r} (is it the right model for this phase?)")

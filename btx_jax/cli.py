@@ -18,8 +18,21 @@ USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, Fi
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from btx_jax.data.errors import DataError
+    from btx_jax.generate import InputError
     from btx_jax.train.trainer import TrainingError
-    return USER_ERRORS + (DataError, TrainingError)
+    return USER_ERRORS + (DataError, InputError, TrainingError)
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts and sizes (>= 1)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
 
 
 def fail(message: str) -> None:

@@ -1,6 +1,9 @@
 """Generate text from a checkpoint (KV-cached; greedy unless --temperature > 0).
 
     python scripts/generate.py --model runs/demo/sft/final --chat --prompt "日本の首都はどこですか？"
+
+A prompt whose tokens plus --max-new-tokens exceed the model's max_position_embeddings is refused (exit 2), not
+truncated; --temperature must be >= 0 and --top-p in (0, 1].
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from btx_jax.cli import run_cli  # noqa: E402
+from btx_jax.cli import positive_int, run_cli  # noqa: E402
 
 
 def main() -> None:
@@ -20,7 +23,7 @@ def main() -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the bundled one)")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--chat", action="store_true", help="wrap prompts in the SFT instruction template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)

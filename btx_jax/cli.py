@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from typing import Callable
@@ -23,9 +24,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return USER_ERRORS + (DataError, InputError, TrainingError)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors as one stderr line (`<prog>: error: ...`) and exit 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def positive_int(text: str) -> int:
     """argparse `type=` for counts and sizes (>= 1)."""
-    import argparse
     try:
         value = int(text)
     except ValueError:

@@ -16,21 +16,21 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from btx_jax.cli import positive_int, run_cli  # noqa: E402
+from btx_jax.cli import ArgumentParser, fail, positive_int, run_cli  # noqa: E402
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"error: {flag} expects NAME=PATH, got {item!r}")
+            fail(f"{flag} expects NAME=PATH, got {item!r}")
         k, v = item.split("=", 1)
         out[k] = v
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="NAME=DIR (HF, mergoo or btx checkpoint)")
     p.add_argument("--workdir", action="append", help="NAME=DIR of a training run, for the loss-curve plot")
     p.add_argument("--domains", default="wiki,math,novel", help="bundled domains to evaluate")

@@ -13,11 +13,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from btx_jax.cli import positive_int, run_cli  # noqa: E402
+from btx_jax.cli import ArgumentParser, positive_int, run_cli  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF, mergoo or btx checkpoint directory")
     p.add_argument("--adapter", default=None, help="PEFT adapter directory applied on --model")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the bundled one)")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import sys
 
+from tqdm import tqdm
+
 PATIENCE = 3            # logged steps in a row
 LOSS_RTOL = 1e-3        # |loss - ln(vocab)| / ln(vocab) below this counts as "at ln(vocab)"
 
@@ -34,5 +36,5 @@ class TrainingHealth:
         text = (f"[btx] WARNING: training looks dead at step {step}: {what} for {self.patience} logged steps in a "
                 "row, so nothing is being learned (train.lr too high or too low? frozen phase patterns? broken "
                 "data?)")
-        print(text, file=sys.stderr, flush=True)
+        tqdm.write(text, file=sys.stderr)        # on its own line, above the progress bar
         return text

@@ -75,7 +75,8 @@ def _flag_error(e: Exception, argv: list[str]) -> str:
         good, bad = suggestion.groups()
         flag = next((a.split("=")[0] for a in argv if re.search(rf"\.{re.escape(bad)}(\.|=|$)", a)), bad)
         key = flag.lstrip("-").split(".", 1)[-1]
-        return f"{flag}: unknown config key {key!r} (did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{good}?)"
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        return f"{flag}: unknown config key {key!r} (did you mean {parent}{good}?)"
     if isinstance(e, (AttributeError, KeyError)):
         missing = re.findall(r"'([^'\\]+)'", text)
         flag = next((a.split("=")[0] for a in argv if missing and f".{missing[-1]}" in a), "--config")

@@ -6,8 +6,9 @@ Running the same command again resumes from the newest checkpoint in `workdir/ch
 (damaged ones are set aside: btx_jax/train/checkpoints.py).  SIGTERM (preemption) and SIGINT (Ctrl-C) save a
 checkpoint and exit 143 / 130; a non-finite loss stops with a clear message and keeps the last good
 checkpoint (or is skipped with `train.skip_nonfinite`); dead training (zero gradients, loss at ln(vocab))
-is warned about (btx_jax/train/health.py).  Config values are checked first (btx_jax/train/validate.py).  The final parameters are written to
-`workdir/final` as a btx_jax checkpoint, which `load_pretrained` and the next phase read.
+is warned about (btx_jax/train/health.py).  Config values are checked first (btx_jax/train/validate.py).
+The final parameters are written to `workdir/final` as a btx_jax checkpoint, which `load_pretrained` and the
+next phase read.
 """
 from __future__ import annotations
 

@@ -146,5 +146,5 @@ def check_model(cfg: dict, pre) -> None:
             raise ConfigError(f"trainable pattern {pattern!r} is not a regular expression ({e})") from None
         if not any(rx.fullmatch(p) for p in paths):
             which = "trainable" if cfg.get("trainable") else f"phase={cfg['phase']!r}"
-            raise ConfigError(f"{which}: pattern '{pattern}' matches no parameter of the model loaded from "
+            raise ConfigError(f"{which}: pattern '{pattern}' would match no parameter of the model loaded from "
                               f"model.init={cfg['model'].get('init')!r} (is it the right model for this phase?)")

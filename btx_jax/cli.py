@@ -56,7 +56,8 @@ def run_cli(fn: Callable[[], object]) -> object:
     except user_errors() as e:
         fail(str(e))
     except KeyboardInterrupt:          # Ctrl-C outside a training loop (which saves and exits 130 itself)
-        print("interrupted: nothing was saved by this step", file=sys.stderr)
+        print("interrupted: the work in progress was not finished (earlier checkpoints and outputs are kept)",
+              file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:
         fault = disk.fault_of(e)

@@ -1,30 +1,107 @@
-"""Command-line error handling shared by scripts/: library errors become one stderr line and exit code 2."""
+"""Command-line error handling shared by scripts/: library errors become one stderr line and exit code 2.
+
+    run_cli(fn)                      user errors (bad config, checkpoint, data, disk faults) -> `error: ...`, 2
+    app.run(main, flags_parser=parse_flags)   absl flags: typos and bad values -> one line, 2
+"""
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from typing import Callable
 
+from btx_jax import disk
 from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.config import ConfigError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, FileNotFoundError, disk.DiskError)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from btx_jax.data.errors import DataError
+    from btx_jax.generate import InputError
     from btx_jax.train.trainer import TrainingError
-    return USER_ERRORS + (DataError, TrainingError)
+    return USER_ERRORS + (DataError, InputError, TrainingError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors as one stderr line (`<prog>: error: ...`) and exit 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts and sizes (>= 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
+def fail(message: str) -> None:
+    """Print `error: <message>` as one line on stderr and exit 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def run_cli(fn: Callable[[], object]) -> object:
-    """Run `fn`; on a user error print `error: <message>` (one line) to stderr and exit 2."""
+    """Run `fn`; on a user error or a disk fault print `error: <message>` (one line) to stderr and exit 2."""
     try:
         return fn()
     except user_errors() as e:
-        msg = " ".join(str(e).split())
-        print(f"error: {msg}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(str(e))
+    except KeyboardInterrupt:          # Ctrl-C outside a training loop (which saves and exits 130 itself)
+        print("interrupted: the work in progress was not finished (earlier checkpoints and outputs are kept)",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        fault = disk.fault_of(e)
+        if fault is None:
+            raise
+        fail(disk.message(fault[1] or "(output)", fault[0]))
+
+
+def _flag_error(e: Exception, argv: list[str]) -> str:
+    """One line for an absl / ml_collections flag-parsing error."""
+    text = str(e).strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":      # KeyError's repr of its message
+        text = text[1:-1]
+    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text.replace("\\", ""))
+    if suggestion:                                     # ml_collections: an unknown --config.a.b key
+        good, bad = suggestion.groups()
+        flag = next((a.split("=")[0] for a in argv if re.search(rf"\.{re.escape(bad)}(\.|=|$)", a)), bad)
+        key = flag.lstrip("-").split(".", 1)[-1]
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        return f"{flag}: unknown config key {key!r} (did you mean {parent}{good}?)"
+    if isinstance(e, (AttributeError, KeyError)):
+        missing = re.findall(r"'([^'\\]+)'", text)
+        flag = next((a.split("=")[0] for a in argv if missing and f".{missing[-1]}" in a), "--config")
+        return f"{flag}: unknown config key {missing[-1] if missing else text!r}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Failed loading config file" in text:                    # missing / unreadable config file
+        return f"--config: cannot load the config file: {lines[-1]}"
+    if "Error whilst parsing config file" in text and lines:    # the config file's own error is the last line
+        head = lines[0].split(": Error whilst")[0]
+        return f"{head}: {lines[-1]}"
+    return " ".join(lines)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl `flags_parser` for app.run: parse flags (config files and overrides included); any error is one
+    line on stderr and exit 2."""
+    from absl import flags
+    try:
+        rest = flags.FLAGS(argv)
+        for value in flags.FLAGS.flag_values_dict().values():
+            hasattr(value, "to_dict")        # a config flag whose file failed to load raises here, not above
+        return rest
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        fail(_flag_error(e, argv))
 
 
 def parse_bytes(text: str) -> int:

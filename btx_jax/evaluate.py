@@ -9,6 +9,7 @@ from typing import Iterable
 import jax
 import numpy as np
 
+from btx_jax.generate import InputError
 from btx_jax.model import Llama
 from btx_jax.pretrained import Pretrained
 from btx_jax.train.step import BATCH_KEYS, forward, token_losses
@@ -54,6 +55,9 @@ def evaluate_models(models: dict[str, str], domains: dict[str, dict], tokenizer,
     results, loaded = {}, {}
     for name, path in models.items():
         pre = loaded[name] = load_pretrained(path)
+        if seq_len > pre.config.max_position_embeddings:
+            raise InputError(f"seq_len={seq_len} exceeds model {name!r}'s max_position_embeddings "
+                             f"({pre.config.max_position_embeddings}, {path})")
         results[name] = {d: evaluate_domain(pre, eval_batches(src, tokenizer, seq_len, batch_size, max_batches))
                          for d, src in domains.items()}
     return results, loaded

@@ -3,11 +3,45 @@ never recomputed).  Greedy when temperature is 0, else temperature + nucleus (to
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from btx_jax.model import Llama, init_cache
+
+
+class InputError(ValueError):
+    """Bad model input (token ids, context length, generation arguments); the message names the argument."""
+
+
+def check_ids(ids, config, new_tokens: int = 0, what: str = "input_ids") -> np.ndarray:
+    """int32 [batch, seq] ids, or InputError: wrong rank, ids outside [0, vocab), or seq + new_tokens beyond the
+    model's max_position_embeddings (refused, never truncated: the caller decides what to cut)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise InputError(f"{what} must be [batch, seq], got shape {list(ids.shape)}")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"{what} must be integer token ids, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise InputError(f"{what} holds token id {bad}, outside the vocabulary [0, {config.vocab_size})")
+    if ids.shape[1] + new_tokens > config.max_position_embeddings:
+        extra = f" + {new_tokens} new tokens" if new_tokens else ""
+        raise InputError(f"{what}: {ids.shape[1]} tokens{extra} exceed the model's max_position_embeddings "
+                         f"({config.max_position_embeddings}); shorten the prompt or ask for fewer tokens")
+    return ids.astype(np.int32)
+
+
+def check_sampling(max_new_tokens, temperature, top_p) -> None:
+    """InputError unless max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1."""
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature={temperature!r}: must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise InputError(f"top_p={top_p!r}: must be in (0, 1]")
 
 
 def sample_token(logits_BV: jnp.ndarray, rng, temperature: float, top_p: float) -> jnp.ndarray:

@@ -27,7 +27,7 @@ from btx_jax import mesh as mesh_lib, param_paths
 from btx_jax.checkpoint import btx, hf as hf_format, mergoo, peft
 from btx_jax.checkpoint.tensor_files import CheckpointError, atomic_directory, read_json, write_tensors
 from btx_jax.config import LlamaConfig
-from btx_jax.generate import generate as _generate
+from btx_jax.generate import check_ids, check_sampling, generate as _generate
 from btx_jax.model import Llama, abstract_leaves, init_leaves, routed_layers
 from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL
 
@@ -114,8 +114,9 @@ class Pretrained:
         return cls(config, param_paths.unflatten({k: jnp.asarray(v, dtype) for k, v in flat.items()}), dtype)
 
     def logits(self, input_ids) -> np.ndarray:
-        """fp32 logits [batch, seq, vocab] for int token ids [batch, seq]."""
-        ids = jnp.asarray(np.asarray(input_ids, dtype=np.int32))
+        """fp32 logits [batch, seq, vocab] for int token ids [batch, seq] (InputError for ids outside the
+        vocabulary or longer than the model's positions)."""
+        ids = jnp.asarray(check_ids(input_ids, self.config))
         return np.asarray(_logits(self.model(), self.params, ids), dtype=np.float32)
 
     def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
@@ -123,12 +124,10 @@ class Pretrained:
         """Prompt + `max_new_tokens` generated tokens, [batch, seq + max_new_tokens] (KV-cached).
 
         Prompts are padded to a multiple of 32 tokens internally, so calls with nearby lengths reuse one
-        compilation."""
-        ids = np.asarray(input_ids, dtype=np.int32)
-        if ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {list(ids.shape)}")
-        if max_new_tokens <= 0:
-            return ids
+        compilation.  InputError for ids outside the vocabulary, prompt + new tokens beyond the model's
+        positions, max_new_tokens < 1, temperature < 0 or top_p outside (0, 1]."""
+        check_sampling(max_new_tokens, temperature, top_p)
+        ids = check_ids(input_ids, self.config, int(max_new_tokens))
         T = ids.shape[1]
         padded = np.zeros((ids.shape[0], -(-T // 32) * 32), np.int32)
         padded[:, :T] = ids
@@ -147,7 +146,9 @@ class Pretrained:
         if format not in FORMATS:
             raise ValueError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
         dst = Path(dst)
-        with atomic_directory(dst, overwrite=overwrite) as tmp:
+        nbytes = (sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.params))
+                  if format in ("btx", "mergoo") else None)     # every tensor is written (hf/peft: a subset)
+        with atomic_directory(dst, overwrite=overwrite, nbytes=nbytes) as tmp:
             if format == "btx":
                 btx.save(tmp, self.config, self.params)
             elif format == "hf":

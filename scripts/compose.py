@@ -48,13 +48,14 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import btx_jax
+    from btx_jax.disk import DiskError
     try:
         moe = btx_jax.compose(args.base, args.experts, top_k=args.top_k, seed_expert=args.seed_expert,
                               router_init=args.router_init, router_std=args.router_std,
                               router_layers=args.router_layers, seed=args.seed, allow_pickle=args.allow_pickle,
                               allow_other_base=args.allow_other_base)
         out = moe.save_pretrained(args.out, format=args.format, overwrite=args.overwrite)
-    except (btx_jax.ConfigError, btx_jax.CheckpointError) as e:
+    except (btx_jax.ConfigError, btx_jax.CheckpointError, DiskError) as e:
         print(f"compose.py: error: {e}", file=sys.stderr)
         return 2
     spec = moe.config.adapter

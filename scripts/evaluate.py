@@ -3,7 +3,9 @@
     python scripts/evaluate.py --model seed=runs/demo/seed/final --model moe=runs/demo/router/final \
         --workdir seed=runs/demo/seed --out runs/demo/eval
 
-Domains default to the bundled held-out splits (wiki, math, novel); each row of the table is a model."""
+Domains default to the bundled held-out splits (wiki, math, novel); each row of the table is a model.
+A --seq-len beyond a model's max_position_embeddings is refused (exit 2), not truncated: losses at a different
+length would not be comparable."""
 from __future__ import annotations
 
 import argparse
@@ -14,30 +16,30 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from btx_jax.cli import run_cli  # noqa: E402
+from btx_jax.cli import ArgumentParser, fail, positive_int, run_cli  # noqa: E402
 
 
 def _pairs(items: list[str], flag: str) -> dict[str, str]:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SystemExit(f"error: {flag} expects NAME=PATH, got {item!r}")
+            fail(f"{flag} expects NAME=PATH, got {item!r}")
         k, v = item.split("=", 1)
         out[k] = v
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="NAME=DIR (HF, mergoo or btx checkpoint)")
     p.add_argument("--workdir", action="append", help="NAME=DIR of a training run, for the loss-curve plot")
     p.add_argument("--domains", default="wiki,math,novel", help="bundled domains to evaluate")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the bundled one)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-batches", type=int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-batches", type=positive_int, default=8)
     p.add_argument("--prompt", action="append", default=[], help="sample generations from every model")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--out", required=True, help="output directory (report.md, results.json, PNGs)")
     args = p.parse_args()
     run_cli(lambda: evaluate_cli(args))

@@ -1,6 +1,9 @@
 """Generate text from a checkpoint (KV-cached; greedy unless --temperature > 0).
 
     python scripts/generate.py --model runs/demo/sft/final --chat --prompt "日本の首都はどこですか？"
+
+A prompt whose tokens plus --max-new-tokens exceed the model's max_position_embeddings is refused (exit 2), not
+truncated; --temperature must be >= 0 and --top-p in (0, 1].
 """
 from __future__ import annotations
 
@@ -10,17 +13,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from btx_jax.cli import run_cli  # noqa: E402
+from btx_jax.cli import ArgumentParser, positive_int, run_cli  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF, mergoo or btx checkpoint directory")
     p.add_argument("--adapter", default=None, help="PEFT adapter directory applied on --model")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the bundled one)")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--chat", action="store_true", help="wrap prompts in the SFT instruction template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)

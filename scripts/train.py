@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from btx_jax.cli import run_cli  # noqa: E402
+from btx_jax.cli import parse_flags, run_cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "phase config file (configs/<phase>.py[:preset])")
 _WORKDIR = flags.DEFINE_string("workdir", None, "work directory (checkpoints, metrics.jsonl, final/)")
@@ -26,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -93,6 +93,8 @@ def test_top_p_samples_stay_in_nucleus(setup):
     assert np.any(ranks >= sizes), "without top_p some samples should fall outside the 0.3 nucleus"
 
 
-def test_zero_new_tokens_returns_prompt(setup):
+def test_zero_new_tokens_is_refused(setup):
+    from btx_jax.generate import InputError
     _, pre, prompt = setup
-    np.testing.assert_array_equal(pre.generate(prompt, 0), prompt)
+    with pytest.raises(InputError, match="max_new_tokens=0"):
+        pre.generate(prompt, 0)

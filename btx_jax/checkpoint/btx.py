@@ -83,7 +83,11 @@ def restore(directory: str | Path, target: dict[str, jax.ShapeDtypeStruct]) -> d
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=len(target) < len(stored))
     with ocp.PyTreeCheckpointer() as ckpt:
-        return param_paths.flatten(ckpt.restore(_params_dir(directory), args=args))
+        out = param_paths.flatten(ckpt.restore(_params_dir(directory), args=args))
+    for path, leaf in out.items():     # checked where the leaf lives: no extra host copy
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
+            raise CheckpointError(f"{directory}: tensor {path!r} holds non-finite values (NaN/inf); refusing to load it")
+    return out
 
 
 def save(directory: Path, config: LlamaConfig, params: dict, reference: dict | None = None) -> None:

@@ -19,6 +19,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from btx_jax import disk
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written; the message names the file or tensor."""
@@ -119,17 +121,29 @@ class TensorReader:
     def get(self, name: str) -> np.ndarray:
         self._check(name)
         if self._pickled is not None:
-            return self._pickled[name]
+            return check_finite(self._pickled[name], name, self._file_of[name])
         with safe_open(str(self._file_of[name]), framework="numpy") as f:
-            return f.get_tensor(name)
+            return check_finite(f.get_tensor(name), name, self._file_of[name])
+
+
+def check_finite(arr, name: str, where) -> np.ndarray:
+    """`arr`, or CheckpointError naming the tensor if it holds NaN or infinity (a model that would only ever
+    produce NaN logits is refused when loaded, not discovered in its outputs)."""
+    arr = np.asarray(arr)
+    if arr.dtype.kind == "f" or "float" in str(arr.dtype):
+        bad = ~np.isfinite(arr.astype(np.float32) if arr.dtype.kind != "f" else arr)
+        if bad.any():
+            raise CheckpointError(f"{where}: tensor {name!r} holds {int(bad.sum())} non-finite values "
+                                  f"(NaN/inf) of {arr.size}; refusing to load it")
+    return arr
 
     def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """`tensor[index]` reading only that slice from the (memory-mapped) file."""
         self._check(name)
         if self._pickled is not None:
-            return self._pickled[name][index]
+            return check_finite(self._pickled[name][index], name, self._file_of[name])
         with safe_open(str(self._file_of[name]), framework="numpy") as f:
-            return f.get_slice(name)[index]
+            return check_finite(f.get_slice(name)[index], name, self._file_of[name])
 
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -177,18 +191,24 @@ def write_tensors(directory: Path, tensors: Iterator[tuple[str, np.ndarray]], pr
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error it is removed."""
+def atomic_directory(dst: str | Path, overwrite: bool = False, nbytes: int | None = None) -> Iterator[Path]:
+    """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error it is removed.
+    Out-of-space / permission errors become a one-line DiskError naming `dst` (and `nbytes`, the expected
+    size, when given: it is also checked against the free space before anything is written)."""
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise CheckpointError(f"{dst}: destination already exists")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    with disk.writing(dst, nbytes):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if nbytes:
+            disk.require(dst.parent, nbytes)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        yield tmp
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        with disk.writing(dst, nbytes):
+            yield tmp
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(tmp, dst)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -38,7 +38,8 @@ DOMAINS = tuple(_DOMAINS)
 def bundled_source(domain: str, ratio: float = 1.0) -> dict:
     """Source dict of one bundled domain (absolute paths), usable in any pipeline config."""
     if domain not in _DOMAINS:
-        raise KeyError(f"unknown bundled domain {domain!r}; choose from {DOMAINS}")
+        from btx_jax.data.errors import DataError
+        raise DataError(f"unknown bundled domain {domain!r}; choose from {DOMAINS}")
     spec = dict(_DOMAINS[domain], name=domain, ratio=ratio)
     for key in ("path", "eval_path"):
         spec[key] = str(BUNDLED_DATA_DIR / spec[key])

@@ -1,15 +1,33 @@
 """Training checkpoints with orbax's CheckpointManager: every N steps and at the end, keep the last K,
 saved asynchronously.  Each step holds the trainable parameters, optimizer state, step and RNG (not the frozen
-weights: the digest of those is kept instead and checked on resume), the data iterator's state and the
-resolved config; resuming with an incompatible config is refused."""
+weights: they come from the model's source, and their digest is kept to check a resume against), the data
+iterator's state and the resolved config; resuming with an incompatible config is refused.
+
+Integrity.  orbax writes each step into a temporary directory and renames it when complete; leftover temporary
+directories of an interrupted save are removed when the manager opens.  On resume (`resume`) the newest step
+is restored; if that fails (truncated or missing files, damaged metadata) the step is reported in one line,
+renamed to `<step>.damaged` (never deleted) and the next older step is tried.  If no step restores, nothing
+is renamed and resume stops with a CheckpointError saying so.  Out-of-space and permission errors while
+saving become one-line DiskErrors naming the directory (btx_jax/disk.py).
+"""
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
+import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from btx_jax import disk
+from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.config import ConfigError
+
+DAMAGED_SUFFIX = ".damaged"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"     # orbax's in-progress step directories
 
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
@@ -18,40 +36,118 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "trai
 
 class Checkpointer:
     def __init__(self, directory: Path, every: int, keep: int):
-        self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1), max_to_keep=int(keep),
-                                                 enable_async_checkpointing=True, create=True))
+        self.directory = Path(directory).absolute()
+        self.nbytes = None
+        with disk.writing(self.directory):
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1), max_to_keep=int(keep),
+                                                     enable_async_checkpointing=True, create=True,
+                                                     cleanup_tmp_directories=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, data_state: dict, config: dict, frozen_digest: str) -> bool:
-        """Save the state without its frozen weights (they come from the model's source; their digest is
-        kept to check a resume against), the data iterator state and the config."""
-        lean = {k: v for k, v in state.items() if k != "frozen"}
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(lean), data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config), frozen=ocp.args.JsonSave({"digest": frozen_digest})), force=True)
+    def saved_step(self) -> int | None:
+        """The newest step whose save has completed (waits for the one in flight)."""
+        self.wait()
+        return self.manager.latest_step()
 
-    def saved_digest(self, step: int) -> str | None:
-        return self.manager.restore(step, args=ocp.args.Composite(frozen=ocp.args.JsonRestore()))["frozen"]["digest"]
+    def save(self, step: int, state: dict, data_state: dict, config: dict, frozen_digest: str,
+             force: bool = False) -> bool:
+        """Save the state without its frozen weights, the data iterator state, the config and the digest."""
+        lean = {k: v for k, v in state.items() if k != "frozen"}
+        if self.nbytes is None:
+            self.nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(lean))
+        with self._guard():
+            if force or self.manager.should_save(step):
+                disk.require(self.directory, self.nbytes)
+            return self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(lean), data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config), frozen=ocp.args.JsonSave({"digest": frozen_digest})), force=force)
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
-    def restore(self, step: int, abstract_state) -> tuple[dict, dict]:
-        """(state placed with the abstract state's shardings, data iterator state)."""
+    def restore(self, step: int, abstract_state) -> tuple[dict, dict, str]:
+        """(state without frozen weights, placed with the abstract state's shardings; data iterator state;
+        digest of the frozen weights it was trained with)."""
+        lean = {k: v for k, v in abstract_state.items() if k != "frozen"}
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        return out["state"], out["data"]
+            state=ocp.args.StandardRestore(lean), data=ocp.args.JsonRestore(), frozen=ocp.args.JsonRestore()))
+        return out["state"], out["data"], out["frozen"]["digest"]
+
+    def resume(self, abstract_state, check: Callable[[dict], None]) -> tuple[int, dict, dict, str] | None:
+        """(step, state, data state, frozen digest) of the newest step that restores, None when there is no
+        checkpoint; the state lacks the frozen weights.
+
+        `check(saved_config)` may refuse a step (ConfigError): that is not damage and propagates.  Newer steps
+        that fail to restore are set aside (renamed) once an older one has restored."""
+        failed = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                saved = self.saved_config(step)
+            except Exception as e:     # any failure to read it back is damage, whatever the checkpoint holds
+                failed.append((step, e))
+                continue
+            check(saved)
+            try:
+                state, data_state, digest = self.restore(step, abstract_state)
+            except Exception as e:
+                failed.append((step, e))
+                continue
+            for bad, e in failed:
+                self._set_aside(bad, e)
+            if failed:
+                self.manager.reload()
+            return step, state, data_state, digest
+        if failed:
+            steps = ", ".join(str(s) for s, _ in failed)
+            raise CheckpointError(f"{self.directory}: no checkpoint restores (steps {steps}; newest: "
+                                  f"{_reason(failed[0][1])}); nothing was renamed: move the directory away to "
+                                  "start over, or point --workdir elsewhere")
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}{DAMAGED_SUFFIX}"
+        n = 1
+        while dst.exists():
+            n += 1
+            dst = self.directory / f"{step}{DAMAGED_SUFFIX}{n}"
+        if jax.process_index() == 0:
+            os.replace(src, dst)
+        print(f"[btx] checkpoint step {step} cannot be restored ({_reason(error)}): set aside as {dst.name}, "
+              "using the next older step", flush=True)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._guard():
+            self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Disk faults -> DiskError naming the directory; the failed step's temporary directory is removed."""
+        try:
+            with disk.writing(self.directory, self.nbytes):
+                yield
+        except disk.DiskError:
+            for tmp in self.directory.glob(f"*{TMP_SUFFIX}*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+
+def _reason(error: Exception) -> str:
+    """The first line of an exception's message, shortened (TensorStore messages run to pages)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text.split(" See full TensorStore details")[0]
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def check_compatible(saved: dict, current: dict, directory: Path) -> None:

@@ -70,6 +70,8 @@ class MetricsLog:
     def footer(self, last: dict) -> None:
         if self.enabled:
             self.bar.close()
+            if last.get("step") is None:       # nothing was trained in this run (it had already finished)
+                return
             print(f"[btx] done: step {last.get('step')} loss {float(last.get('loss', float('nan'))):.4f}", flush=True)
 
     def close(self) -> None:

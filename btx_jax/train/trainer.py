@@ -22,19 +22,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from btx_jax import param_paths
+from btx_jax import disk, param_paths
 from btx_jax.checkpoint import btx
 from btx_jax.config import ConfigError, LlamaConfig
 from btx_jax.model import Llama, attention
 from btx_jax.pretrained import ModelSource
 from btx_jax import mesh as mesh_lib
 from btx_jax.train import checkpoints, phases
+from btx_jax.train.health import TrainingHealth
 from btx_jax.train.metrics_log import MetricsLog
 from btx_jax.train.model_init import initial_source
 from btx_jax.train.optim import make_optimizer, schedule
 from btx_jax.train.step import BATCH_KEYS, init_state, make_train_step
+from btx_jax.train.validate import check_model, validate
 
 log = logging.getLogger("btx_jax.train")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)   # save a checkpoint, then exit 128 + signal (143 / 130)
 
 
 class TrainingError(RuntimeError):
@@ -44,33 +47,6 @@ class TrainingError(RuntimeError):
 def resolved(config) -> dict:
     """The config as plain JSON (what checkpoints store and resume compares)."""
     return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
-
-
-def validate(cfg: dict, num_devices: int) -> tuple:
-    """Every check that needs no compilation; ConfigError with one line each."""
-    t = cfg["train"]
-    wanted = int(cfg["mesh"].get("num_devices", 0))
-    if wanted > num_devices:
-        raise ConfigError(f"mesh.num_devices={wanted} but only {num_devices} devices are available")
-    shape = mesh_lib.mesh_shape(cfg["mesh"], wanted or num_devices)
-    sizes = dict(zip(mesh_lib.MESH_AXES, shape))
-    rules = tuple((k, tuple(v)) for k, v in (cfg.get("mesh_rules") or mesh_lib.DEFAULT_RULES))
-    dp = int(np.prod([sizes[a] for a in dict(rules)["batch"]]))
-    gb, micro = int(t["global_batch_size"]), int(t["microbatches"])
-    if micro < 1 or gb % micro:
-        raise ConfigError(f"train.global_batch_size={gb} is not divisible by train.microbatches={micro}")
-    if (gb // micro) % dp:
-        raise ConfigError(f"train.global_batch_size/microbatches={gb // micro} is not divisible by the "
-                          f"data-parallel size {dp} (mesh {sizes})")
-    if gb % jax.process_count():
-        raise ConfigError(f"train.global_batch_size={gb} is not divisible by {jax.process_count()} processes")
-    if int(t["steps"]) < 1:
-        raise ConfigError(f"train.steps={t['steps']} must be >= 1")
-    if t["attention"] not in attention.IMPLS or int(t["attention_block"]) < 1:
-        raise ConfigError(f"train.attention={t['attention']!r} / attention_block={t['attention_block']} must be one "
-                          f"of {attention.IMPLS} / >= 1")
-    phases.trainable_patterns(cfg["phase"], cfg.get("trainable"))
-    return rules
 
 
 def maybe_initialize_distributed(cfg: dict) -> None:
@@ -171,6 +147,7 @@ def wire(cfg: dict, mesh=None, source: ModelSource | None = None) -> Phase:
     rules = validate(cfg, jax.device_count() if mesh is None else mesh.devices.size)
     mesh = mesh_lib.make_mesh(cfg["mesh"]) if mesh is None else mesh
     source = source or initial_source(cfg["model"], seed=int(cfg["train"]["seed"]))
+    check_model(cfg, source.config, list(source.abstract()))
     trainable, frozen = phase_targets(source.abstract(), cfg, mesh, rules)
     model = train_module(source.config, cfg["train"])
     built = build_step(cfg, mesh, rules, model, param_paths.unflatten(trainable), param_paths.unflatten(frozen))
@@ -188,17 +165,14 @@ def initial_state(phase: Phase, seed: int) -> tuple[dict, str]:
     return init(trainable, param_paths.unflatten(frozen)), digest
 
 
-def resumed_state(phase: Phase, ckpt: checkpoints.Checkpointer, step: int) -> tuple[dict, dict]:
-    """(train state at `step`, data iterator state): trainable and optimizer state from the checkpoint, frozen
-    weights from their source, checked against the digest the checkpoint recorded."""
+def frozen_weights(phase: Phase, saved_digest: str, step: int) -> dict:
+    """The frozen weights (from their source) for a resume at `step`, checked against the digest it saved."""
     frozen = phase.source.fill(phase.frozen)
-    found, saved = btx.digest(frozen), ckpt.saved_digest(step)
-    if saved is not None and found != saved:
+    found = btx.digest(frozen)
+    if found != saved_digest:
         raise ConfigError(f"cannot resume: the frozen weights (model.init={phase.source.reference}) changed since "
-                          f"step {step} was saved (digest {saved}, now {found})")
-    abstract = {k: v for k, v in phase.built.abstract_state.items() if k != "frozen"}
-    state, data_state = ckpt.restore(step, abstract)
-    return {**state, "frozen": param_paths.unflatten(frozen)}, data_state
+                          f"step {step} was saved (digest {saved_digest}, now {found})")
+    return param_paths.unflatten(frozen)
 
 
 def train(config, workdir: str | Path) -> dict:
@@ -211,18 +185,16 @@ def train(config, workdir: str | Path) -> dict:
     mesh, built = phase.mesh, phase.built
     batch_sharding = built.batch_sharding
     ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])
-    start = ckpt.latest_step()
-    if start is None:
+    resumed = ckpt.resume(built.abstract_state, lambda saved: checkpoints.check_compatible(saved, cfg, workdir))
+    data = make_data(cfg, phase.source.config.vocab_size)
+    start = 0
+    if resumed is None:
         state, digest = initial_state(phase, int(t["seed"]))
     else:
-        checkpoints.check_compatible(ckpt.saved_config(start), cfg, workdir)
-        state, data_state = resumed_state(phase, ckpt, start)
-        digest = ckpt.saved_digest(start)
-    data = make_data(cfg, phase.source.config.vocab_size)
-    if start is not None:
+        start, state, data_state, digest = resumed
+        state = {**state, "frozen": frozen_weights(phase, digest, start)}
         data.set_state(data_state)
         print(f"[btx] resumed {workdir} at step {start}", flush=True)
-    start = start or 0
 
     info = summary(state["trainable"], state["frozen"], built.state_shardings, state)
     metrics_log = MetricsLog(workdir, total_steps=int(t["steps"]), start_step=start, enabled=jax.process_index() == 0)
@@ -230,9 +202,10 @@ def train(config, workdir: str | Path) -> dict:
 
     step_fn = built.step_fn
     lr_at = schedule(t)
+    health = TrainingHealth(phase.source.config.vocab_size, check_loss=cfg["data"].get("kind") != "synthetic")
 
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+    previous = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum)) for s in STOP_SIGNALS}
     last = {}
     try:
         pending = None
@@ -242,26 +215,35 @@ def train(config, workdir: str | Path) -> dict:
                      for k in BATCH_KEYS}
             state, metrics = step_fn(state, batch)
             if pending is not None:
-                last = _check(pending, metrics_log, lr_at, t)
+                last = _check(pending, metrics_log, lr_at, t, health, ckpt)
             pending = (step + 1, metrics)
             done = step + 1 == int(t["steps"])
             if (step + 1) % int(t["ckpt_every"]) == 0 or done or stop["signal"]:
-                last = _check(pending, metrics_log, lr_at, t)
+                last = _check(pending, metrics_log, lr_at, t, health, ckpt)
                 pending = None
-                ckpt.save(step + 1, state, data.get_state(), cfg, digest)
+                ckpt.save(step + 1, state, data.get_state(), cfg, digest, force=True)
             if stop["signal"]:
-                ckpt.wait()
-                print(f"[btx] SIGTERM: checkpoint saved at step {step + 1}, exiting", flush=True)
-                raise SystemExit(143)
+                name = signal.Signals(stop["signal"]).name
+                saved = ckpt.saved_step()
+                what = (f"checkpoint saved at step {saved}" if saved == step + 1 else
+                        f"no checkpoint could be saved at step {step + 1} (latest on disk: {saved})")
+                print(f"[btx] {name}: {what}, exiting", flush=True)
+                raise SystemExit(128 + int(stop["signal"]))
         if pending is not None:
-            last = _check(pending, metrics_log, lr_at, t)
+            last = _check(pending, metrics_log, lr_at, t, health, ckpt)
         ckpt.wait()
-        save_final(workdir / "final", phase, state)
+        final = workdir / "final"
+        if resumed is not None and start == int(t["steps"]) and final.is_dir():
+            print(f"[btx] {workdir} already finished (step {start} of train.steps={start}); {final} is up to date",
+                  flush=True)
+        else:
+            save_final(final, phase, state)
         last["data_stats"] = data.stats()
         metrics_log.footer(last)
         return last
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         ckpt.close()
         metrics_log.close()
 
@@ -283,8 +265,10 @@ def save_final(dst: Path, phase: Phase, state: dict) -> None:
     if jax.process_index() == 0 and tmp.exists():
         shutil.rmtree(tmp)
     multihost_utils.sync_global_devices("btx_final_clean")
-    tmp.mkdir(parents=True, exist_ok=True)
-    btx.save(tmp, phase.source.config, stored, reference if linked else None)
+    nbytes = sum(x.size * x.dtype.itemsize for x in stored.values())
+    with disk.writing(dst, nbytes, cleanup=[tmp]):
+        tmp.mkdir(parents=True, exist_ok=True)
+        btx.save(tmp, phase.source.config, stored, reference if linked else None)
     multihost_utils.sync_global_devices("btx_final_saved")
     if jax.process_index() == 0:
         if dst.exists():
@@ -293,18 +277,23 @@ def save_final(dst: Path, phase: Phase, state: dict) -> None:
     multihost_utils.sync_global_devices("btx_final_done")
 
 
-def _check(pending, metrics_log: MetricsLog, lr_at, t) -> dict:
-    """Fetch a step's metrics (one step behind the device), log them, stop on a non-finite loss."""
+def _check(pending, metrics_log: MetricsLog, lr_at, t, health: TrainingHealth, ckpt) -> dict:
+    """Fetch a step's metrics (one step behind the device), log them, stop on a non-finite loss, warn when
+    training looks dead."""
     step, metrics = pending
     host = jax.device_get(metrics)
     loss = float(host["loss"])
     finite = all(np.isfinite(float(host[k])) for k in ("loss", "grad_norm", "update_norm"))
     if not finite and not t["skip_nonfinite"]:
         what = "loss" if not np.isfinite(loss) else "gradient"
-        raise TrainingError(f"non-finite {what} at step {step} (loss {loss}): training stopped; the last good "
-                            "checkpoint is kept (lower train.lr, check the data, or set train.skip_nonfinite=True)")
+        saved = ckpt.saved_step()
+        kept = f"the last good checkpoint (step {saved}) is kept" if saved is not None else "no checkpoint was saved"
+        raise TrainingError(f"non-finite {what} at step {step} (loss {loss}): training stopped; {kept} (lower "
+                            "train.lr, check the data, or set train.skip_nonfinite=True)")
     host["lr"] = float(lr_at(step - 1))
     host["step"] = step
-    metrics_log.step(step, host, log=step % int(t["log_every"]) == 0
-                     or step == int(t["steps"]))
+    logged = step % int(t["log_every"]) == 0 or step == int(t["steps"])
+    metrics_log.step(step, host, log=logged)
+    if logged:
+        health.observe(step, host)
     return host

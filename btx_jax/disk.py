@@ -1,0 +1,106 @@
+"""Disk faults (no space left, read-only file system, permission denied) as one line naming the path.
+
+    with disk.writing(path, nbytes=state_bytes, cleanup=[tmp_dir]):
+        ... write ...
+
+turns an out-of-space or permission error raised while writing (directly, or wrapped by orbax / TensorStore,
+which report the OS error in their message) into a `DiskError` such as
+`runs/x/checkpoints: no space left on device (writing needs about 1.2 MiB, 0.3 MiB free)`, after removing the
+`cleanup` paths.  Anything else propagates unchanged.  `fault_of(exc)` gives the bare reason for handlers
+(btx_jax/cli.py) that see an unwrapped error.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator
+
+REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# How orbax / TensorStore / absl spell the same errors inside their own exception messages.
+TEXT = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
+        "read-only file system": errno.EROFS, "permission denied": errno.EACCES,
+        "operation not permitted": errno.EPERM}
+
+
+class DiskError(RuntimeError):
+    """A write failed for lack of space or permission; the message is one line naming the path."""
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def fault_of(exc: BaseException) -> tuple[str, str | None] | None:
+    """(reason, file name if the error names one) when `exc` (or an exception it wraps) is a disk fault."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in REASONS:
+            return REASONS[e.errno], e.filename
+        text = str(e).lower()
+        for words, code in TEXT.items():
+            if words in text:
+                return REASONS[code], None
+    return None
+
+
+def human(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free bytes on the file system holding `path` (or its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def message(path: str | Path, reason: str, nbytes: int | None = None) -> str:
+    text = f"{path}: {reason}"
+    if reason == REASONS[errno.ENOSPC] and nbytes:
+        free = free_bytes(path)
+        text += f" (writing needs about {human(nbytes)}" + (f", {human(free)} free)" if free is not None else ")")
+    fix = "free space" if reason in (REASONS[errno.ENOSPC], REASONS[errno.EDQUOT]) else "fix the permissions"
+    return text + f"; earlier results are untouched: {fix} and rerun"
+
+
+def require(path: str | Path, nbytes: int) -> None:
+    """DiskError before writing `nbytes` under `path` when the file system has less free space than that
+    (checked up front so that a full disk fails cleanly instead of inside orbax's background threads)."""
+    free = free_bytes(path)
+    if free is not None and free < nbytes:
+        raise DiskError(message(path, REASONS[errno.ENOSPC], nbytes))
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, nbytes: int | None = None, cleanup: Iterable[str | Path] = ()) -> Iterator[None]:
+    """Turn a disk fault inside the block into a DiskError naming `path` (after removing `cleanup`)."""
+    try:
+        yield
+    except DiskError:
+        raise
+    except Exception as e:
+        fault = fault_of(e)
+        if fault is None:
+            raise
+        for p in cleanup:
+            shutil.rmtree(p, ignore_errors=True)
+        raise DiskError(message(fault[1] or path, fault[0], nbytes)) from None

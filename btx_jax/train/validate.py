@@ -1,0 +1,150 @@
+"""Every check of a training config that needs no compilation, run before anything is compiled or written.
+
+    rules = validate(cfg, num_devices)       # the resolved config (plain dict); mesh rules for the run
+    check_model(cfg, pre)                    # after the starting model is loaded: positions, phase patterns
+
+Each failure is a ConfigError of one line naming the key, its value and what is allowed; train() runs both
+before it creates the work directory, so a bad value costs seconds and leaves nothing behind.  Unknown keys
+get a "did you mean" suggestion (the command line's typos are caught earlier, by btx_jax/cli.py's flag
+parser; these checks also cover configs built in Python).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+
+import jax
+import numpy as np
+
+from btx_jax import param_paths
+from btx_jax.config import ConfigError
+from btx_jax.model import attention
+from btx_jax.model.llama import REMAT_POLICIES
+from btx_jax import mesh as mesh_lib
+from btx_jax.train import phases
+
+DTYPES = ("float32", "bfloat16", "float16")
+SECTIONS = {
+    "": ("phase", "trainable", "model", "mesh", "mesh_rules", "train", "data", "distributed"),
+    "model": ("init", "arch", "lora", "compose"),
+    "mesh": ("data", "fsdp", "tensor", "num_devices"),
+}
+
+
+def _int(lo: int):
+    return ("int", lambda v: v >= lo, f"an integer >= {lo}")
+
+
+def _float(ok, allowed: str):
+    return ("float", ok, allowed)
+
+
+# train.<key>: (kind, check, allowed range in words)
+TRAIN = {
+    "steps": _int(1), "global_batch_size": _int(1), "microbatches": _int(1), "seq_len": _int(1),
+    "lr": _float(lambda v: v > 0, "a number > 0"), "warmup_steps": _int(0),
+    "min_lr_ratio": _float(lambda v: 0 <= v <= 1, "between 0 and 1"),
+    "weight_decay": _float(lambda v: v >= 0, "a number >= 0"),
+    "grad_clip": _float(lambda v: v >= 0, "a number >= 0 (0 = no clipping)"),
+    "b1": _float(lambda v: 0 <= v < 1, "in [0, 1)"), "b2": _float(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eps": _float(lambda v: v > 0, "a number > 0"),
+    "lb_alpha": _float(lambda v: v >= 0, "a number >= 0"), "z_alpha": _float(lambda v: v >= 0, "a number >= 0"),
+    "dtype": ("choice", DTYPES, f"one of {', '.join(DTYPES)}"),
+    "frozen_dtype": ("choice", DTYPES, f"one of {', '.join(DTYPES)}"),
+    "remat": ("choice", tuple(REMAT_POLICIES), f"one of {', '.join(REMAT_POLICIES)}"),
+    "attention": ("choice", attention.IMPLS, f"one of {', '.join(attention.IMPLS)}"),
+    "attention_block": _int(1), "skip_nonfinite": ("bool", None, "True or False"),
+    "max_consecutive_nonfinite": _int(1), "seed": _int(0), "log_every": _int(1), "ckpt_every": _int(1),
+    "keep_checkpoints": _int(1),
+}
+
+
+def unknown_key(key: str, known) -> ConfigError:
+    """ConfigError for an unknown config key, with the closest known key as a suggestion."""
+    *parent, leaf = key.split(".")
+    close = difflib.get_close_matches(leaf, list(known), n=1)
+    hint = f" (did you mean {'.'.join(parent + close)!r}?)" if close else f" (known: {', '.join(known)})"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _check_keys(cfg: dict) -> None:
+    for section, known in SECTIONS.items():
+        node = cfg.get(section, {}) if section else cfg
+        for key in node or {}:
+            if key not in known:
+                raise unknown_key(f"{section}.{key}" if section else key, known)
+    for key in cfg["train"]:
+        if key not in TRAIN:
+            raise unknown_key(f"train.{key}", TRAIN)
+    for key in TRAIN:
+        if key not in cfg["train"]:
+            raise ConfigError(f"config key 'train.{key}' is missing (it must be {TRAIN[key][2]})")
+
+
+def _check_train_values(t: dict) -> None:
+    for key, (kind, check, allowed) in TRAIN.items():
+        v = t[key]
+        bad = False
+        if kind == "choice":
+            bad = v not in check
+        elif kind == "bool":
+            bad = not isinstance(v, bool)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and v != int(v)):
+            bad = True
+        else:
+            bad = not (math.isfinite(v) and check(v))
+        if bad:
+            raise ConfigError(f"train.{key}={v!r}: must be {allowed}")
+
+
+def validate(cfg: dict, num_devices: int) -> tuple:
+    """ConfigError (one line) for the first bad value of the resolved config; returns the mesh rules."""
+    for section in ("train", "mesh", "model"):
+        if not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"config section {section!r} is missing")
+    _check_keys(cfg)
+    t = cfg["train"]
+    _check_train_values(t)
+    wanted = int(cfg["mesh"].get("num_devices", 0))
+    if wanted > num_devices:
+        raise ConfigError(f"mesh.num_devices={wanted} but only {num_devices} devices are available")
+    shape = mesh_lib.mesh_shape(cfg["mesh"], wanted or num_devices)
+    sizes = dict(zip(mesh_lib.MESH_AXES, shape))
+    rules = tuple((k, tuple(v)) for k, v in (cfg.get("mesh_rules") or mesh_lib.DEFAULT_RULES))
+    dp = int(np.prod([sizes[a] for a in dict(rules)["batch"]]))
+    gb, micro = int(t["global_batch_size"]), int(t["microbatches"])
+    if gb % micro:
+        raise ConfigError(f"train.global_batch_size={gb} is not divisible by train.microbatches={micro}")
+    if (gb // micro) % dp:
+        raise ConfigError(f"train.global_batch_size/microbatches={gb // micro} is not divisible by the "
+                          f"data-parallel size {dp} (mesh {sizes})")
+    if gb % jax.process_count():
+        raise ConfigError(f"train.global_batch_size={gb} is not divisible by {jax.process_count()} processes")
+    phases.trainable_patterns(cfg["phase"], cfg.get("trainable"))
+    arch = cfg["model"].get("arch") or {}
+    if cfg["model"].get("init", "random") == "random" and "max_position_embeddings" in arch:
+        _check_positions(t, int(arch["max_position_embeddings"]), "model.arch")
+    return rules
+
+
+def _check_positions(t: dict, max_positions: int, where: str) -> None:
+    if int(t["seq_len"]) > max_positions:
+        raise ConfigError(f"train.seq_len={t['seq_len']}: must be <= {max_positions}, the model's "
+                          f"max_position_embeddings ({where})")
+
+
+def check_model(cfg: dict, config, paths: list[str]) -> None:
+    """Checks against the starting model itself: seq_len within its positions, and every trainable pattern
+    matching at least one of its parameters (a `router` phase on a model without routers is refused)."""
+    _check_positions(cfg["train"], config.max_position_embeddings, f"model.init={cfg['model'].get('init')!r}")
+    patterns = phases.trainable_patterns(cfg["phase"], cfg.get("trainable"))
+    for pattern in patterns:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"trainable pattern {pattern!r} is not a regular expression ({e})") from None
+        if not any(rx.fullmatch(p) for p in paths):
+            which = "trainable" if cfg.get("trainable") else f"phase={cfg['phase']!r}"
+            raise ConfigError(f"{which}: pattern '{pattern}' would match no parameter of the model loaded from "
+                              f"model.init={cfg['model'].get('init')!r} (is it the right model for this phase?)")

@@ -228,7 +228,7 @@ def test_preflight_refuses_a_checkpoint_that_cannot_fit(tmp_path, monkeypatch):
     ckpt = Checkpointer(tmp_path / "c", every=1, keep=1)
     state = {"w": np.zeros((64, 64), np.float32)}
     with pytest.raises(disk.DiskError, match=r"no space left on device \(writing needs about 16.0 KiB, 1000 B free\)"):
-        ckpt.save(1, state, {}, {}, force=True)
+        ckpt.save(1, state, {}, {}, "digest", force=True)
     ckpt.close()
     assert list((tmp_path / "c").iterdir()) == []
 

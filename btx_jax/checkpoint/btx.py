@@ -62,6 +62,7 @@ def stored_shapes(directory: str | Path) -> dict[str, jax.ShapeDtypeStruct]:
     with ocp.StandardCheckpointer() as ckpt:
         try:
             meta = ckpt.metadata(_params_dir(directory)).item_metadata
+            meta = getattr(meta, "tree", meta)
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise CheckpointError(f"{_params_dir(directory)}: unreadable orbax checkpoint ({e})") from None
     return {path: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for path, m in param_paths.flatten(meta).items()}

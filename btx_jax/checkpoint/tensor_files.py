@@ -125,6 +125,14 @@ class TensorReader:
         with safe_open(str(self._file_of[name]), framework="numpy") as f:
             return check_finite(f.get_tensor(name), name, self._file_of[name])
 
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[index]` reading only that slice from the (memory-mapped) file."""
+        self._check(name)
+        if self._pickled is not None:
+            return check_finite(self._pickled[name][index], name, self._file_of[name])
+        with safe_open(str(self._file_of[name]), framework="numpy") as f:
+            return check_finite(f.get_slice(name)[index], name, self._file_of[name])
+
 
 def check_finite(arr, name: str, where) -> np.ndarray:
     """`arr`, or CheckpointError naming the tensor if it holds NaN or infinity (a model that would only ever
@@ -136,14 +144,6 @@ def check_finite(arr, name: str, where) -> np.ndarray:
             raise CheckpointError(f"{where}: tensor {name!r} holds {int(bad.sum())} non-finite values "
                                   f"(NaN/inf) of {arr.size}; refusing to load it")
     return arr
-
-    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        """`tensor[index]` reading only that slice from the (memory-mapped) file."""
-        self._check(name)
-        if self._pickled is not None:
-            return check_finite(self._pickled[name][index], name, self._file_of[name])
-        with safe_open(str(self._file_of[name]), framework="numpy") as f:
-            return check_finite(f.get_slice(name)[index], name, self._file_of[name])
 
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",

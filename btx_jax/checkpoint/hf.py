@@ -19,6 +19,10 @@ from btx_jax.model import abstract_params
 BASE_LEAF = re.compile(r"embed_tokens|lm_head|.*/(kernel|scale)")
 
 
+def num_experts(config: LlamaConfig) -> int:
+    return 0 if config.moe is None else config.moe.num_experts
+
+
 def read_config(directory: str | Path) -> tuple[LlamaConfig, dict]:
     """(LlamaConfig, the raw config.json dict) of an HF model directory."""
     directory = Path(directory)
@@ -41,10 +45,10 @@ def load_leaves(reader: TensorReader, config: LlamaConfig, select: Callable[[str
             continue
         rule = param_paths.rule_for(path)
         arr = None
-        for i, key in param_paths.hf_keys(path, config.num_layers):
+        for i, key in param_paths.hf_keys(path, config.num_layers, num_experts(config)):
             t = reader.get(key_of(path, key))
             t = t.T if rule.transpose else t
-            want = sds.shape[1:] if i is not None else sds.shape
+            want = sds.shape[param_paths.index_rank(i):]
             if t.shape != tuple(want):
                 raise CheckpointError(f"{reader.directory}: tensor {key_of(path, key)!r} has shape "
                                       f"{list(t.shape)[::-1] if rule.transpose else list(t.shape)}, expected "
@@ -77,6 +81,6 @@ def export_tensors(flat: dict[str, np.ndarray], config: LlamaConfig, select: Cal
             continue
         rule = param_paths.rule_for(path)
         arr = flat[path]
-        for i, key in param_paths.hf_keys(path, config.num_layers):
+        for i, key in param_paths.hf_keys(path, config.num_layers, num_experts(config)):
             t = np.asarray(arr if i is None else arr[i])
             yield key_of(path, key), (t.T if rule.transpose else t)

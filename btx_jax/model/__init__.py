@@ -1,4 +1,4 @@
-"""Flax Llama with LoRA / LoRA-MoE linears."""
+"""Flax Llama with LoRA / LoRA-MoE linears or an FFN-MoE (mixture of full FFN experts)."""
 from __future__ import annotations
 
 import jax
@@ -6,9 +6,9 @@ import jax.numpy as jnp
 
 from btx_jax.config import LlamaConfig
 from btx_jax.model.llama import Llama, init_cache, routed_layers
-from btx_jax.model.lora import summarize_aux
+from btx_jax.model.lora import routed_count, summarize_aux
 
-__all__ = ["Llama", "init_cache", "routed_layers", "summarize_aux", "init_params", "abstract_params"]
+__all__ = ["Llama", "init_cache", "routed_layers", "summarize_aux", "routed_count", "init_params", "abstract_params"]
 
 
 def _init(config: LlamaConfig, rng, param_dtype):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from btx_jax.model import Llama, summarize_aux
+from btx_jax.model import Llama, routed_count, summarize_aux
 from btx_jax.train.phases import merge
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -20,10 +20,9 @@ def forward(model: Llama, params, batch, rng=None):
     rngs = {"dropout": rng} if rng is not None else {}
     logits, variables = model.apply({"params": params}, batch["inputs"], batch["positions"],
                                     batch["segment_ids"], rngs=rngs, mutable=["aux"])
-    spec = model.config.adapter
-    if spec is None or not spec.router:
+    if not routed_count(model.config):
         return logits, {}
-    return logits, summarize_aux(variables["aux"]["layers"], spec, model.config.num_layers)
+    return logits, summarize_aux(variables["aux"]["layers"], model.config)
 
 
 def token_losses(logits_BTV, batch):

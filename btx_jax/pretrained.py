@@ -2,7 +2,7 @@
 
 Formats: `hf` (config.json + safetensors), `btx` (btx_config.json + an orbax checkpoint of the params),
 `peft` (adapter_config.json + adapter_model.safetensors, LoRA only), `mergoo` (LoRA-MoE config.json +
-safetensors).  Loading detects the format from the directory's files.
+safetensors), `mixtral` (an FFN-MoE as Hugging Face MixtralForCausalLM).  Loading detects the format from the directory's files.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from btx_jax.model import Llama
 from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL
 
 BTX_CONFIG = "btx_config.json"
-FORMATS = ("hf", "btx", "peft", "mergoo")
+FORMATS = ("hf", "btx", "peft", "mergoo", "mixtral")
 
 
 @dataclasses.dataclass
@@ -81,6 +81,9 @@ class Pretrained:
                 save_btx(tmp, self)
             elif format == "hf":
                 save_hf(tmp, self, merge_lora=merge_lora, max_shard_bytes=max_shard_bytes, progress=progress)
+            elif format == "mixtral":
+                from btx_jax.checkpoint import mixtral
+                mixtral.save(tmp, self.config, self.flat_numpy(), max_shard_bytes=max_shard_bytes, progress=progress)
             elif format == "peft":
                 from btx_jax.checkpoint import peft
                 peft.save(tmp, self)
@@ -99,6 +102,8 @@ def save_hf(directory: Path, pre: Pretrained, *, merge_lora: bool = False,
             max_shard_bytes: int = 5 * 2**30, progress: Callable[[int], None] | None = None) -> None:
     flat = pre.flat_numpy()
     config = pre.config
+    if config.moe is not None:
+        raise CheckpointError("this model is an FFN-MoE: save it with format='mixtral' (or 'btx')")
     if config.adapter is not None:
         if not merge_lora:
             raise CheckpointError("this model has LoRA adapters: save with merge_lora=True (fold them into the "
@@ -150,13 +155,14 @@ def detect_format(directory: Path) -> str:
     if (directory / "adapter_config.json").is_file():
         return "peft"
     if (directory / "config.json").is_file():
-        return "mergoo" if "adapter_configs" in read_json(directory / "config.json") else "hf"
+        raw = read_json(directory / "config.json")
+        return "mergoo" if "adapter_configs" in raw else "mixtral" if raw.get("model_type") == "mixtral" else "hf"
     raise CheckpointError(f"{directory}: no config.json, btx_config.json or adapter_config.json found")
 
 
 def load_pretrained(path: str | Path, *, dtype=None, adapter: str | Path | None = None,
                     allow_pickle: bool = False, progress: Callable[[int], None] | None = None) -> Pretrained:
-    """Load an HF Llama directory, a mergoo LoRA-MoE directory or a btx_jax checkpoint.
+    """Load an HF Llama or Mixtral directory, a mergoo LoRA-MoE directory or a btx_jax checkpoint.
 
     `adapter`: a PEFT LoRA directory (or btx LoRA checkpoint) applied on top of an HF base.
     `dtype`: parameter and compute dtype (default: fp32 params, fp32 compute)."""
@@ -167,6 +173,9 @@ def load_pretrained(path: str | Path, *, dtype=None, adapter: str | Path | None 
                               "directory as adapter=")
     if fmt == "btx":
         pre = load_btx(directory, dtype)
+    elif fmt == "mixtral":
+        from btx_jax.checkpoint import mixtral
+        pre = _finish(*mixtral.load(directory, allow_pickle=allow_pickle, progress=progress), dtype)
     elif fmt == "mergoo":
         from btx_jax.checkpoint import mergoo
         config, flat = mergoo.load(directory, dtype=None, allow_pickle=allow_pickle)

@@ -1,4 +1,5 @@
-"""Branch-Train-MiX "mix" step: compose domain LoRA experts on one base into a LoRA-MoE (mergoo semantics).
+"""Branch-Train-MiX "mix" step: compose domain LoRA experts on one base into a LoRA-MoE (mergoo semantics), or
+with mode="ffn" full-FFN experts into an FFN-MoE (the paper's BTX, Mixtral architecture: btx_jax/compose_ffn.py).
 
     moe = btx_jax.compose("llama-dir", ["lora-wiki", "lora-math", "lora-novel"], top_k=2,
                           router_init="normal")
@@ -33,11 +34,12 @@ import numpy as np
 from btx_jax import param_paths
 from btx_jax.checkpoint import peft
 from btx_jax.checkpoint.tensor_files import CheckpointError
+from btx_jax.compose_ffn import compose_ffn
 from btx_jax.config import AdapterSpec, ConfigError
 from btx_jax.pretrained import Pretrained, _finish, load_pretrained
+from btx_jax.router_init import check_router_init, router_weights
 
-ROUTER_INITS = ("zeros", "normal")
-
+MODES = ("lora", "ffn")   # LoRA-MoE per linear (mergoo) | FFN-MoE per layer (the BTX paper, Mixtral)
 
 def _expert_lora(expert, base_config, label: str, allow_pickle: bool):
     """(AdapterSpec of the single expert, {lora path: array}) of one expert argument."""
@@ -56,25 +58,29 @@ def _expert_lora(expert, base_config, label: str, allow_pickle: bool):
     return config.adapter, lora
 
 
-def _router(rng, shape, router_init: str, router_std: float) -> np.ndarray:
-    if router_init == "zeros":
-        return np.zeros(shape, np.float32)
-    return (rng.standard_normal(shape) * router_std).astype(np.float32)
-
-
-def compose(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False, router_init: str = "normal",
-            router_std: float = 0.02, router_layers: Sequence[int] | None = None, router_jitter: float = 0.0,
-            seed: int = 0, dtype=None, allow_pickle: bool = False) -> Pretrained:
-    """LoRA-MoE `Pretrained` from a base (HF Llama directory or base `Pretrained`) and LoRA experts.
+def compose(base, experts: Sequence, *, mode: str = "lora", top_k: int = 2, seed_expert: bool = False,
+            router_init: str = "normal", router_std: float = 0.02, router_layers: Sequence[int] | None = None,
+            router_jitter: float = 0.0, seed: int = 0, dtype=None, allow_pickle: bool = False,
+            shared: str = "average", max_drift: float | None = 0.5) -> Pretrained:
+    """LoRA-MoE `Pretrained` from a base (HF Llama directory or base `Pretrained`) and LoRA experts, or with
+    `mode="ffn"` an FFN-MoE (Mixtral) from a seed and dense experts (btx_jax/compose_ffn.py; `shared` and
+    `max_drift` are its options).
 
     `top_k`: experts mixed per token (1..len(experts) + seed_expert).  `router_init`: "normal" (default) or
     "zeros" (see the module docstring on ties).  `router_layers`: decoder layer indices to route (mergoo's
     router_layers_index; default all); the other layers run the base projection alone and hold zeros."""
+    if mode not in MODES:
+        raise ConfigError(f"compose mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "ffn":
+        if router_layers is not None:
+            raise ConfigError("router_layers applies to the LoRA-MoE only; an FFN-MoE routes every layer")
+        return compose_ffn(base, experts, top_k=top_k, seed_expert=seed_expert, router_init=router_init,
+                           router_std=router_std, router_jitter=router_jitter, shared=shared, max_drift=max_drift,
+                           rng_seed=seed, dtype=dtype, allow_pickle=allow_pickle)
     experts = list(experts)
     if not experts:
         raise ConfigError("compose needs at least one expert")
-    if router_init not in ROUTER_INITS:
-        raise ConfigError(f"router_init {router_init!r} is not one of {', '.join(ROUTER_INITS)}")
+    check_router_init(router_init)
     choices = len(experts) + int(bool(seed_expert))
     if not 1 <= int(top_k) <= choices:
         raise ConfigError(f"top_k={top_k} must be between 1 and the number of experts ({choices}"
@@ -105,7 +111,7 @@ def compose(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = Fals
             axis = 2 if path.endswith("lora_a") else 1
             arr = np.concatenate([np.asarray(lora[path], np.float32) for _, lora in loaded], axis=axis)
         elif path.endswith("/router"):
-            arr = _router(rng, sds.shape, router_init, router_std)
+            arr = router_weights(rng, sds.shape, router_init, router_std)
         else:
             continue
         if arr.shape != tuple(sds.shape):    # cannot happen after load_adapter's checks; guards the concat

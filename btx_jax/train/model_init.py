@@ -4,7 +4,8 @@
               or a btx_jax checkpoint (e.g. the previous phase's `final/`)
     arch      LlamaConfig fields for init="random"
     lora      fresh LoRA expert to add (phase 1): targets, rank, alpha, rslora, dropout, init
-    compose   LoRA-MoE composition (phase 2): experts (dirs), top_k, seed_expert, router_init, router_layers
+    compose   MoE composition (phase 2): experts (dirs), mode ("lora": LoRA-MoE | "ffn": FFN-MoE), top_k,
+              seed_expert, router_init, router_layers
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def initial_model(model_cfg, seed: int) -> Pretrained:
     if m.get("compose"):
         from btx_jax.compose import compose
         c = _plain(m["compose"])
-        return compose(m["init"], list(c["experts"]), top_k=int(c.get("top_k", 2)),
+        return compose(m["init"], list(c["experts"]), mode=c.get("mode", "lora"), top_k=int(c.get("top_k", 2)),
                        seed_expert=bool(c.get("seed_expert", False)),
                        router_init=c.get("router_init", "normal"),
                        router_layers=c.get("router_layers"), seed=seed)

@@ -25,6 +25,7 @@ SEED_LORA = dict(targets=("gate_proj", "up_proj", "down_proj"), rank=640, alpha=
 
 
 SCALES = ("tiny", "synthetic")
+VARIANTS = ("ffn",)                # full-FFN experts / FFN-MoE instead of LoRA (the BTX paper's variant)
 
 
 def parse_preset(preset: str, choices: tuple[str, ...] = ()) -> tuple[set[str], str]:
@@ -33,7 +34,7 @@ def parse_preset(preset: str, choices: tuple[str, ...] = ()) -> tuple[set[str], 
     'synthetic' (engine tests, benchmarks: random tiny model, random tokens) needs no choice."""
     words = {w.strip() for w in (preset or "").split(",") if w.strip()}
     picked = words & set(choices)
-    unknown = words - set(choices) - set(SCALES)
+    unknown = words - set(choices) - set(SCALES) - set(VARIANTS)
     if unknown or len(picked) > 1 or (choices and not picked and "synthetic" not in words):
         raise ValueError(f"preset {preset!r}: expected one of {list(choices)} plus optionally one of "
                          f"{list(SCALES)}" if choices else f"preset {preset!r}: expected '' or one of {list(SCALES)}")

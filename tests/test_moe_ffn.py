@@ -1,6 +1,6 @@
 """The FFN-MoE block (btx_jax/model/moe_ffn.py): sparse dispatch (segment tiles, ragged_dot) equals the dense
 all-experts reference in values and gradients; router statistics; expert parallelism on 8 virtual devices gives
-the 1-device losses; the router / ffn / sft phases train exactly their leaves."""
+the 1-device losses; the router and ffn phases train exactly their leaves."""
 from __future__ import annotations
 
 import json
@@ -58,10 +58,7 @@ def test_unselected_experts_get_no_gradient_and_router_stats():
     config = LlamaConfig(**ARCH, moe=MoESpec(4, 1, impl="segment"))
     params = init_params(config)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 12)), jnp.int32)
-    # route every token of every layer to expert 2: a router that only sees a huge bias toward it
-    router = np.zeros((2, 32, 4), np.float32)
-    params = jax.tree_util.tree_map(lambda a: a, params)
-    params["layers"]["moe"]["router"]["kernel"] = jnp.asarray(router)
+    params["layers"]["moe"]["router"]["kernel"] = jnp.zeros((2, 32, 4), jnp.float32)
     model = Llama(config)
 
     def loss(p):
@@ -121,7 +118,7 @@ def test_expert_parallel_run_matches_one_device(moe_dir, tmp_path):
     np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=2e-5)
 
 
-@pytest.mark.parametrize("phase", ["router", "ffn", "sft"])
+@pytest.mark.parametrize("phase", ["router", "ffn"])
 def test_phases_train_exactly_their_ffn_moe_leaves(moe_dir, tmp_path, phase):
     train(_config(moe_dir, phase, steps=2, fsdp=1, num_devices=1), tmp_path)
     before = load_pretrained(moe_dir).flat_numpy()

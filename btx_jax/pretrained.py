@@ -2,7 +2,8 @@
 
 Formats: `hf` (config.json + safetensors), `btx` (btx_config.json + an orbax checkpoint of the params),
 `peft` (adapter_config.json + adapter_model.safetensors, LoRA only), `mergoo` (LoRA-MoE config.json +
-safetensors), `mixtral` (an FFN-MoE as Hugging Face MixtralForCausalLM).  Loading detects the format from the directory's files.
+safetensors), `mixtral` (an FFN-MoE as Hugging Face MixtralForCausalLM).  Loading detects the format from the
+directory's files.
 """
 from __future__ import annotations
 

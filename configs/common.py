@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.lora = ml_collections.ConfigDict({})             # phase 1: fresh LoRA (targets, rank, alpha, ...)
     c.model.compose = ml_collections.ConfigDict({})          # phase 2: experts, top_k, seed_expert, router_init
 
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))   # 0 = all devices
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, num_devices=0))  # 0 = all devices
     c.mesh_rules = ()                     # () = btx_jax.train.mesh.DEFAULT_RULES
 
     c.train = ml_collections.ConfigDict(dict(

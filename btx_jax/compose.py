@@ -1,4 +1,5 @@
-"""Branch-Train-MiX "mix" step: compose domain LoRA experts on one base into a LoRA-MoE (mergoo semantics).
+"""Branch-Train-MiX "mix" step: compose domain LoRA experts on one base into a LoRA-MoE (mergoo semantics), or
+with mode="ffn" full-FFN experts into an FFN-MoE (the paper's BTX, Mixtral architecture: btx_jax/compose_ffn.py).
 
     moe = btx_jax.compose("llama-dir", ["lora-wiki", "lora-math", "lora-novel"], top_k=2,
                           router_init="normal")
@@ -32,12 +33,15 @@ from typing import Sequence
 import numpy as np
 
 from btx_jax.checkpoint import btx, peft
+from btx_jax.compose_ffn import compose_ffn
 from btx_jax.config import AdapterSpec, ConfigError
 from btx_jax.model import abstract_leaves, routed_layers
 from btx_jax.pretrained import ModelSource, Pretrained, memory_source, open_model
+from btx_jax.router_init import check_router_init, router_weights
 
-ROUTER_INITS = ("zeros", "normal")
+MODES = ("lora", "ffn")   # LoRA-MoE per linear (mergoo) | FFN-MoE per layer (the BTX paper, Mixtral)
 
+MODES = ("lora", "ffn")   # LoRA-MoE per linear (mergoo) | FFN-MoE per layer (the BTX paper, Mixtral)
 
 def _expert_lora(expert, base_config, label: str, allow_pickle: bool):
     """(AdapterSpec of the single expert, {lora path: leaf}) of one expert argument."""
@@ -56,12 +60,6 @@ def _expert_lora(expert, base_config, label: str, allow_pickle: bool):
     return config.adapter, lora
 
 
-def _router(rng, shape, router_init: str, router_std: float) -> np.ndarray:
-    if router_init == "zeros":
-        return np.zeros(shape, np.float32)
-    return (rng.standard_normal(shape) * router_std).astype(np.float32)
-
-
 def compose_source(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False,
                    router_init: str = "normal", router_std: float = 0.02, router_layers: Sequence[int] | None = None,
                    router_jitter: float = 0.0, seed: int = 0, allow_pickle: bool = False,
@@ -71,8 +69,7 @@ def compose_source(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool
     experts = list(experts)
     if not experts:
         raise ConfigError("compose needs at least one expert")
-    if router_init not in ROUTER_INITS:
-        raise ConfigError(f"router_init {router_init!r} is not one of {', '.join(ROUTER_INITS)}")
+    check_router_init(router_init)
     choices = len(experts) + int(bool(seed_expert))
     if not 1 <= int(top_k) <= choices:
         raise ConfigError(f"top_k={top_k} must be between 1 and the number of experts ({choices}"
@@ -96,7 +93,7 @@ def compose_source(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool
     config = base.config.replace(adapter=spec)
     flags = routed_layers(config)
     rng = np.random.default_rng(seed)
-    routers = {path: _router(rng, sds.shape, router_init, router_std) * flags.reshape((-1,) + (1,) * (sds.ndim - 1))
+    routers = {path: router_weights(rng, sds.shape, router_init, router_std) * flags.reshape((-1,) + (1,) * (sds.ndim - 1))
                for path, sds in sorted(abstract_leaves(config).items())
                if path.endswith("/router")}
     on_disk = base.reference is not None and all(isinstance(e, (str, Path)) for e in experts)
@@ -132,17 +129,28 @@ def _checking_base(src: ModelSource, experts: list, labels: list[str]) -> ModelS
     return dataclasses.replace(src, fill=fill)
 
 
-def compose(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False, router_init: str = "normal",
-            router_std: float = 0.02, router_layers: Sequence[int] | None = None, router_jitter: float = 0.0,
-            seed: int = 0, dtype=None, allow_pickle: bool = False, allow_other_base: bool = False,
+def compose(base, experts: Sequence, *, mode: str = "lora", top_k: int = 2, seed_expert: bool = False,
+            router_init: str = "normal", router_std: float = 0.02, router_layers: Sequence[int] | None = None,
+            router_jitter: float = 0.0, seed: int = 0, dtype=None, allow_pickle: bool = False,
+            allow_other_base: bool = False, shared: str = "average", max_drift: float | None = 0.5,
             mesh=None) -> Pretrained:
-    """LoRA-MoE `Pretrained` from a base (HF Llama directory or base `Pretrained`) and LoRA experts.
+    """LoRA-MoE `Pretrained` from a base (HF Llama directory or base `Pretrained`) and LoRA experts, or with
+    `mode="ffn"` an FFN-MoE (Mixtral) from a seed and dense experts (btx_jax/compose_ffn.py; `shared` and
+    `max_drift` are its options).
 
     `top_k`: experts mixed per token (1..len(experts) + seed_expert).  `router_init`: "normal" (default) or
     "zeros" (see the module docstring on ties).  `router_layers`: decoder layer indices to route (mergoo's
     router_layers_index; default all); the other layers run the base projection alone and hold zeros.
     `allow_other_base`: skip the check that btx experts were trained on this base (their recorded digest).
-    `mesh`: shard the result over it as it is built (default: one device)."""
+    `mesh`: shard the LoRA-MoE over it as it is built (default: one device)."""
+    if mode not in MODES:
+        raise ConfigError(f"compose mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "ffn":
+        if router_layers is not None:
+            raise ConfigError("router_layers applies to the LoRA-MoE only; an FFN-MoE routes every layer")
+        return compose_ffn(base, experts, top_k=top_k, seed_expert=seed_expert, router_init=router_init,
+                           router_std=router_std, router_jitter=router_jitter, shared=shared, max_drift=max_drift,
+                           rng_seed=seed, dtype=dtype, allow_pickle=allow_pickle)
     src = compose_source(base, experts, top_k=top_k, seed_expert=seed_expert, router_init=router_init,
                          router_std=router_std, router_layers=router_layers, router_jitter=router_jitter, seed=seed,
                          allow_pickle=allow_pickle, allow_other_base=allow_other_base)

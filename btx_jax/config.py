@@ -1,8 +1,9 @@
-"""Model configuration: Llama architecture plus the optional LoRA / LoRA-MoE adapter spec.
+"""Model configuration: Llama architecture plus the optional LoRA / LoRA-MoE adapter spec or FFN-MoE spec.
 
 `LlamaConfig.from_hf(dict)` reads a Hugging Face `config.json` (Llama 2, Llama 3.x, and transformers 5's
 `rope_parameters` layout); `to_hf()` writes one back.  `AdapterSpec` describes the LoRA experts on the
-linears (one expert = plain LoRA; several experts + router = mergoo-style LoRA-MoE).
+linears (one expert = plain LoRA; several experts + router = mergoo-style LoRA-MoE).  `MoESpec` describes a
+mixture of full FFN experts per layer (Branch-Train-MiX as in the paper; the Mixtral architecture).
 """
 from __future__ import annotations
 
@@ -75,6 +76,31 @@ class AdapterSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoESpec:
+    """Every layer's FFN is a mixture of `num_experts` SwiGLU FFNs (each of the model's intermediate_size) with a
+    router on the hidden state; each token runs its `top_k` experts (Mixtral semantics, btx_jax/model/moe_ffn.py).
+    `seed_expert`: the last expert is the seed model's own FFN (informational: set by compose mode="ffn").
+    `impl`: "auto" (ragged_dot on GPU/TPU, sort-and-segment tiles on CPU), "ragged", "segment" or "dense" (every
+    expert on every token, masked: the reference)."""
+    num_experts: int
+    top_k: int = 2
+    seed_expert: bool = False
+    router_jitter: float = 0.0
+    impl: str = "auto"
+
+    def validate(self) -> None:
+        if self.num_experts < 1:
+            raise ConfigError(f"FFN-MoE needs at least one expert (num_experts={self.num_experts})")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"top_k={self.top_k} must be between 1 and the number of experts ({self.num_experts})")
+        if self.impl not in MOE_IMPLS:
+            raise ConfigError(f"FFN-MoE impl {self.impl!r} is not one of {', '.join(MOE_IMPLS)}")
+
+
+MOE_IMPLS = ("auto", "ragged", "segment", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int
     hidden_size: int
@@ -91,6 +117,7 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     adapter: AdapterSpec | None = None
+    moe: MoESpec | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -98,6 +125,10 @@ class LlamaConfig:
                               f"num_key_value_heads={self.num_kv_heads}")
         if self.adapter is not None:
             self.adapter.validate(self.num_layers)
+        if self.moe is not None:
+            self.moe.validate()
+            if self.adapter is not None:
+                raise ConfigError("a model has either LoRA adapters or an FFN-MoE, not both")
 
     @property
     def rope_scaling_dict(self) -> dict | None:
@@ -198,6 +229,7 @@ def config_to_dict(config: LlamaConfig) -> dict:
 
 def config_from_dict(d: dict) -> LlamaConfig:
     d = dict(d)
+    moe = d.pop("moe", None)
     adapter = d.pop("adapter", None)
     if adapter is not None:
         adapter = dict(adapter)
@@ -213,6 +245,6 @@ def config_from_dict(d: dict) -> LlamaConfig:
         d["rope_scaling"] = tuple((k, _hashable(v)) for k, v in d["rope_scaling"])
     d["eos_token_id"] = _hashable(d.get("eos_token_id"))
     try:
-        return LlamaConfig(**d, adapter=adapter)
+        return LlamaConfig(**d, adapter=adapter, moe=None if moe is None else MoESpec(**moe))
     except TypeError as e:
         raise ConfigError(f"btx config: {e}") from None

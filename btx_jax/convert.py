@@ -1,4 +1,4 @@
-"""Convert checkpoints between Hugging Face / PEFT / mergoo and btx_jax's own format.
+"""Convert checkpoints between Hugging Face (Llama, Mixtral) / PEFT / mergoo and btx_jax's own format.
 
     python scripts/convert.py hf-to-btx  SRC DST [--dtype bfloat16] [--allow-pickle] [--overwrite]
     python scripts/convert.py btx-to-hf  SRC DST [--max-shard-size 5GB] [--dtype bfloat16] [--overwrite]
@@ -6,6 +6,8 @@
     python scripts/convert.py btx-to-peft SRC DST
     python scripts/convert.py mergoo-to-btx SRC DST
     python scripts/convert.py btx-to-mergoo SRC DST [--max-shard-size 5GB]
+    python scripts/convert.py mixtral-to-btx SRC DST
+    python scripts/convert.py btx-to-mixtral SRC DST [--max-shard-size 5GB]     (FFN-MoE <-> MixtralForCausalLM)
 
 Every tensor's name and shape is checked against the config.  On bad input (missing directory or file,
 foreign architecture, missing / misshapen tensor, corrupt safetensors, pickle checkpoint without
@@ -56,6 +58,9 @@ CONVERSIONS: dict[str, Conversion] = {
                               "btx", "peft"),
     "mergoo-to-btx": Conversion("mergoo LoRA-MoE checkpoint -> btx_jax checkpoint", "mergoo", "btx"),
     "btx-to-mergoo": Conversion("btx_jax LoRA-MoE checkpoint -> mergoo checkpoint", "btx", "mergoo", shards=True),
+    "mixtral-to-btx": Conversion("Hugging Face Mixtral (MixtralForCausalLM) -> btx_jax FFN-MoE checkpoint",
+                                 "mixtral", "btx"),
+    "btx-to-mixtral": Conversion("btx_jax FFN-MoE checkpoint -> Hugging Face Mixtral", "btx", "mixtral", shards=True),
 }
 
 

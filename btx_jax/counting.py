@@ -1,6 +1,7 @@
 """Parameter counts from abstract shapes (jax.eval_shape: nothing is allocated, so 7B+ configs count on a laptop).
 
     count_params(config)                                  # {"total": N, "trainable": N, "frozen": 0}
+                                                          # + "active" (per token) for an FFN-MoE
     count_params(config, [r"layers/mlp/\\w+/router", "lm_head"])
 
 `phase_patterns` are the phase-mask regexes of the training configs, full-matched against parameter paths
@@ -20,6 +21,7 @@ from btx_jax import param_paths
 from btx_jax.config import LlamaConfig
 
 ADAPTER_LEAF = re.compile(r"layers/\w+/\w+/(lora_a|lora_b|router)")
+FFN_EXPERT_LEAF = re.compile(r"layers/moe/\w+_proj")
 
 
 def leaf_counts(config: LlamaConfig) -> dict[str, int]:
@@ -46,4 +48,9 @@ def count_params(config: LlamaConfig, phase_patterns=None) -> dict[str, int]:
             phase_patterns = [phase_patterns]
         trainable = sum(n for p, n in counts.items() if param_paths.matches(p, list(phase_patterns)))
     total = sum(counts.values())
-    return {"total": total, "trainable": trainable, "frozen": total - trainable}
+    out = {"total": total, "trainable": trainable, "frozen": total - trainable}
+    if config.moe is not None:     # paper-style active parameters: each token runs top_k of the FFN experts
+        m = config.moe
+        experts = sum(n for p, n in counts.items() if FFN_EXPERT_LEAF.fullmatch(p))
+        out["active"] = total - experts // m.num_experts * (m.num_experts - m.top_k)
+    return out

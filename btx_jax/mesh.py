@@ -1,9 +1,11 @@
 """Device mesh and sharding: logical axis names (btx_jax/param_paths.py) -> mesh axes by swappable rules.
 
-Mesh axes are `data`, `fsdp` and `tensor`. A rule maps a logical axis to a tuple of mesh axes; for each
+Mesh axes are `data`, `fsdp`, `tensor` and `expert`. A rule maps a logical axis to a tuple of mesh axes; for each
 weight, dimensions are visited left to right and take the rule's mesh axes not already used by an earlier
 dimension and dividing the dimension.  The FSDP default shards every weight matrix over `fsdp` on one
-dimension; batches are sharded over (`data`, `fsdp`).
+dimension; batches are sharded over (`data`, `fsdp`, `expert`).  The `expert` axis (size 1 unless set) shards
+the FFN-MoE's stacked experts (logical axis `expert`, btx_jax/model/moe_ffn.py) while the rest of the model is
+data-parallel over it: expert parallelism.  XLA's partitioner places the token dispatch (gathers by expert).
 """
 from __future__ import annotations
 
@@ -16,16 +18,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from btx_jax import param_paths
 from btx_jax.config import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("vocab", ("tensor", "fsdp")),
     ("embed", ("fsdp",)),
     ("mlp", ("tensor", "fsdp")),
     ("q_heads", ("tensor", "fsdp")),
     ("kv_heads", ("tensor", "fsdp")),
     ("lora_rank", ()),
-    ("experts", ()),
+    ("experts", ()),                  # router outputs (LoRA-MoE and FFN-MoE): small, replicated
+    ("expert", ("expert",)),          # the FFN-MoE's stacked expert weights
     ("layers", ()),
     ("norm", ()),
 )

@@ -53,6 +53,15 @@ def _table() -> tuple[ParamRule, ...]:
             ParamRule(f"{path}/lora_b", ("layers", "lora_rank", ax_out), f"{hf}.lora_B.weight", True),
             ParamRule(f"{path}/router", ("layers", ax_in, "experts"), f"{hf}.gate.weight", True),
         ]
+    # FFN-MoE (btx_jax/model/moe_ffn.py): experts stacked on the `expert` axis; HF keys are Mixtral's ({e} = expert)
+    moe = "model.layers.{i}.block_sparse_moe"
+    rules += [
+        ParamRule("layers/moe/router/kernel", ("layers", "embed", "experts"), f"{moe}.gate.weight", True),
+        ParamRule("layers/moe/gate_proj", ("layers", "expert", "embed", "mlp"), f"{moe}.experts.{{e}}.w1.weight", True),
+        ParamRule("layers/moe/up_proj", ("layers", "expert", "embed", "mlp"), f"{moe}.experts.{{e}}.w3.weight", True),
+        ParamRule("layers/moe/down_proj", ("layers", "expert", "mlp", "embed"), f"{moe}.experts.{{e}}.w2.weight",
+                  True),
+    ]
     return tuple(rules)
 
 
@@ -93,11 +102,21 @@ def logical_axes(tree: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda kp, _: rule_for(path_str(kp)).axes, tree)
 
 
-def hf_keys(path: str, num_layers: int) -> Iterator[tuple[int | None, str]]:
-    """(layer index or None, HF key) for every HF tensor stored in btx_jax leaf `path`."""
+def hf_keys(path: str, num_layers: int, num_experts: int = 0) -> Iterator[tuple[int | tuple | None, str]]:
+    """(index into the leaf, HF key) for every HF tensor stored in btx_jax leaf `path`: None (the whole leaf),
+    a layer index, or (layer, expert) for the FFN-MoE's stacked experts."""
     rule = rule_for(path)
     if "{i}" not in rule.hf_key:
         yield None, rule.hf_key
         return
     for i in range(num_layers):
-        yield i, rule.hf_key.format(i=i)
+        if "{e}" in rule.hf_key:
+            for e in range(num_experts):
+                yield (i, e), rule.hf_key.format(i=i, e=e)
+        else:
+            yield i, rule.hf_key.format(i=i)
+
+
+def index_rank(index: int | tuple | None) -> int:
+    """Leading dimensions of a leaf consumed by an `hf_keys` index."""
+    return 0 if index is None else len(index) if isinstance(index, tuple) else 1

@@ -2,8 +2,8 @@
 
 Formats: `hf` (config.json + safetensors), `btx` (btx_config.json + an orbax checkpoint of the params; lean
 ones name the files their frozen weights come from, see btx_jax/checkpoint/btx.py), `peft`
-(adapter_config.json + adapter_model.safetensors, LoRA only), `mergoo` (LoRA-MoE config.json + safetensors).
-Loading detects the format from the directory's files.
+(adapter_config.json + adapter_model.safetensors, LoRA only), `mergoo` (LoRA-MoE config.json + safetensors),
+`mixtral` (an FFN-MoE as Hugging Face MixtralForCausalLM).  Loading detects the format from the directory's files.
 
 Loading is sharded from the first byte: `open_model` describes a model without reading it (a `ModelSource`:
 its config and how to make any subset of its leaves), and `ModelSource.fill(target)` creates each requested
@@ -24,14 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from btx_jax import mesh as mesh_lib, param_paths
-from btx_jax.checkpoint import btx, hf as hf_format, mergoo, peft
+from btx_jax.checkpoint import btx, hf as hf_format, mergoo, mixtral, peft
 from btx_jax.checkpoint.tensor_files import CheckpointError, atomic_directory, read_json, write_tensors
 from btx_jax.config import LlamaConfig
 from btx_jax.generate import check_ids, check_sampling, generate as _generate
 from btx_jax.model import Llama, abstract_leaves, init_leaves, routed_layers
 from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL
 
-FORMATS = ("hf", "btx", "peft", "mergoo")
+FORMATS = ("hf", "btx", "peft", "mergoo", "mixtral")
 Target = dict[str, jax.ShapeDtypeStruct]          # {path: ShapeDtypeStruct with a sharding}
 Arrays = dict[str, jax.Array]
 
@@ -153,6 +153,8 @@ class Pretrained:
                 btx.save(tmp, self.config, self.params)
             elif format == "hf":
                 save_hf(tmp, self, merge_lora=merge_lora, max_shard_bytes=max_shard_bytes, progress=progress)
+            elif format == "mixtral":
+                mixtral.save(tmp, self.config, self.flat_numpy(), max_shard_bytes=max_shard_bytes, progress=progress)
             elif format == "peft":
                 peft.save(tmp, self.config, self.flat_numpy())
             else:
@@ -169,6 +171,8 @@ def save_hf(directory: Path, pre: Pretrained, *, merge_lora: bool = False,
             max_shard_bytes: int = 5 * 2**30, progress: Callable[[int], None] | None = None) -> None:
     flat = pre.flat_numpy()
     config = pre.config
+    if config.moe is not None:
+        raise CheckpointError("this model is an FFN-MoE: save it with format='mixtral' (or 'btx')")
     if config.adapter is not None:
         if not merge_lora:
             raise CheckpointError("this model has LoRA adapters: save with merge_lora=True (fold them into the "
@@ -230,7 +234,8 @@ def detect_format(directory: Path) -> str:
     if (directory / "adapter_config.json").is_file():
         return "peft"
     if (directory / "config.json").is_file():
-        return "mergoo" if "adapter_configs" in read_json(directory / "config.json") else "hf"
+        raw = read_json(directory / "config.json")
+        return "mergoo" if "adapter_configs" in raw else "mixtral" if raw.get("model_type") == "mixtral" else "hf"
     raise CheckpointError(f"{directory}: no config.json, {btx.BTX_CONFIG} or adapter_config.json found")
 
 
@@ -247,6 +252,8 @@ def open_model(path: str | Path, *, adapter: str | Path | None = None, allow_pic
         src = _btx_source(directory)
     elif fmt == "mergoo":
         src = _file_source(*mergoo.load(directory, allow_pickle=allow_pickle), directory)
+    elif fmt == "mixtral":
+        src = _file_source(*mixtral.load(directory, allow_pickle=allow_pickle, progress=progress), directory)
     else:
         config, _ = hf_format.read_config(directory)
         leaves = hf_format.load_base(directory, config, allow_pickle=allow_pickle, progress=progress)
@@ -263,7 +270,7 @@ def open_model(path: str | Path, *, adapter: str | Path | None = None, allow_pic
 def load_pretrained(path: str | Path, *, dtype=None, adapter: str | Path | None = None, allow_pickle: bool = False,
                     progress: Callable[[int], None] | None = None, mesh: jax.sharding.Mesh | None = None,
                     rules=mesh_lib.DEFAULT_RULES) -> Pretrained:
-    """Load an HF Llama directory, a mergoo LoRA-MoE directory or a btx_jax checkpoint.
+    """Load an HF Llama or Mixtral directory, a mergoo LoRA-MoE directory or a btx_jax checkpoint.
 
     `adapter`: a PEFT LoRA directory (or btx LoRA checkpoint) applied on top of an HF base.
     `dtype`: parameter and compute dtype (default: fp32 params, fp32 compute).

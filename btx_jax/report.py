@@ -73,15 +73,16 @@ def loss_table(results: dict[str, dict[str, dict]], domains: list[str]) -> str:
 
 
 def write_report(out_dir: Path, *, results: dict, domains: list[str], routing: dict[str, np.ndarray] | None,
-                 experts: list[str], loss_curves: Path | None, heatmaps: dict[str, Path], samples: dict[str, list],
-                 findings: list[str], header: str) -> Path:
+                 experts: list[str] | dict[str, list[str]], loss_curves: Path | None, heatmaps: dict[str, Path],
+                 samples: dict[str, list], findings: list[str], header: str) -> Path:
     parts = [f"# {header}", "", "## Held-out loss per domain", "", loss_table(results, domains), ""]
     if findings:
         parts += ["## What the numbers show", ""] + [f"- {f}" for f in findings] + [""]
     if routing:
         for name, matrix in routing.items():
+            labels = experts[name] if isinstance(experts, dict) else experts      # per-model labels or one list
             parts += [f"## Routing of {name}: mean gate weight per expert on each domain's tokens", "",
-                      _table(["domain"] + experts, [[d] + [float(x) for x in row] for d, row in zip(domains, matrix)]),
+                      _table(["domain"] + labels, [[d] + [float(x) for x in row] for d, row in zip(domains, matrix)]),
                       "", f"![routing heatmap {name}]({heatmaps[name].name})", ""]
     if loss_curves:
         parts += ["## Training loss curves", "", f"![loss curves]({loss_curves.name})", ""]

@@ -23,6 +23,7 @@ SEED_LORA = dict(targets=("gate_proj", "up_proj", "down_proj"), rank=640, alpha=
 
 
 SCALES = ("tiny", "synthetic")
+VARIANTS = ("ffn",)                # full-FFN experts / FFN-MoE instead of LoRA (the BTX paper's variant)
 
 
 def parse_preset(preset: str, choices: tuple[str, ...] = ()) -> tuple[set[str], str]:
@@ -31,7 +32,7 @@ def parse_preset(preset: str, choices: tuple[str, ...] = ()) -> tuple[set[str], 
     'synthetic' (engine tests, benchmarks: random tiny model, random tokens) needs no choice."""
     words = {w.strip() for w in (preset or "").split(",") if w.strip()}
     picked = words & set(choices)
-    unknown = words - set(choices) - set(SCALES)
+    unknown = words - set(choices) - set(SCALES) - set(VARIANTS)
     if unknown or len(picked) > 1 or (choices and not picked and "synthetic" not in words):
         raise ValueError(f"preset {preset!r}: expected one of {list(choices)} plus optionally one of "
                          f"{list(SCALES)}" if choices else f"preset {preset!r}: expected '' or one of {list(SCALES)}")
@@ -54,7 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.lora = ml_collections.ConfigDict({})             # phase 1: fresh LoRA (targets, rank, alpha, ...)
     c.model.compose = ml_collections.ConfigDict({})          # phase 2: experts, top_k, seed_expert, router_init
 
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, num_devices=0))   # 0 = all devices
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, num_devices=0))  # 0 = all devices
     c.mesh_rules = ()                     # () = btx_jax.mesh.DEFAULT_RULES
 
     c.train = ml_collections.ConfigDict(dict(

@@ -5,6 +5,7 @@ Presets (`--config=configs/expert.py:DOMAIN[,tiny]`), DOMAIN in wiki | math | no
                 data mixture for the domain: hub datasets as (path, subset) (point non-hub names at your copies;
                 tokenise ahead with `python scripts/prepare_data.py --config=configs/expert.py:DOMAIN`)
   DOMAIN,tiny   the CPU demo: the tiny seed from configs/pretrain.py, the bundled domain corpus
+  DOMAIN,tiny,ffn   a full-FFN expert instead (phase `ffn`: the MLP kernels train, no LoRA) for the paper's BTX
   synthetic     engine tests: a random tiny model, LoRA r=8, random tokens
 """
 from configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, SEED_LORA, base_config, bundled, parse_preset,
@@ -38,6 +39,10 @@ def get_config(preset: str = "wiki,tiny"):
         c.model.lora = dict(targets=SEED_LORA["targets"], rank=32, alpha=32.0, dropout=0.0)
         c.train.update(steps=150, lr=3e-3, warmup_steps=10)
         c.data = dict(kind="pretrain", tokenizer=BUNDLED_TOKENIZER, sources=[bundled(domain)])
+        if "ffn" in words:
+            c.phase = "ffn"
+            c.model.lora = None
+            c.train.update(steps=100, lr=1e-3)
         return c
     seed_scale(c)
     c.train.update(steps=10000, lr=1e-4, warmup_steps=100)

@@ -101,12 +101,10 @@ def measured_peak(n: int, reps: int) -> dict:
 # ---------------------------------------------------------------- JAX side
 def jax_phase(phase: str, arch: dict, args) -> dict:
     import jax
-    import numpy as np
 
     from btx_jax.config import AdapterSpec, ExpertSpec, LlamaConfig
     from btx_jax.model import init_params
     from btx_jax.pretrained import Pretrained, memory_source
-    from btx_jax.train.step import BATCH_KEYS
     from btx_jax.train.trainer import initial_state, resolved, wire
     from configs.common import base_config
 
@@ -128,11 +126,7 @@ def jax_phase(phase: str, arch: dict, args) -> dict:
     phase = wire(cfg, source=memory_source(Pretrained(config, params)))
     built = phase.built
     state, _ = initial_state(phase, 0)
-    ids = np.random.default_rng(1).integers(3, arch["vocab_size"], (args.batch, args.seq + 1)).astype(np.int32)
-    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((args.batch, args.seq), np.float32),
-             "segment_ids": np.ones((args.batch, args.seq), np.int32),
-             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)).copy()}
-    batch = {k: jax.device_put(batch[k], built.batch_sharding) for k in BATCH_KEYS}
+    batch = random_batch(arch["vocab_size"], args.batch, args.seq, built.batch_sharding)
     holder = {"state": state}
 
     def step():
@@ -140,6 +134,19 @@ def jax_phase(phase: str, arch: dict, args) -> dict:
         jax.block_until_ready(metrics["loss"])
 
     return _first_step(step)
+
+
+def random_batch(vocab: int, batch: int, seq: int, sharding) -> dict:
+    """A packed-format batch of random tokens (one segment per row), placed with `sharding`."""
+    import jax
+    import numpy as np
+
+    from btx_jax.train.step import BATCH_KEYS
+    ids = np.random.default_rng(1).integers(3, vocab, (batch, seq + 1)).astype(np.int32)
+    rows = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+    return {k: jax.device_put(rows[k], sharding) for k in BATCH_KEYS}
 
 
 # ---------------------------------------------------------------- PyTorch side

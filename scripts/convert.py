@@ -1,6 +1,6 @@
 """Convert checkpoints between Hugging Face / PEFT / mergoo and btx_jax's own format (see btx_jax/convert.py).
 
-    python scripts/convert.py hf-to-btx SRC DST      # btx-to-hf, peft-to-btx, btx-to-peft, mergoo-to-btx, ...
+    python scripts/convert.py hf-to-btx SRC DST      # btx-to-hf, peft-to-btx, ..., mixtral-to-btx, btx-to-mixtral
     python scripts/convert.py --help
 """
 from __future__ import annotations

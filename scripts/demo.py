@@ -5,8 +5,11 @@
   compose   seed + experts -> LoRA-MoE (top-2 of 3 on gate/up/down_proj)          btx_jax.compose
   router    train routers + lm_head on the mixed corpus                          configs/router.py:tiny
   sft       instruction tuning with the experts frozen                          configs/sft.py:tiny
+  ffn BTX   the paper's variant beside it, same seed and data: three full-FFN experts
+            (configs/expert.py:DOMAIN,tiny,ffn), mixed into an FFN-MoE (top-2 of 3, Mixtral architecture),
+            routers + lm_head trained                                          configs/router.py:tiny,ffn
   evaluate  per-domain loss table, routing heatmaps, loss curves, samples -> OUT/report.md
-  export    PEFT adapters, merged HF model, mergoo LoRA-MoE                     OUT/export/
+  export    PEFT adapters, merged HF model, mergoo LoRA-MoE, Mixtral FFN-MoE  OUT/export/
 
     python scripts/demo.py [--out runs/demo] [--quick]
 
@@ -37,11 +40,14 @@ def phase_configs(out: Path, quick: bool):
     plan = [("seed", pretrain.get_config("tiny"))]
     plan += [(f"expert_{d}", expert.get_config(f"{d},tiny")) for d in DOMAINS]
     plan += [("router", router.get_config("tiny")), ("sft", sft.get_config("tiny"))]
+    plan += [(f"ffn_expert_{d}", expert.get_config(f"{d},tiny,ffn")) for d in DOMAINS]
+    plan += [("ffn_router", router.get_config("tiny,ffn"))]
     for name, c in plan:
         if name != "seed":
             c.model.init = str(out / ("router" if name == "sft" else "seed") / "final")
-        if name == "router":
-            c.model.compose.experts = [str(out / f"expert_{d}" / "final") for d in DOMAINS]
+        if name in ("router", "ffn_router"):
+            prefix = "ffn_expert" if name == "ffn_router" else "expert"
+            c.model.compose.experts = [str(out / f"{prefix}_{d}" / "final") for d in DOMAINS]
         if quick:
             c.train.steps = max(c.train.steps // 10, 4)
             c.train.ckpt_every = c.train.steps // 2
@@ -70,29 +76,37 @@ def run(args) -> None:
         tic = time.time()
         train(cfg, out / name)
         timings[name] = time.time() - tic
-    moe_init = out / "moe_init"
-    if not moe_init.is_dir():         # the LoRA-MoE before router training, for the comparison
-        router_cfg = dict(plan)["router"].model.compose
-        compose(str(out / "seed" / "final"), list(router_cfg.experts), top_k=router_cfg.top_k,
-                router_init=router_cfg.router_init, seed=0).save_pretrained(moe_init, format="btx")
+    for init, router_phase in (("moe_init", "router"), ("ffn_moe_init", "ffn_router")):
+        if not (out / init).is_dir():         # the MoE before router training, for the comparison
+            router_cfg = dict(plan)[router_phase].model.compose
+            compose(str(out / "seed" / "final"), list(router_cfg.experts), mode=router_cfg.get("mode", "lora"),
+                    top_k=router_cfg.top_k, router_init=router_cfg.router_init, seed=0).save_pretrained(
+                        out / init, format="btx")
 
     print("\n[demo] ===== evaluate =====", flush=True)
     tokenizer = load_tokenizer(BUNDLED_TOKENIZER)
     models = {"seed": out / "seed" / "final", **{f"expert_{d}": out / f"expert_{d}" / "final" for d in DOMAINS},
-              "moe_before_router": moe_init, "moe_router": out / "router" / "final", "sft": out / "sft" / "final"}
+              "moe_before_router": out / "moe_init", "moe_router": out / "router" / "final",
+              "sft": out / "sft" / "final", **{f"ffn_expert_{d}": out / f"ffn_expert_{d}" / "final" for d in DOMAINS},
+              "ffn_moe_before_router": out / "ffn_moe_init", "ffn_moe_router": out / "ffn_router" / "final"}
     sources = {**{d: bundled_source(d) for d in DOMAINS},          # + held-out instructions, response-only loss
                "sft": {"kind": "sft", "sources": [bundled_source("sft")]}}
     results, loaded = evaluate.evaluate_models({k: str(v) for k, v in models.items()}, sources, tokenizer,
                                                seq_len=128, batch_size=16, max_batches=4 if args.quick else 12)
-    routing, heatmaps = {}, {}
-    experts = [f"expert_{d}" for d in DOMAINS]
-    for name in ("moe_before_router", "moe_router", "sft"):
+    routing, heatmaps, labels = {}, {}, {}
+    for name in ("moe_before_router", "moe_router", "sft", "ffn_moe_before_router", "ffn_moe_router"):
+        labels[name] = [f"{'ffn_' if name.startswith('ffn') else ''}expert_{d}" for d in DOMAINS]
         routing[name] = evaluate.routing_matrix(results[name], list(DOMAINS))
-        heatmaps[name] = report.plot_routing_heatmap(routing[name], list(DOMAINS), experts,
+        heatmaps[name] = report.plot_routing_heatmap(routing[name], list(DOMAINS), labels[name],
                                                      out / f"routing_{name}.png")
     findings, checks = evaluate.btx_findings(results, list(DOMAINS), "seed",
                                              {d: f"expert_{d}" for d in DOMAINS}, "moe_router",
                                              routing["moe_router"])
+    ffn_findings, ffn_checks = evaluate.btx_findings(results, list(DOMAINS), "seed",
+                                                     {d: f"ffn_expert_{d}" for d in DOMAINS}, "ffn_moe_router",
+                                                     routing["ffn_moe_router"])
+    findings += ["FFN-BTX (the paper's variant): " + line for line in ffn_findings]
+    checks.update(ffn_checks)
     sft_gain = results["moe_router"]["sft"]["loss"] - results["sft"]["sft"]["loss"]
     checks["sft improves the instruction (response) loss"] = sft_gain > 0
     findings.append(f"SFT on held-out instructions (response tokens only): {results['sft']['sft']['loss']:.3f} vs "
@@ -102,7 +116,7 @@ def run(args) -> None:
     samples = {name: list(zip(SAMPLE_PROMPTS.values(),
                               complete(loaded[name], tokenizer, list(SAMPLE_PROMPTS.values()), max_new_tokens=32,
                                        temperature=0.7, top_p=0.9)))
-               for name in ("seed", "moe_router")}
+               for name in ("seed", "moe_router", "ffn_moe_router")}
     samples["sft (chat)"] = list(zip(SFT_PROMPTS, complete(loaded["sft"], tokenizer, SFT_PROMPTS, chat=True,
                                                            max_new_tokens=32, temperature=0.7, top_p=0.9)))
 
@@ -110,7 +124,8 @@ def run(args) -> None:
     exports = {"expert_wiki_peft": ("expert_wiki", dict(format="peft")),
                "expert_wiki_merged_hf": ("expert_wiki", dict(format="hf", merge_lora=True)),
                "moe_router_mergoo": ("moe_router", dict(format="mergoo")),
-               "sft_mergoo": ("sft", dict(format="mergoo"))}
+               "sft_mergoo": ("sft", dict(format="mergoo")),
+               "ffn_moe_router_mixtral": ("ffn_moe_router", dict(format="mixtral"))}
     for dst, (name, kw) in exports.items():
         loaded[name].save_pretrained(out / "export" / dst, overwrite=True, **kw)
         print(f"[demo] wrote {out / 'export' / dst}", flush=True)
@@ -119,7 +134,7 @@ def run(args) -> None:
     findings.append(f"phase wall times this run (s): {json.dumps({k: round(v) for k, v in timings.items()})}; "
                     f"total {time.time() - t0:.0f} s")
     header = f"btx-jax demo: Branch-Train-MiX on a tiny Llama ({'quick' if args.quick else 'full'} run)"
-    path = report.write_report(out, results=results, domains=[*DOMAINS, "sft"], routing=routing, experts=experts,
+    path = report.write_report(out, results=results, domains=[*DOMAINS, "sft"], routing=routing, experts=labels,
                                loss_curves=curves, heatmaps=heatmaps, samples=samples, findings=findings,
                                header=header)
     (out / "results.json").write_text(json.dumps({"results": results, "checks": checks}, indent=1))

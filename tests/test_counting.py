@@ -64,3 +64,15 @@ def test_counts_match_real_params():
     lora = {k: v.size for k, v in param_paths.flatten(params).items() if "lora" in k}
     assert count_params(tiny, [r".*/lora_[ab]"])["trainable"] == sum(lora.values())
     assert count_params(tiny, r"nothing")["trainable"] == 0
+
+
+def test_llama2_7b_ffn_btx_counts_paper_style():
+    """The BTX paper's setup: Llama-2-7B seed + 3 FFN experts, the seed's FFN kept as a 4th expert, top-2."""
+    from btx_jax.config import MoESpec
+    ffn = 32 * 3 * 4096 * 11008                        # one FFN copy over all layers
+    counts = count_params(LLAMA2_7B.replace(moe=MoESpec(num_experts=4, top_k=2, seed_expert=True)))
+    routers = 32 * 4096 * 4
+    assert counts["total"] == 6_738_415_616 + 3 * ffn + routers == 19_724_505_088          # "19.7B"
+    assert counts["active"] == counts["total"] - 2 * ffn == 11_067_461_632                  # "11.1B"
+    moe_router = count_params(LLAMA2_7B.replace(moe=MoESpec(4, 2)), [r"layers/moe/router/kernel", "lm_head"])
+    assert moe_router["trainable"] == routers + 4096 * 32000

@@ -1,5 +1,5 @@
-"""End to end: the demo pipeline (seed -> 3 experts -> compose -> router -> SFT -> evaluate -> export) on the
-tiny model with the bundled data, with a tenth of the steps (`--quick`)."""
+"""End to end: the demo pipeline (seed -> 3 experts -> compose -> router -> SFT, and the FFN-BTX branch -> evaluate
+-> export) on the tiny model with the bundled data, with a tenth of the steps (`--quick`)."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,8 @@ def test_demo_quick_writes_report_models_and_exports(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text(encoding="utf-8")
-    for model in ("seed", "expert_wiki", "expert_math", "expert_novel", "moe_before_router", "moe_router", "sft"):
+    for model in ("seed", "expert_wiki", "expert_math", "expert_novel", "moe_before_router", "moe_router", "sft",
+                  "ffn_expert_wiki", "ffn_moe_before_router", "ffn_moe_router"):
         assert f"| {model} |" in report
     for png in ("loss_curves.png", "routing_moe_router.png", "routing_moe_before_router.png"):
         assert (out / png).stat().st_size > 1000 and png in report
@@ -48,4 +49,9 @@ def test_demo_quick_writes_report_models_and_exports(tmp_path):
     ids = np.arange(1, 17)[None]
     np.testing.assert_allclose(load_pretrained(out / "export" / "moe_router_mergoo").logits(ids),
                                moe.logits(ids), atol=1e-4)
+    # the FFN-BTX branch: an FFN-MoE whose routing is reported per layer and which exports as Mixtral
+    ffn_routing = np.asarray(results["results"]["ffn_moe_router"]["math"]["routing"]["router"])
+    np.testing.assert_allclose(ffn_routing.sum(axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(load_pretrained(out / "export" / "ffn_moe_router_mixtral").logits(ids),
+                               load_pretrained(out / "ffn_router" / "final").logits(ids), atol=1e-5)
 

@@ -198,7 +198,7 @@ def test_down_proj_routing_runs_and_gradients_flow():
 
     def loss(p):
         logits, state = model.apply({"params": p}, ids, mutable=["aux"])
-        aux = summarize_aux(state["aux"], spec, config.num_layers)
+        aux = summarize_aux(state["aux"], config)
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + 0.01 * aux["lb_loss"]
 
     grads = param_paths.flatten(jax.grad(loss)(params))

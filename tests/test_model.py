@@ -12,7 +12,7 @@ import pytest
 
 import btx_jax
 from btx_jax import param_paths
-from btx_jax.config import ALL_TARGETS, AdapterSpec, ExpertSpec, LlamaConfig
+from btx_jax.config import ALL_TARGETS, AdapterSpec, ExpertSpec, LlamaConfig, MoESpec
 from btx_jax.model import abstract_params
 from conftest import LLAMA3_ROPE, hf_logits, random_ids, write_config
 
@@ -198,10 +198,10 @@ def _variants():
         targets=ALL_TARGETS, experts=(ExpertSpec(rank=4, alpha=8.0), ExpertSpec(rank=2, alpha=4.0)),
         router=True, top_k=2, seed_expert=True))
     return {"base": base, "base_tied": base.replace(tie_word_embeddings=True), "lora_all_targets": lora,
-            "lora_moe_seed_expert": moe}
+            "lora_moe_seed_expert": moe, "ffn_moe": base.replace(moe=MoESpec(num_experts=3, top_k=2))}
 
 
-@pytest.mark.parametrize("name", ["base", "base_tied", "lora_all_targets", "lora_moe_seed_expert"])
+@pytest.mark.parametrize("name", ["base", "base_tied", "lora_all_targets", "lora_moe_seed_expert", "ffn_moe"])
 def test_param_table_covers_every_leaf(name):
     config = _variants()[name]
     flat = param_paths.flatten(abstract_params(config))
@@ -212,11 +212,14 @@ def test_param_table_covers_every_leaf(name):
         assert len(rules[0].axes) == leaf.ndim, f"{path}: axes {rules[0].axes} vs shape {leaf.shape}"
         used.add(rules[0].pattern)
         # every leaf maps to HF tensor names (one per layer for stacked leaves)
-        keys = list(param_paths.hf_keys(path, config.num_layers))
-        assert len(keys) == (config.num_layers if rules[0].axes[0] == "layers" else 1)
+        experts = config.moe.num_experts if config.moe else 0
+        keys = list(param_paths.hf_keys(path, config.num_layers, experts))
+        per_layer = experts if "expert" in rules[0].axes else 1        # FFN-MoE: one HF tensor per expert
+        assert len(keys) == (config.num_layers * per_layer if rules[0].axes[0] == "layers" else 1)
+        assert len({k for _, k in keys}) == len(keys)
     n_targets = len(ALL_TARGETS)
     expected = {"base": 5 + n_targets, "base_tied": 4 + n_targets, "lora_all_targets": 5 + 3 * n_targets,
-                "lora_moe_seed_expert": 5 + 4 * n_targets}[name]
+                "lora_moe_seed_expert": 5 + 4 * n_targets, "ffn_moe": 5 + 4 + 4}[name]
     assert len(flat) == expected
     if name == "lora_moe_seed_expert":   # router has one output per LoRA expert + the seed expert
         assert flat["layers/mlp/down_proj/router"].shape == (2, 64, 3)

@@ -5,6 +5,7 @@ Per-layer HF tensors are stacked into the scanned [layers, ...] leaves (and spli
 """
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,6 +19,10 @@ from btx_jax.config import LlamaConfig
 from btx_jax.model import abstract_params
 
 BASE_LEAF = re.compile(r"embed_tokens|lm_head|.*/(kernel|scale)")
+
+
+def num_experts(config: LlamaConfig) -> int:
+    return 0 if config.moe is None else config.moe.num_experts
 
 
 def read_config(directory: str | Path) -> tuple[LlamaConfig, dict]:
@@ -41,20 +46,21 @@ def load_leaves(reader: TensorReader, config: LlamaConfig, select: Callable[[str
     out = {}
     for path, sds in shapes.items():
         if select(path):
-            out[path] = _leaf(reader, path, tuple(sds.shape), config.num_layers, key_of, dtype, progress)
+            out[path] = _leaf(reader, path, tuple(sds.shape), config, key_of, dtype, progress)
     return out
 
 
-def _leaf(reader, path: str, shape: tuple[int, ...], num_layers: int, key_of, dtype, progress) -> LazyLeaf:
+def _leaf(reader, path: str, shape: tuple[int, ...], config: LlamaConfig, key_of, dtype, progress) -> LazyLeaf:
     rule = param_paths.rule_for(path)
-    keys = [(i, key_of(path, key)) for i, key in param_paths.hf_keys(path, num_layers)]
-    want = shape[1:] if keys[0][0] is not None else shape
-    for _, key in keys:
+    keys = {i: key_of(path, key) for i, key in param_paths.hf_keys(path, config.num_layers, num_experts(config))}
+    lead = param_paths.index_rank(next(iter(keys)))        # leading dims stacked from separate tensors
+    want = shape[lead:]
+    for key in keys.values():
         got = reader.shape(key)
         if tuple(got[::-1] if rule.transpose else got) != tuple(want):
             raise CheckpointError(f"{reader.directory}: tensor {key!r} has shape {list(got)}, expected "
                                   f"{list(want)[::-1] if rule.transpose else list(want)}")
-    stored = dtype or reader.dtype(keys[0][1])
+    stored = dtype or reader.dtype(next(iter(keys.values())))
 
     def read_one(key: str, index: tuple[slice, ...]) -> np.ndarray:
         t = reader.get_slice(key, index[::-1] if rule.transpose else index)
@@ -62,11 +68,16 @@ def _leaf(reader, path: str, shape: tuple[int, ...], num_layers: int, key_of, dt
             progress(t.nbytes)
         return np.asarray(t.T if rule.transpose else t, dtype=stored)
 
-    if keys[0][0] is None:
-        return LazyLeaf(shape, stored, lambda index: read_one(keys[0][1], index))
-    return LazyLeaf(shape, stored, lambda index: np.stack(
-        [read_one(keys[i][1], index[1:]) for i in range(index[0].start, index[0].stop)]).reshape(
-        [s.stop - s.start for s in index]))
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        if lead == 0:
+            return read_one(keys[None], index)
+        out = np.empty([s.stop - s.start for s in index], stored)
+        for pos in itertools.product(*(range(s.start, s.stop) for s in index[:lead])):
+            at = tuple(p - s.start for p, s in zip(pos, index))
+            out[at] = read_one(keys[pos if lead > 1 else pos[0]], index[lead:])
+        return out
+
+    return LazyLeaf(shape, stored, read)
 
 
 def load_base(directory: str | Path, config: LlamaConfig, dtype=None, allow_pickle: bool = False,
@@ -84,6 +95,6 @@ def export_tensors(flat: dict[str, np.ndarray], config: LlamaConfig, select: Cal
             continue
         rule = param_paths.rule_for(path)
         arr = flat[path]
-        for i, key in param_paths.hf_keys(path, config.num_layers):
+        for i, key in param_paths.hf_keys(path, config.num_layers, num_experts(config)):
             t = np.asarray(arr if i is None else arr[i])
             yield key_of(path, key), (t.T if rule.transpose else t)

@@ -1,4 +1,4 @@
-"""Flax Llama with LoRA / LoRA-MoE linears."""
+"""Flax Llama with LoRA / LoRA-MoE linears or an FFN-MoE (mixture of full FFN experts)."""
 from __future__ import annotations
 
 import jax
@@ -7,10 +7,10 @@ import jax.numpy as jnp
 from btx_jax import param_paths
 from btx_jax.config import LlamaConfig
 from btx_jax.model.llama import Llama, init_cache, routed_layers
-from btx_jax.model.lora import summarize_aux
+from btx_jax.model.lora import routed_count, summarize_aux
 
-__all__ = ["Llama", "init_cache", "routed_layers", "summarize_aux", "init_params", "init_leaves", "abstract_params",
-           "abstract_leaves"]
+__all__ = ["Llama", "init_cache", "routed_layers", "summarize_aux", "routed_count", "init_params", "init_leaves",
+           "abstract_params", "abstract_leaves"]
 
 
 def _init(config: LlamaConfig, rng, param_dtype):

@@ -1,4 +1,5 @@
-"""Flax Llama: embedding, RMSNorm, rotary attention (GQA, segment ids, KV cache), SwiGLU MLP, lm_head.
+"""Flax Llama: embedding, RMSNorm, rotary attention (GQA, segment ids, KV cache), SwiGLU MLP
+(or an FFN-MoE of SwiGLU experts, btx_jax/model/moe_ffn.py), lm_head.
 
 Layers are stacked and run with `nn.scan` (one compiled layer for any depth) under a configurable remat
 policy. Parameter paths (see btx_jax/param_paths.py) are the single naming scheme used by sharding rules,
@@ -15,6 +16,7 @@ import numpy as np
 from btx_jax.config import LlamaConfig
 from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL, cached_attention, causal_attention
 from btx_jax.model.lora import Linear
+from btx_jax.model.moe_ffn import MoEFFN
 from btx_jax.model.rope import apply_rope, inv_frequencies
 
 REMAT_POLICIES = {
@@ -97,8 +99,11 @@ class DecoderLayer(_Sub):
             RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="input_norm")(x_BTD),
             positions_BT, segment_ids_BT, xs["routed"], xs.get("cache"), cache_index)
         x_BTD = x_BTD + h.astype(x_BTD.dtype)
-        h = MLP(name="mlp", **kw)(RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="post_norm")(x_BTD),
-                                  segment_ids_BT, xs["routed"])
+        x_norm = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="post_norm")(x_BTD)
+        if c.moe is None:
+            h = MLP(name="mlp", **kw)(x_norm, segment_ids_BT, xs["routed"])
+        else:
+            h = MoEFFN(c, self.dtype, self.param_dtype, self.deterministic, name="moe")(x_norm, segment_ids_BT)
         return x_BTD + h.astype(x_BTD.dtype), new_cache
 
 

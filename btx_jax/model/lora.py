@@ -51,12 +51,21 @@ def expert_columns(spec: AdapterSpec, target: str) -> tuple[np.ndarray, np.ndarr
     return owner_ER, scale_R
 
 
+def top_k_softmax(logits_BTE: jnp.ndarray, top_k: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(weights [.., k], expert indices [.., k]): softmax over the k largest logits (fp32).  Equal to Mixtral's
+    softmax over all logits, top-k, renormalised: exp(l_i) / sum_{j in top-k} exp(l_j) either way."""
+    top_vals, top_idx = jax.lax.top_k(logits_BTE, top_k)
+    return jax.nn.softmax(top_vals, axis=-1), top_idx
+
+
+def dense_gates(weights_BTK: jnp.ndarray, idx_BTK: jnp.ndarray, num_experts: int) -> jnp.ndarray:
+    """[.., E] gates: the top-k weights at their experts, zero elsewhere."""
+    return jnp.sum(jax.nn.one_hot(idx_BTK, num_experts, dtype=jnp.float32) * weights_BTK[..., None], axis=-2)
+
+
 def route(logits_BTE: jnp.ndarray, top_k: int) -> jnp.ndarray:
     """Dense [.., E] gates: softmax over the top-k logits, zero elsewhere (fp32)."""
-    top_vals, top_idx = jax.lax.top_k(logits_BTE, top_k)
-    weights = jax.nn.softmax(top_vals, axis=-1)
-    return jnp.sum(jax.nn.one_hot(top_idx, logits_BTE.shape[-1], dtype=jnp.float32) * weights[..., None],
-                   axis=-2)
+    return dense_gates(*top_k_softmax(logits_BTE, top_k), logits_BTE.shape[-1])
 
 
 def router_aux(logits_BTE: jnp.ndarray, gates_BTE: jnp.ndarray, mask_BT: jnp.ndarray, top_k: int) -> dict:
@@ -126,22 +135,32 @@ class Linear(nn.Module):
         return gates_NE
 
 
-def summarize_aux(aux: dict, spec: AdapterSpec, num_layers: int) -> dict:
-    """Collapse the sown `aux` tree into scalars + routing statistics.
+def summarize_aux(aux: dict, config) -> dict:
+    """Collapse the sown `aux` tree into scalars + routing statistics (LoRA-MoE or FFN-MoE `config`).
 
-    Returns lb_loss and z_loss averaged over every routed (layer, projection), and `expert_frac` /
-    `expert_weight`: {target: [layers, experts]} share of routed token-slots / mean gate weight per expert
-    (zeros on unrouted layers)."""
+    Returns lb_loss and z_loss averaged over every routed (layer, projection) or, for an FFN-MoE, every layer's
+    router, and `expert_frac` / `expert_weight`: {target: [layers, experts]} share of routed token-slots / mean
+    gate weight per expert (zeros on unrouted layers; the FFN-MoE's target is "router")."""
     aux = aux.get("layers", aux)          # accept the whole sown tree or its scanned "layers" subtree
-    routed = np.zeros(num_layers, np.float32)
-    routed[list(range(num_layers) if spec.router_layers is None else spec.router_layers)] = 1.0
-    n = max(float(routed.sum()) * len(spec.targets), 1.0)
+    n = max(float(routed_count(config)), 1.0)
     lb = z = 0.0
     frac, weight = {}, {}
-    for _, block in aux.items():          # attn / mlp
+    for _, block in aux.items():          # attn / mlp / moe
         for target, stats in block.items():
             lb = lb + jnp.sum(stats["lb_loss"][0])
             z = z + jnp.sum(stats["z_loss"][0])
             frac[target] = stats["expert_frac"][0]
             weight[target] = stats["expert_weight"][0]
     return {"lb_loss": lb / n, "z_loss": z / n, "expert_frac": frac, "expert_weight": weight}
+
+
+def routed_count(config) -> int:
+    """Number of routers whose aux losses are averaged: routed layers x targets (LoRA-MoE), layers (FFN-MoE),
+    0 for a model without routers."""
+    if config.moe is not None:
+        return config.num_layers
+    spec = config.adapter
+    if spec is None or not spec.router:
+        return 0
+    layers = config.num_layers if spec.router_layers is None else len(spec.router_layers)
+    return layers * len(spec.targets)

@@ -5,14 +5,15 @@ until the trainer fills its sharded target):
               or a btx_jax checkpoint (e.g. the previous phase's `final/`)
     arch      LlamaConfig fields for init="random"
     lora      fresh LoRA expert to add (phase 1): targets, rank, alpha, rslora, dropout, init
-    compose   LoRA-MoE composition (phase 2): experts (dirs), top_k, seed_expert, router_init, router_layers,
-              allow_other_base (skip the check that btx experts were trained on this base)
+    compose   MoE composition (phase 2): experts (dirs), mode ("lora": LoRA-MoE | "ffn": FFN-MoE), top_k,
+              seed_expert, router_init, router_layers, allow_other_base (skip the check that btx experts were
+              trained on this base)
 """
 from __future__ import annotations
 
-from btx_jax.compose import compose_source
+from btx_jax.compose import compose, compose_source
 from btx_jax.config import AdapterSpec, ConfigError, ExpertSpec, LlamaConfig
-from btx_jax.pretrained import ModelSource, open_model, random_source
+from btx_jax.pretrained import ModelSource, memory_source, open_model, random_source
 
 
 def _plain(d) -> dict:
@@ -38,6 +39,10 @@ def initial_source(model_cfg, seed: int) -> ModelSource:
     m = _plain(model_cfg)
     if m.get("compose"):
         c = _plain(m["compose"])
+        if c.get("mode", "lora") == "ffn":       # built in memory (btx_jax/compose_ffn.py), stored whole when saved
+            return memory_source(compose(m["init"], list(c["experts"]), mode="ffn", top_k=int(c.get("top_k", 2)),
+                                         seed_expert=bool(c.get("seed_expert", False)),
+                                         router_init=c.get("router_init", "normal"), seed=seed))
         return compose_source(m["init"], list(c["experts"]), top_k=int(c.get("top_k", 2)),
                               seed_expert=bool(c.get("seed_expert", False)),
                               router_init=c.get("router_init", "normal"),

@@ -1,8 +1,9 @@
 """Which parameters train in each phase: regex tables over parameter paths (btx_jax/param_paths.py).
 
     expert  LoRA A/B only (phase 1: one domain expert on the seed model)
-    router  routers + lm_head (phase 2, the seed recipe's choice)
-    sft     everything except the MLP base kernels and the LoRA experts (phase 3, the seed's choice)
+    ffn     the MLP weights only (phase 1 of the paper's BTX: a full-FFN expert; compose(mode="ffn") mixes them)
+    router  routers (LoRA-MoE or FFN-MoE) + lm_head (phase 2, the seed recipe's choice)
+    sft     everything except the MLP / FFN experts and the LoRA experts (phase 3, the seed's choice)
     full    everything (pretraining the seed model)
 
 A config may replace a phase's patterns with `config.trainable`.
@@ -12,11 +13,13 @@ from __future__ import annotations
 from btx_jax import param_paths
 from btx_jax.config import ConfigError
 
+ROUTERS = (r"layers/\w+/\w+/router", r"layers/moe/router/kernel")      # LoRA-MoE per linear, FFN-MoE per layer
 PHASES: dict[str, tuple[str, ...]] = {
     "expert": (r"layers/\w+/\w+/lora_[ab]",),
-    "router": (r"layers/\w+/\w+/router", r"lm_head"),
+    "ffn": (r"layers/mlp/\w+/kernel", r"layers/moe/\w+_proj"),
+    "router": (*ROUTERS, r"lm_head"),
     "sft": (r"embed_tokens", r"lm_head", r"final_norm/scale", r"layers/\w+_norm/scale",
-            r"layers/attn/\w+/kernel", r"layers/\w+/\w+/router"),
+            r"layers/attn/\w+/kernel", *ROUTERS),
     "full": (r".*",),
 }
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from btx_jax.data.packing import FIELDS
-from btx_jax.model import Llama, summarize_aux
+from btx_jax.model import Llama, routed_count, summarize_aux
 from btx_jax.train.phases import merge
 
 BATCH_KEYS = FIELDS               # the batch layout the data pipeline produces (btx_jax/data/packing.py)
@@ -21,10 +21,9 @@ def forward(model: Llama, params, batch, rng=None):
     rngs = {"dropout": rng} if rng is not None else {}
     logits, variables = model.apply({"params": params}, batch["inputs"], batch["positions"],
                                     batch["segment_ids"], rngs=rngs, mutable=["aux"])
-    spec = model.config.adapter
-    if spec is None or not spec.router:
+    if not routed_count(model.config):
         return logits, {}
-    return logits, summarize_aux(variables["aux"]["layers"], spec, model.config.num_layers)
+    return logits, summarize_aux(variables["aux"]["layers"], model.config)
 
 
 def token_losses(logits_BTV, batch):

@@ -1,0 +1,114 @@
+"""compose(mode="ffn") (btx_jax/compose_ffn.py): dense experts (HF dirs, btx checkpoints, PEFT LoRA dirs,
+Pretrained) -> FFN-MoE; stacking order and seed expert, shared-weight averaging, bad input (one line, exit 2,
+nothing written) through scripts/compose.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import btx_jax
+from conftest import load_script, random_ids
+from test_lora import random_lora
+
+FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+def branched(seed, rng_seed: int, ffn_only: bool = True, scale: float = 0.02):
+    """`seed` with its MLP kernels (and, unless ffn_only, everything else) moved a little: a trained expert."""
+    rng = np.random.default_rng(rng_seed)
+    flat = seed.flat_numpy()
+    for k, v in flat.items():
+        if not ffn_only or k.startswith("layers/mlp/"):
+            flat[k] = (v + rng.standard_normal(v.shape) * scale).astype(v.dtype)
+    return btx_jax.Pretrained.from_arrays(seed.config, flat)
+
+
+@pytest.fixture(scope="module")
+def setup(hf_llama):
+    seed_dir = hf_llama()
+    seed = btx_jax.load_pretrained(seed_dir)
+    return seed_dir, seed, [branched(seed, 10 + i) for i in range(3)]
+
+
+def test_one_expert_top1_is_that_expert(setup):
+    _, seed, experts = setup
+    ids = random_ids(2, 8)
+    full = branched(seed, 7, ffn_only=False)
+    for expert in (experts[0], full):
+        moe = btx_jax.compose(seed, [expert], mode="ffn", top_k=1)
+        assert moe.config.moe.num_experts == 1 and moe.config.adapter is None
+        assert np.abs(moe.logits(ids) - expert.logits(ids)).max() <= 1e-5
+
+
+def test_stacking_seed_expert_and_shared_weights(setup):
+    _, seed, experts = setup
+    moe = btx_jax.compose(seed, experts, mode="ffn", top_k=2, seed_expert=True, router_init="normal", seed=3)
+    flat, sflat = moe.flat_numpy(), seed.flat_numpy()
+    assert moe.config.moe.num_experts == 4 and moe.config.moe.seed_expert
+    for name in FFN:
+        stacked = flat[f"layers/moe/{name}"]
+        for e, src in enumerate([*experts, seed]):
+            assert np.array_equal(stacked[:, e], src.flat_numpy()[f"layers/mlp/{name}/kernel"])
+    assert flat["layers/moe/router/kernel"].shape == (2, 48, 4)
+    assert 0.015 < flat["layers/moe/router/kernel"].std() < 0.025
+    # FFN-only experts: the shared weights are the seed's, bit for bit
+    for k in sflat:
+        if not k.startswith("layers/mlp/"):
+            assert np.array_equal(flat[k], sflat[k]), k
+    # experts that also moved attention etc.: the mean of the experts (or the seed's with shared="seed")
+    fulls = [branched(seed, 20 + i, ffn_only=False) for i in range(2)]
+    avg = btx_jax.compose(seed, fulls, mode="ffn", top_k=1).flat_numpy()
+    ref = (fulls[0].flat_numpy()["layers/attn/q_proj/kernel"] + fulls[1].flat_numpy()["layers/attn/q_proj/kernel"]) / 2
+    assert np.allclose(avg["layers/attn/q_proj/kernel"], ref, atol=1e-7)
+    kept = btx_jax.compose(seed, fulls, mode="ffn", top_k=1, shared="seed").flat_numpy()
+    assert np.array_equal(kept["embed_tokens"], sflat["embed_tokens"])
+    # zero router: ties go to experts 0..k-1 (jax.lax.top_k is stable), like the LoRA-MoE
+    zero = btx_jax.compose(seed, experts, mode="ffn", top_k=1, router_init="zeros")
+    ids = random_ids(1, 6)
+    assert np.abs(zero.logits(ids) - experts[0].logits(ids)).max() <= 1e-5
+
+
+def test_sources_agree_and_lora_experts_are_materialised(setup, tmp_path):
+    seed_dir, seed, experts = setup
+    hf_dir = experts[0].save_pretrained(tmp_path / "hf", format="hf")
+    btx_dir = experts[1].save_pretrained(tmp_path / "btx", format="btx")
+    a = btx_jax.compose(seed_dir, [hf_dir, btx_dir, experts[2]], mode="ffn", top_k=2, seed=1)
+    b = btx_jax.compose(seed, experts, mode="ffn", top_k=2, seed=1)
+    assert a.config == b.config
+    fa, fb = a.flat_numpy(), b.flat_numpy()
+    assert all(np.array_equal(fa[k], fb[k]) for k in fa)
+    # a LoRA expert (PEFT dir) becomes W + B A s: the same as its merged HF export
+    lora = random_lora(seed, targets=FFN, seed=5, scale=0.1)
+    peft_dir = lora.save_pretrained(tmp_path / "peft", format="peft")
+    merged = lora.save_pretrained(tmp_path / "merged", format="hf", merge_lora=True)
+    x = btx_jax.compose(seed_dir, [peft_dir], mode="ffn", top_k=1).flat_numpy()
+    y = btx_jax.compose(seed_dir, [merged], mode="ffn", top_k=1).flat_numpy()
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+    assert not np.array_equal(x["layers/moe/up_proj"][:, 0], seed.flat_numpy()["layers/mlp/up_proj/kernel"])
+    ids = random_ids(1, 6)
+    assert np.abs(btx_jax.compose(seed, [peft_dir], mode="ffn", top_k=1).logits(ids) - lora.logits(ids)).max() <= 1e-4
+
+
+def test_cli_writes_mixtral_and_refuses_bad_input(setup, hf_llama, tmp_path, capsys):
+    seed_dir, seed, experts = setup
+    cli = load_script("compose")
+    dirs = [e.save_pretrained(tmp_path / f"e{i}", format="btx") for i, e in enumerate(experts)]
+    out = tmp_path / "moe"
+    assert cli.main([str(seed_dir), *map(str, dirs), "--mode", "ffn", "--top-k", "2", "--seed-expert",
+                     "--format", "mixtral", "--out", str(out)]) == 0
+    raw = json.loads((out / "config.json").read_text())
+    assert (raw["model_type"], raw["num_local_experts"], raw["num_experts_per_tok"]) == ("mixtral", 4, 2)
+    other_arch = hf_llama(hidden_size=32, head_dim=8)
+    stranger = hf_llama(seed=7)                     # same shapes, independently initialised: not branched
+    capsys.readouterr()
+    cases = [([str(seed_dir), str(dirs[0]), str(other_arch)], "hidden_size=32 does not match"),
+             ([str(seed_dir), str(dirs[0]), str(stranger)], "not branched from this seed"),
+             ([str(seed_dir), *map(str, dirs), "--top-k", "4"], "top_k=4 must be between 1 and the number of experts"),
+             ([str(seed_dir), str(dirs[0]), "--router-layers", "0"], "router_layers applies to the LoRA-MoE only")]
+    for argv, needle in cases:
+        assert cli.main([*argv, "--mode", "ffn", "--out", str(tmp_path / "x")]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+        assert not (tmp_path / "x").exists()

@@ -31,7 +31,7 @@ import numpy as np
 
 from btx_jax.checkpoint import peft
 from btx_jax.config import ConfigError, MoESpec
-from btx_jax.pretrained import Pretrained, detect_format, load_pretrained
+from btx_jax.pretrained import Pretrained, detect_format, load_pretrained, memory_source
 from btx_jax.router_init import check_router_init, router_weights
 
 FFN_LEAF = re.compile(r"layers/mlp/(gate_proj|up_proj|down_proj)/kernel")
@@ -42,7 +42,8 @@ def _dense(expert, seed: Pretrained, label: str, allow_pickle: bool) -> dict[str
     """{path: fp32 array} of one expert with any plain LoRA folded into its kernels."""
     if isinstance(expert, (str, Path)):
         if detect_format(Path(expert)) == "peft":
-            expert = peft.attach(seed, expert, allow_pickle=allow_pickle)
+            config, lora = peft.load_adapter(expert, seed.config, allow_pickle=allow_pickle)
+            expert = memory_source(seed).with_leaves(config, lora, covered=False).load()
         else:
             expert = load_pretrained(expert, allow_pickle=allow_pickle)
     elif not isinstance(expert, Pretrained):

@@ -17,9 +17,10 @@ Conventions follow the harness's `hf` backend, so scores are comparable (tests c
   - generate_until: context truncated from the left to `max_length - max_gen_toks`; greedy unless
     `do_sample` (temperature / top_p); output cut at the first EOS and the first stop sequence.
 Requests are scored in batches of `batch_size` rows padded to a few length buckets (32, 64, ... tokens), so a
-task compiles one program per bucket, not one per request. Generation uses the KV cache of
-`Pretrained.generate`, batching requests whose prompts have the same token length, in chunks of `gen_chunk`
-new tokens until every row has hit a stop sequence or `max_gen_toks`.
+task compiles one program per bucket, not one per request. Generation uses the KV-cached
+`btx_jax.generate.generate` on prompts right-padded to the same length buckets, batching requests whose prompts
+have the same token length, in chunks of `gen_chunk` new tokens until every row has hit a stop sequence or
+`max_gen_toks`.
 
 Single host only: with more than one JAX process the backend refuses to start (one clear error).
 """
@@ -43,6 +44,7 @@ from btx_jax.cli import user_errors
 from btx_jax.config import ConfigError
 from btx_jax.data.errors import DataError
 from btx_jax.data.tokenizer import load_tokenizer
+from btx_jax.generate import generate
 from btx_jax.model import Llama
 from btx_jax.pretrained import Pretrained, load_pretrained
 
@@ -83,7 +85,7 @@ class BtxLM(TemplateLM):
 
     def __init__(self, pretrained: str | Pretrained, adapter: str | None = None, tokenizer=None,
                  dtype: str | None = None, batch_size: int | str = 16, max_length: int | None = None,
-                 max_gen_toks: int = 256, gen_chunk: int = 64, seed: int = 0, **unused):
+                 max_gen_toks: int = 256, gen_chunk: int = 32, seed: int = 0, **unused):
         super().__init__()
         if jax.process_count() > 1:
             raise ConfigError(f"the btx lm-eval backend runs on a single host; this job has {jax.process_count()} "
@@ -218,15 +220,22 @@ class BtxLM(TemplateLM):
     def _generate_batch(self, prompts: list[list[int]], untils: list[list[str]], max_gen: int, temperature: float,
                         top_p: float) -> list[str]:
         """Generate for equal-length prompts in chunks until each row stopped; the texts, post-processed."""
-        ids = np.asarray(prompts, np.int32)
-        n_prompt, new = ids.shape[1], np.zeros((len(prompts), 0), np.int32)
-        while new.shape[1] < max_gen:
-            step = min(self.gen_chunk, max_gen)   # a fixed chunk: one compilation per prompt bucket
-            full = self.pre.generate(np.concatenate([ids, new], axis=1), step, temperature=temperature,
-                                     top_p=top_p, seed=self.seed + new.shape[1])
-            new = full[:, n_prompt:][:, :max_gen]
-            if all(self._stopped(row, until) for row, until in zip(new, untils)):
+        prompt_BT = np.asarray(prompts, np.int32)
+        B, step = len(prompts), self.gen_chunk      # a fixed chunk: one compilation per length bucket
+        rows = 1 << (B - 1).bit_length()                       # batch padded to a power of two, too
+        new_BN = np.zeros((B, 0), np.int32)
+        while new_BN.shape[1] < max_gen:
+            ids_BT = np.concatenate([prompt_BT, new_BN], axis=1)
+            T = ids_BT.shape[1]
+            padded = np.zeros((rows, length_bucket(T, max(T, self.max_length))), np.int32)
+            padded[:B, :T] = ids_BT
+            out = generate(self.model, self.pre.params, jnp.asarray(padded), jnp.int32(T),
+                           jax.random.PRNGKey(self.seed + new_BN.shape[1]), max_new_tokens=step,
+                           temperature=temperature, top_p=top_p)
+            new_BN = np.concatenate([new_BN, np.asarray(out)[:B]], axis=1)[:, :max_gen]
+            if all(self._stopped(row, until) for row, until in zip(new_BN, untils)):
                 break
+        new = new_BN
         return [postprocess_generated_text(self.tok_decode(self._before_eos(row)), until, None)
                 for row, until in zip(new, untils)]
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from btx_jax.cli import user_errors
 from btx_jax.config import ConfigError
 from btx_jax.data.errors import DataError
-from btx_jax.data.tokenizer import load_tokenizer
+from btx_jax.data.tokenizer import Tokenizer, load_tokenizer
 from btx_jax.generate import generate
 from btx_jax.model import Llama
 from btx_jax.pretrained import Pretrained, load_pretrained
@@ -51,6 +51,7 @@ from btx_jax.pretrained import Pretrained, load_pretrained
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 MIN_BUCKET = 32
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_HARNESS_ARGS = ("device", "max_batch_size", "trust_remote_code")    # passed by lm-eval itself; not used here
 
 
 def length_bucket(n: int, max_len: int) -> int:
@@ -62,16 +63,17 @@ def length_bucket(n: int, max_len: int) -> int:
 def _score(model: Llama, params, ids_BT, segment_ids_BT, targets_BT, cont_mask_BT):
     """(sum of log p(target) over the masked positions [B], every masked target is the argmax [B])."""
     logits_BTV = model.apply({"params": params}, ids_BT, segment_ids_BT=segment_ids_BT).astype(jnp.float32)
-    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-    target_logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    # log-softmax at the target only: no second [B, T, V] buffer
+    target_logp_BT = (jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+                      - jax.nn.logsumexp(logits_BTV, axis=-1))
     greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
     return jnp.sum(jnp.where(cont_mask_BT, target_logp_BT, 0.0), axis=-1), jnp.all(greedy_BT | ~cont_mask_BT, axis=-1)
 
 
-def find_tokenizer(pretrained: str | Path, adapter: str | Path | None, tokenizer: str | Path | None):
+def find_tokenizer(pretrained: str | Path | None, adapter: str | Path | None, tokenizer: str | Path | None):
     """The tokenizer given, else the one saved in the adapter or model directory (else one clear error)."""
     if tokenizer is not None:
-        return load_tokenizer(tokenizer)
+        return tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     for d in [Path(p) for p in (adapter, pretrained) if p is not None]:
         if any((d / f).is_file() for f in _TOKENIZER_FILES):
             return load_tokenizer(d)
@@ -93,17 +95,19 @@ class BtxLM(TemplateLM):
         if isinstance(pretrained, Pretrained):
             if tokenizer is None:
                 raise DataError("a Pretrained object given: pass tokenizer= as well")
-            self.pre = pretrained
-            self.tok = tokenizer if hasattr(tokenizer, "encode_batch") else load_tokenizer(tokenizer)
+            self.pre, self.tok = pretrained, find_tokenizer(None, None, tokenizer)
         else:
-            self.pre = load_pretrained(pretrained, adapter=adapter, dtype=dtype)
+            self.pre = load_pretrained(pretrained, adapter=adapter, dtype=None if dtype in (None, "auto") else dtype)
             self.tok = find_tokenizer(pretrained, adapter, tokenizer)
         self.tok.check_fits(self.pre.config.vocab_size)
         self.model = self.pre.model()
         self._batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length or self.pre.config.max_position_embeddings)
         self._max_gen_toks, self.gen_chunk, self.seed = int(max_gen_toks), int(gen_chunk), int(seed)
-        self.ignored_args = sorted(k for k in unused if k not in ("device", "max_batch_size", "trust_remote_code"))
+        unknown = sorted(k for k in unused if k not in _HARNESS_ARGS)
+        if unknown:
+            raise ConfigError(f"btx backend: unknown model_args {', '.join(unknown)} (known: pretrained, adapter, "
+                              "tokenizer, dtype, max_length, max_gen_toks, gen_chunk, seed)")
 
     # ---- the harness's tokenisation conventions ----
     @property

@@ -35,9 +35,11 @@ def headline(task_result: dict) -> tuple[str, float, float]:
 
 def run_tasks(models: dict[str, str | Pretrained], tasks: list[str], *, tokenizer=None, limit: int | None = None,
               batch_size: int = 16, num_fewshot: int | None = None, max_gen_toks: int | None = None,
-              include_path: str | None = None) -> dict[str, dict[str, dict]]:
-    """{model: {task: {metric, value, stderr, n}}} for model directories or loaded `Pretrained` models."""
-    manager = TaskManager(include_path=[str(TASKS_DIR)] + ([include_path] if include_path else []))
+              include_path: str | None = None, builtin_tasks: bool = True) -> dict[str, dict[str, dict]]:
+    """{model: {task: {metric, value, stderr, n}}} for model directories or loaded `Pretrained` models
+    (`builtin_tasks=False`: only the bundled tasks and `include_path`, which skips indexing the harness's own)."""
+    manager = TaskManager(include_path=[str(TASKS_DIR)] + ([include_path] if include_path else []),
+                          include_defaults=builtin_tasks)
     gen_kwargs = {"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None
     out = {}
     for name, model in models.items():

@@ -41,12 +41,13 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from btx_jax.cli import user_errors
+from btx_jax.checkpoint.tensor_files import read_json
 from btx_jax.config import ConfigError
 from btx_jax.data.errors import DataError
 from btx_jax.data.tokenizer import Tokenizer, load_tokenizer
 from btx_jax.generate import generate
 from btx_jax.model import Llama
-from btx_jax.pretrained import Pretrained, load_pretrained
+from btx_jax.pretrained import BTX_CONFIG, Pretrained, detect_format, load_pretrained
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 MIN_BUCKET = 32
@@ -254,17 +255,39 @@ class BtxLM(TemplateLM):
         return any(s and s in text for s in until)
 
 
+def check_model_args(arg_string: str) -> None:
+    """Fail fast, before lm-eval indexes its tasks, on a model directory, adapter or tokenizer that cannot work
+    (the same errors the backend would raise later, without loading any weights)."""
+    args = lm_utils.simple_parse_args_string(arg_string)
+    if "pretrained" not in args:
+        raise ConfigError("btx backend: --model_args needs pretrained=DIR")
+    directory = Path(args["pretrained"])
+    fmt = detect_format(directory)
+    if args.get("adapter") is not None:
+        detect_format(Path(args["adapter"]))
+    config = read_json(directory / (BTX_CONFIG if fmt == "btx" else "config.json"))
+    vocab = config.get("vocab_size")
+    tokenizer = find_tokenizer(directory, args.get("adapter"), args.get("tokenizer"))
+    if vocab is not None:
+        tokenizer.check_fits(int(vocab))
+
+
 def main(argv: list[str] | None = None) -> int:
     """lm-eval's command line with `btx` registered and btx_jax/tasks on the task path; user errors -> exit 2."""
     from lm_eval.__main__ import cli_evaluate
 
     args = list(sys.argv[1:] if argv is None else argv)
-    for i, a in enumerate(args[:-1]):
-        if a == "--tasks":
-            for t in args[i + 1].split(","):
-                if t.endswith(".yaml") and not glob.glob(t):
-                    print(f"error: task file not found: {t}", file=sys.stderr)
-                    return 2
+    try:
+        for flag, value in zip(args[:-1], args[1:]):
+            if flag == "--tasks":
+                for t in value.split(","):
+                    if t.endswith(".yaml") and not glob.glob(t):
+                        raise FileNotFoundError(f"task file not found: {t}")
+            if flag == "--model_args" and "--model" in args and args[args.index("--model") + 1] == "btx":
+                check_model_args(value)
+    except user_errors() as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     if not any(a == "--include_path" or a.startswith("--include_path=") for a in args) and \
             any(a in ("--tasks", "run", "ls", "validate") or a.startswith("--tasks=") for a in args):
         args += ["--include_path", str(TASKS_DIR)]

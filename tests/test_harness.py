@@ -5,6 +5,7 @@ greedy generations; a LoRA-MoE (mergoo) and a PEFT adapter directory without con
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -47,15 +48,20 @@ def backends(dirs):
             for name, d in dirs.items()}
 
 
+@pytest.fixture(scope="module")
+def tasks():
+    """The bundled offline tasks only (indexing the harness's thousands of built-in tasks takes long)."""
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+
+
 def _instances(kind: str, args: list[tuple]) -> list[Instance]:
     return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
 
 
 @pytest.mark.parametrize("name", ["random", "stories"])
-def test_multiple_choice_task_matches_hf_backend(backends, name):
+def test_multiple_choice_task_matches_hf_backend(backends, tasks, name):
     """JCommonsenseQA (3-shot, contexts truncated from the left at the model's max length): every request."""
-    tm = TaskManager(include_path=str(TASKS_DIR))
-    runs = [lm_eval.simple_evaluate(model=lm, tasks=["btx_jcommonsenseqa"], limit=4, task_manager=tm,
+    runs = [lm_eval.simple_evaluate(model=lm, tasks=["btx_jcommonsenseqa"], limit=4, task_manager=tasks,
                                     log_samples=True) for lm in backends[name]]
     (btx, hf) = [[s["resps"] for s in r["samples"]["btx_jcommonsenseqa"]] for r in runs]
     got = np.array([[c[0][0] for c in doc] for doc in btx])
@@ -133,24 +139,6 @@ def test_mergoo_moe_evaluates_from_its_directory(dirs, tmp_path):
     np.testing.assert_allclose(logp, want, atol=1e-4)
 
 
-def test_cli_runs_a_local_task_file_on_the_full_jglue_validation_set(dirs, tmp_path, capsys):
-    jglue = STORIES.parents[1] / "sft" / "jglue" / "jcommonsenseqa-v1.3"
-    full_valid = (jglue / "valid-v1.3.json").read_text(encoding="utf-8").splitlines()
-    bundled = (TASKS_DIR / "jcommonsenseqa_validation.jsonl").read_text(encoding="utf-8").splitlines()
-    assert bundled == full_valid[:len(bundled)]          # the bundled sample is the head of the real file
-    task = tmp_path / "jcqa_full.yaml"
-    task.write_text(json.dumps({"include": str(TASKS_DIR / "btx_jcommonsenseqa.yaml"), "task": "jcqa_full",
-                                "dataset_kwargs": {"data_files": {"train": str(jglue / "train-v1.3.json"),
-                                                                  "validation": str(jglue / "valid-v1.3.json")}}}))
-    out = tmp_path / "out"
-    rc = main(["--model", "btx", "--model_args", f"pretrained={dirs['stories']}", "--tasks", str(task),
-               "--limit", "2", "--batch_size", "4", "--output_path", str(out)])
-    assert rc == 0
-    results = json.loads(next(out.rglob("results_*.json")).read_text())
-    assert results["n-samples"]["jcqa_full"] == {"original": len(full_valid), "effective": 2}
-    assert "acc,none" in results["results"]["jcqa_full"]
-
-
 @pytest.mark.parametrize("case", ["missing_model", "vocab_mismatch", "missing_task_file"])
 def test_cli_bad_input_is_one_line_exit_2(dirs, tmp_path, capsys, case):
     model, tasks = str(dirs["stories"]), "btx_jcommonsenseqa"
@@ -167,3 +155,24 @@ def test_cli_bad_input_is_one_line_exit_2(dirs, tmp_path, capsys, case):
     assert rc == 2
     assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
     assert {"missing_model": "nope", "vocab_mismatch": "512 tokens", "missing_task_file": "missing.yaml"}[case] in err[-1]
+
+
+def test_cli_runs_a_local_task_file_on_the_full_jglue_validation_set(dirs, tmp_path, capsys):
+    jglue = STORIES.parents[1] / "sft" / "jglue" / "jcommonsenseqa-v1.3"
+    full_valid = (jglue / "valid-v1.3.json").read_text(encoding="utf-8").splitlines()
+    bundled = (TASKS_DIR / "jcommonsenseqa_validation.jsonl").read_text(encoding="utf-8").splitlines()
+    assert bundled == full_valid[:len(bundled)]          # the bundled sample is the head of the real file
+    task = tmp_path / "jcqa_full.yaml"
+    task.write_text(json.dumps({"include": str(TASKS_DIR / "btx_jcommonsenseqa.yaml"), "task": "jcqa_full",
+                                "dataset_kwargs": {"data_files": {"train": str(jglue / "train-v1.3.json"),
+                                                                  "validation": str(jglue / "valid-v1.3.json")}}}))
+    out = tmp_path / "out"
+    handlers = {name: list(logging.getLogger(name).handlers) for name in ("", "lm-eval", "lm_eval")}
+    rc = main(["--model", "btx", "--model_args", f"pretrained={dirs['stories']}", "--tasks", str(task),
+               "--limit", "2", "--batch_size", "4", "--output_path", str(out)])
+    for name, hs in handlers.items():                  # lm-eval's CLI set up logging on this test's stderr
+        logging.getLogger(name).handlers[:] = hs
+    assert rc == 0
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert results["n-samples"]["jcqa_full"] == {"original": len(full_valid), "effective": 2}
+    assert "acc,none" in results["results"]["jcqa_full"]

@@ -78,11 +78,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import jax
     reqs = requests(args.docs)
-    rows = [bench_arch(a.strip(), reqs, args) for a in args.arch.split(",") if a.strip()]
+    rows = []
+    for a in [a.strip() for a in args.arch.split(",") if a.strip()]:
+        rows.append(bench_arch(a, reqs, args))
+        print(json.dumps(rows[-1]), flush=True)
     info = {"device": str(jax.devices()[0]), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "batch": args.batch}
-    for r in rows:
-        print(json.dumps(r))
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"info": info, "rows": rows}, fh, indent=1)

@@ -151,8 +151,9 @@ class BtxLM(TemplateLM):
         for start in tqdm(range(0, len(order), B), disable=disable_tqdm, desc="btx loglikelihood batches"):
             idx = order[start:start + B]
             T = length_bucket(len(rows[idx[0]]) - 1, self.max_length)
-            ids, targets = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
-            segs, mask = np.zeros((B, T), np.int32), np.zeros((B, T), bool)
+            R = min(B, 1 << (len(idx) - 1).bit_length())      # a last, partial batch: rows to a power of two
+            ids, targets = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
+            segs, mask = np.zeros((R, T), np.int32), np.zeros((R, T), bool)
             for r, i in enumerate(idx):
                 row = rows[i]
                 n = len(row) - 1

@@ -2,7 +2,7 @@
 vs one request at a time, on the demo (tiny) and bench architectures; optionally lm-eval's `hf` backend
 (PyTorch) on the same weights.
 
-    python scripts/bench_eval.py [--arch tiny,bench] [--docs 20] [--batch 16] [--hf] [--out bench_eval.json]
+    python scripts/bench_eval.py [--arch tiny,bench] [--docs 20] [--num-fewshot 0] [--batch 16] [--hf] [--out F]
 
 Requests are the real ones of the bundled 3-shot JCommonsenseQA task (5 per document; contexts truncated to
 the model's length), built by the harness itself. Each setting runs once to compile, then is timed."""
@@ -21,11 +21,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def requests(docs: int):
+def requests(docs: int, num_fewshot: int | None):
     from lm_eval.tasks import TaskManager, get_task_dict
 
     from btx_jax.harness import TASKS_DIR
     task = get_task_dict(["btx_jcommonsenseqa"], TaskManager(include_path=str(TASKS_DIR)))["btx_jcommonsenseqa"]
+    if num_fewshot is not None:
+        task.set_config(key="num_fewshot", value=num_fewshot)
     task.build_all_requests(limit=docs, rank=0, world_size=1)
     return task.instances
 
@@ -50,7 +52,7 @@ def bench_arch(name: str, reqs, args) -> dict:
     config = LlamaConfig(**ARCHS[name])
     pre = Pretrained(config, init_params(config, jax.random.PRNGKey(0)))
     tok = load_tokenizer(BUNDLED_TOKENIZER)
-    row = {"arch": name, "params_M": round(sum(x.size for x in jax.tree_util.tree_leaves(pre.params)) / 1e6, 1),
+    row = {"arch": name, "num_fewshot": args.num_fewshot, "params_M": round(sum(x.size for x in jax.tree_util.tree_leaves(pre.params)) / 1e6, 1),
            "requests": len(reqs), "max_length": config.max_position_embeddings}
     for label, bs in (("batched", args.batch), ("one_at_a_time", 1)):
         row[f"{label}_req_per_s"] = round(len(reqs) / timed(BtxLM(pre, tokenizer=tok, batch_size=bs), reqs), 2)
@@ -72,12 +74,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench_eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="tiny,bench", help="configs/common.py ARCHS names, comma-separated")
     p.add_argument("--docs", type=int, default=20, help="JCommonsenseQA documents (5 requests each)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="override the task's 3 shots (0: short requests)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--hf", action="store_true", help="also lm-eval's hf backend (PyTorch) on the same weights")
     p.add_argument("--out", default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
     import jax
-    reqs = requests(args.docs)
+    reqs = requests(args.docs, args.num_fewshot)
     rows = []
     for a in [a.strip() for a in args.arch.split(",") if a.strip()]:
         rows.append(bench_arch(a, reqs, args))

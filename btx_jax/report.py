@@ -1,5 +1,5 @@
 """The evaluation report: a markdown file with the per-domain loss table, the routing table and heatmap,
-loss curves from each phase's metrics.jsonl, and sample generations."""
+loss curves from each phase's metrics.jsonl, downstream task scores (table + bar chart) and sample generations."""
 from __future__ import annotations
 
 import json
@@ -72,10 +72,47 @@ def loss_table(results: dict[str, dict[str, dict]], domains: list[str]) -> str:
     return _table(["model"] + [f"{d} loss (ppl)" for d in domains], rows)
 
 
+def downstream_table(scores: dict[str, dict[str, dict]]) -> str:
+    """Models x tasks: headline metric ± standard error (btx_jax.downstream.run_tasks results)."""
+    tasks = list(next(iter(scores.values())))
+    header = ["model"] + [f"{t} ({scores[next(iter(scores))][t]['metric']}, n={scores[next(iter(scores))][t]['n']})"
+                          for t in tasks]
+    rows = [[name] + [f"{r[t]['value']:.3f} ± {r[t]['stderr']:.3f}" for t in tasks] for name, r in scores.items()]
+    return _table(header, rows)
+
+
+def plot_downstream(scores: dict[str, dict[str, dict]], out: Path, chance: dict[str, float] | None = None) -> Path:
+    """Grouped bars (one group per task, one bar per model) with ±1 stderr error bars and chance lines."""
+    models, tasks = list(scores), list(next(iter(scores.values())))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(models) * len(tasks) + 2), 4))
+    for i, name in enumerate(models):
+        x = np.arange(len(tasks)) + (i - (len(models) - 1) / 2) * width
+        ax.bar(x, [scores[name][t]["value"] for t in tasks], width,
+               yerr=[scores[name][t]["stderr"] for t in tasks], capsize=3, label=name)
+    for j, t in enumerate(tasks):
+        if chance and t in chance:
+            ax.hlines(chance[t], j - 0.45, j + 0.45, colors="gray", linestyles="--",
+                      label="chance" if j == 0 else None)
+    ax.set_xticks(range(len(tasks)), [f"{t}\n({scores[models[0]][t]['metric']})" for t in tasks])
+    ax.set_ylabel("score (±1 stderr)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def write_report(out_dir: Path, *, results: dict, domains: list[str], routing: dict[str, np.ndarray] | None,
                  experts: list[str] | dict[str, list[str]], loss_curves: Path | None, heatmaps: dict[str, Path],
-                 samples: dict[str, list], findings: list[str], header: str) -> Path:
+                 samples: dict[str, list], findings: list[str], header: str, downstream: list[str] | None = None
+                 ) -> Path:
+    """`downstream`: markdown lines of the downstream section (table, chart, caveats), if any."""
     parts = [f"# {header}", "", "## Held-out loss per domain", "", loss_table(results, domains), ""]
+    if downstream:
+        parts += ["## Downstream tasks (lm-evaluation-harness, backend btx)", ""] + downstream + [""]
     if findings:
         parts += ["## What the numbers show", ""] + [f"- {f}" for f in findings] + [""]
     if routing:

@@ -9,6 +9,7 @@
             (configs/expert.py:DOMAIN,tiny,ffn), mixed into an FFN-MoE (top-2 of 3, Mixtral architecture),
             routers + lm_head trained                                          configs/router.py:tiny,ffn
   evaluate  per-domain loss table, routing heatmaps, loss curves, samples -> OUT/report.md
+  tasks     JCommonsenseQA / JSQuAD through lm-evaluation-harness (`.[eval]`) -> table + OUT/downstream.png
   export    PEFT adapters, merged HF model, mergoo LoRA-MoE, Mixtral FFN-MoE  OUT/export/
 
     python scripts/demo.py [--out runs/demo] [--quick]
@@ -32,6 +33,11 @@ from btx_jax.cli import run_cli  # noqa: E402
 DOMAINS = ("wiki", "math", "novel")
 SAMPLE_PROMPTS = {"wiki": "The history of the city", "math": "Question: Tom has 3 apples and buys 5 more.",
                   "novel": "吾輩は"}
+DOWNSTREAM = {"btx_jcommonsenseqa": (100, 20), "btx_jsquad": (50, 5)}     # task: documents (full, --quick)
+NEAR_CHANCE = ("These scores are near chance, and that is expected: the demo model has about two million "
+               "parameters trained for minutes on a CPU. The table shows that every phase's checkpoint (seed, "
+               "experts, LoRA-MoE, SFT) runs through lm-evaluation-harness unchanged, not that BTX helps at this "
+               "scale; read any difference between rows against its standard error.")
 SFT_PROMPTS = ["日本の首都はどこですか？", "主に子ども向けのもので、イラストのついた物語が書かれているものはどれ？"]
 
 
@@ -120,6 +126,19 @@ def run(args) -> None:
     samples["sft (chat)"] = list(zip(SFT_PROMPTS, complete(loaded["sft"], tokenizer, SFT_PROMPTS, chat=True,
                                                            max_new_tokens=32, temperature=0.7, top_p=0.9)))
 
+    downstream, scores = None, {}
+    try:
+        from btx_jax import downstream as ds
+    except ImportError:              # lm-eval is the optional extra `.[eval]`
+        downstream = ["lm-eval is not installed: `pip install -e .[eval]` adds this section."]
+    else:
+        print("\n[demo] ===== downstream tasks (lm-evaluation-harness) =====", flush=True)
+        for task, (full, quick) in DOWNSTREAM.items():
+            for name, r in ds.run_tasks(loaded, [task], tokenizer=tokenizer, limit=quick if args.quick else full,
+                                        batch_size=16, max_gen_toks=32).items():
+                scores.setdefault(name, {}).update(r)
+        downstream = ds.report_section(scores, out, note=NEAR_CHANCE)
+
     print("\n[demo] ===== export =====", flush=True)
     exports = {"expert_wiki_peft": ("expert_wiki", dict(format="peft")),
                "expert_wiki_merged_hf": ("expert_wiki", dict(format="hf", merge_lora=True)),
@@ -136,8 +155,9 @@ def run(args) -> None:
     header = f"btx-jax demo: Branch-Train-MiX on a tiny Llama ({'quick' if args.quick else 'full'} run)"
     path = report.write_report(out, results=results, domains=[*DOMAINS, "sft"], routing=routing, experts=labels,
                                loss_curves=curves, heatmaps=heatmaps, samples=samples, findings=findings,
-                               header=header)
-    (out / "results.json").write_text(json.dumps({"results": results, "checks": checks}, indent=1))
+                               header=header, downstream=downstream)
+    (out / "results.json").write_text(json.dumps({"results": results, "checks": checks, "downstream": scores},
+                                                 indent=1))
     print("\n" + report.loss_table(results, [*DOMAINS, "sft"]))
     print("\n".join(findings))
     print(f"\n[demo] report: {path}  ({time.time() - t0:.0f} s)")

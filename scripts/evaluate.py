@@ -5,7 +5,9 @@
 
 Domains default to the bundled held-out splits (wiki, math, novel); each row of the table is a model.
 A --seq-len beyond a model's max_position_embeddings is refused (exit 2), not truncated: losses at a different
-length would not be comparable."""
+length would not be comparable.
+`--tasks btx_jcommonsenseqa,btx_gsm8k` also runs lm-evaluation-harness tasks for every model (needs `.[eval]`):
+a table of accuracy / exact match ± stderr in the report and results.json, and a bar chart (downstream.png)."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +42,11 @@ def main() -> None:
     p.add_argument("--max-batches", type=positive_int, default=8)
     p.add_argument("--prompt", action="append", default=[], help="sample generations from every model")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--tasks", default=None, help="lm-eval tasks, comma-separated (offline: btx_jcommonsenseqa, "
+                   "btx_jsquad, btx_gsm8k; any harness task or YAML file)")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: override the tasks' few-shot count")
+    p.add_argument("--max-gen-toks", type=int, default=None, help="lm-eval: cap on generated tokens")
     p.add_argument("--out", required=True, help="output directory (report.md, results.json, PNGs)")
     args = p.parse_args()
     run_cli(lambda: evaluate_cli(args))
@@ -64,6 +71,17 @@ def evaluate_cli(args) -> None:
             experts = [f"expert{i}" for i in range(m.shape[1])]
             heatmaps[name] = report.plot_routing_heatmap(m, domains, experts, out / f"routing_{name}.png")
     curves = report.plot_loss_curves({k: Path(v) for k, v in workdirs.items()}, out / "loss_curves.png")
+    downstream, scores = None, {}
+    if args.tasks:
+        from btx_jax import downstream as ds
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        for t in tasks:
+            if t.endswith(".yaml") and not Path(t).is_file():
+                raise FileNotFoundError(f"task file not found: {t}")
+        scores = ds.run_tasks(loaded, tasks, tokenizer=tokenizer, limit=args.limit, batch_size=args.batch_size,
+                              num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks)
+        downstream = ds.report_section(scores, out)
+        (out / "downstream.json").write_text(json.dumps(scores, indent=1))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     n_exp = next(iter(routing.values())).shape[1] if routing else 0
     samples = {}
@@ -74,8 +92,11 @@ def evaluate_cli(args) -> None:
                    for name, pre in loaded.items()}
     path = report.write_report(out, results=results, domains=domains, routing=routing,
                                experts=[f"expert{i}" for i in range(n_exp)], loss_curves=curves,
-                               heatmaps=heatmaps, samples=samples, findings=[], header="btx-jax evaluation")
+                               heatmaps=heatmaps, samples=samples, findings=[], header="btx-jax evaluation",
+                               downstream=downstream)
     print(report.loss_table(results, domains))
+    if scores:
+        print(report.downstream_table(scores))
     print(f"[btx] report: {path}")
 
 

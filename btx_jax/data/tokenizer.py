@@ -51,11 +51,19 @@ class Tokenizer:
             return self._sp.encode(list(texts), num_threads=num_threads)
         return self._hf(list(texts), add_special_tokens=False)["input_ids"]
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def encode_as_tokenizer_default(self, text: str) -> list[int]:
+        """Ids with the special tokens the tokenizer itself adds by default: a transformers tokenizer's
+        `encode(text)` (add_special_tokens=True), or BOS + text for sentencepiece (as Llama's tokenizers do).
+        This is what lm-evaluation-harness feeds a model."""
+        if self._sp is not None:
+            return self.encode(text, add_bos=self.bos_id is not None and self.bos_id >= 0)
+        return list(self._hf.encode(text))
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
         if self._sp is not None:
             return self._sp.decode(ids)
-        return self._hf.decode(ids, skip_special_tokens=False)
+        return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     @property
     def chat_template(self) -> str | None:

@@ -1,0 +1,310 @@
+"""lm-evaluation-harness backend `btx`: score any directory `load_pretrained` accepts (HF, btx, mergoo,
+HF base + PEFT adapter) on the harness's tasks, in JAX, without exporting to PyTorch.
+
+    python -m btx_jax.harness --model btx --model_args pretrained=DIR[,adapter=DIR,dtype=bfloat16,tokenizer=PATH] \
+        --tasks btx_jcommonsenseqa,btx_gsm8k --batch_size 16 [--limit 50]
+
+`python -m btx_jax.harness` registers the backend, adds the bundled offline tasks (btx_jax/tasks/) to the
+task search path and then runs lm-eval's own command line unchanged (lm-eval 0.4.13 has no plugin
+discovery). From Python, `import btx_jax.harness` registers `btx` for `lm_eval.simple_evaluate`.
+
+Conventions follow the harness's `hf` backend, so scores are comparable (tests check it request by request):
+  - tokens: the tokenizer's own defaults (a Llama tokenizer prepends BOS); an empty context is the BOS token
+    (EOS when there is none); context/continuation are split by the harness (`TemplateLM._encode_pair`).
+  - loglikelihood: context + continuation truncated from the left to `max_length` (+1), log-softmax over the
+    whole vocabulary, `is_greedy` when every continuation token is the argmax.
+  - loglikelihood_rolling: the harness's disjoint rolling windows of `max_length` tokens.
+  - generate_until: context truncated from the left to `max_length - max_gen_toks`; greedy unless
+    `do_sample` (temperature / top_p); output cut at the first EOS and the first stop sequence.
+Requests are scored in batches of `batch_size` rows padded to a few length buckets (32, 64, ... tokens), so a
+task compiles one program per bucket, not one per request. Generation uses the KV-cached
+`btx_jax.generate.generate` on prompts right-padded to the same length buckets, batching requests whose prompts
+have the same token length, in chunks of `gen_chunk` new tokens until every row has hit a stop sequence or
+`max_gen_toks`.
+
+Single host only: with more than one JAX process the backend refuses to start (one clear error).
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
+
+from btx_jax.cli import user_errors
+from btx_jax.checkpoint.tensor_files import read_json
+from btx_jax.config import ConfigError
+from btx_jax.data.errors import DataError
+from btx_jax.data.tokenizer import Tokenizer, load_tokenizer
+from btx_jax.generate import generate
+from btx_jax.model import Llama
+from btx_jax.pretrained import BTX_CONFIG, Pretrained, detect_format, load_pretrained
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+MIN_BUCKET = 32
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_HARNESS_ARGS = ("device", "max_batch_size", "trust_remote_code")    # passed by lm-eval itself; not used here
+
+
+def length_bucket(n: int, max_len: int) -> int:
+    """Padded length for a row of `n` tokens: the next power of two >= MIN_BUCKET, capped at `max_len`."""
+    return min(max(MIN_BUCKET, 1 << (int(n) - 1).bit_length()), max_len)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(model: Llama, params, ids_BT, segment_ids_BT, targets_BT, cont_mask_BT):
+    """(sum of log p(target) over the masked positions [B], every masked target is the argmax [B])."""
+    logits_BTV = model.apply({"params": params}, ids_BT, segment_ids_BT=segment_ids_BT).astype(jnp.float32)
+    # log-softmax at the target only: no second [B, T, V] buffer
+    target_logp_BT = (jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+                      - jax.nn.logsumexp(logits_BTV, axis=-1))
+    greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    return jnp.sum(jnp.where(cont_mask_BT, target_logp_BT, 0.0), axis=-1), jnp.all(greedy_BT | ~cont_mask_BT, axis=-1)
+
+
+def find_tokenizer(pretrained: str | Path | None, adapter: str | Path | None, tokenizer: str | Path | None):
+    """The tokenizer given, else the one saved in the adapter or model directory (else one clear error)."""
+    if tokenizer is not None:
+        return tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    for d in [Path(p) for p in (adapter, pretrained) if p is not None]:
+        if any((d / f).is_file() for f in _TOKENIZER_FILES):
+            return load_tokenizer(d)
+    raise DataError(f"{pretrained}: no tokenizer there (none of {', '.join(_TOKENIZER_FILES)}); "
+                    "pass tokenizer=PATH in --model_args")
+
+
+@register_model("btx")
+class BtxLM(TemplateLM):
+    """lm-eval model over a `Pretrained` and a btx_jax `Tokenizer` (see the module docstring)."""
+
+    def __init__(self, pretrained: str | Pretrained, adapter: str | None = None, tokenizer=None,
+                 dtype: str | None = None, batch_size: int | str = 16, max_length: int | None = None,
+                 max_gen_toks: int = 256, gen_chunk: int = 32, seed: int = 0, **unused):
+        super().__init__()
+        if jax.process_count() > 1:
+            raise ConfigError(f"the btx lm-eval backend runs on a single host; this job has {jax.process_count()} "
+                              "JAX processes (run the evaluation as one process)")
+        if isinstance(pretrained, Pretrained):
+            if tokenizer is None:
+                raise DataError("a Pretrained object given: pass tokenizer= as well")
+            self.pre, self.tok = pretrained, find_tokenizer(None, None, tokenizer)
+        else:
+            self.pre = load_pretrained(pretrained, adapter=adapter, dtype=None if dtype in (None, "auto") else dtype)
+            self.tok = find_tokenizer(pretrained, adapter, tokenizer)
+        self.tok.check_fits(self.pre.config.vocab_size)
+        self.model = self.pre.model()
+        self._batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self._max_length = int(max_length or self.pre.config.max_position_embeddings)
+        self._max_gen_toks, self.gen_chunk, self.seed = int(max_gen_toks), int(gen_chunk), int(seed)
+        unknown = sorted(k for k in unused if k not in _HARNESS_ARGS)
+        if unknown:
+            raise ConfigError(f"btx backend: unknown model_args {', '.join(unknown)} (known: pretrained, adapter, "
+                              "tokenizer, dtype, max_length, max_gen_toks, gen_chunk, seed)")
+
+    # ---- the harness's tokenisation conventions ----
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tok.bos_id
+        return bos if bos is not None and bos >= 0 else self.tok.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        bos_text = self.tok.decode([self.prefix_token_id])
+        if add_special_tokens is False or (add_special_tokens is None and bos_text and string.startswith(bos_text)):
+            return self.tok.encode(string)
+        return self.tok.encode_as_tokenizer_default(string)
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ---- scoring ----
+    def score_rows(self, rows: list[list[int]], cont_lens: list[int], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+        """(sum log p, is_greedy) of the last `cont_len` tokens of each token row (each row <= max_length + 1),
+        the rows batched longest first and padded to length buckets."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out: list[tuple[float, bool] | None] = [None] * len(rows)
+        B = self.batch_size
+        for start in tqdm(range(0, len(order), B), disable=disable_tqdm, desc="btx loglikelihood batches"):
+            idx = order[start:start + B]
+            T = length_bucket(len(rows[idx[0]]) - 1, self.max_length)
+            R = min(B, 1 << (len(idx) - 1).bit_length())      # a last, partial batch: rows to a power of two
+            ids, targets = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
+            segs, mask = np.zeros((R, T), np.int32), np.zeros((R, T), bool)
+            for r, i in enumerate(idx):
+                row = rows[i]
+                n = len(row) - 1
+                ids[r, :n], targets[r, :n], segs[r, :n] = row[:-1], row[1:], 1
+                mask[r, n - cont_lens[i]:n] = True
+            logp, greedy = jax.device_get(_score(self.model, self.pre.params, ids, segs, targets, mask))
+            for r, i in enumerate(idx):
+                out[i] = (float(logp[r]), bool(greedy[r]))
+        return out
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        rows, cont_lens = [], []
+        for _, context_enc, continuation_enc in requests:
+            if not continuation_enc or len(continuation_enc) > self.max_length:
+                raise ValueError(f"continuation of {len(continuation_enc)} tokens: must be 1..{self.max_length}")
+            rows.append((context_enc + continuation_enc)[-(self.max_length + 1):])
+            cont_lens.append(len(continuation_enc))
+        results = self.score_rows(rows, cont_lens, disable_tqdm=disable_tqdm)
+        for (key, _, _), answer in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owner = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, ctx, cont))
+                owner.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for i, (logp, _) in zip(owner, scores):
+            totals[i] += logp
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ---- generation ----
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+        groups: dict[tuple, list[int]] = {}
+        prepared = []
+        for i, (context, gen_kwargs) in enumerate(req.args for req in requests):
+            kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            max_gen = int(kwargs.pop("max_gen_toks"))
+            if max_gen >= self.max_length:
+                raise ValueError(f"max_gen_toks {max_gen} must be below the model's max_length {self.max_length}")
+            temperature = float(kwargs.get("temperature", 1.0)) if kwargs.get("do_sample") else 0.0
+            top_p = float(kwargs.get("top_p", 1.0) or 1.0)
+            ids = self.tok_encode(context)[-(self.max_length - max_gen):]
+            prepared.append((ids, until, max_gen))
+            groups.setdefault((len(ids), max_gen, temperature, top_p), []).append(i)
+        out: list[str | None] = [None] * len(requests)
+        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="btx generate_until")
+        for (_, max_gen, temperature, top_p), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start:start + self.batch_size]
+                texts = self._generate_batch([prepared[i][0] for i in batch], [prepared[i][1] for i in batch],
+                                             max_gen, temperature, top_p)
+                for i, text in zip(batch, texts):
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                pbar.update(len(batch))
+        pbar.close()
+        return out
+
+    def _generate_batch(self, prompts: list[list[int]], untils: list[list[str]], max_gen: int, temperature: float,
+                        top_p: float) -> list[str]:
+        """Generate for equal-length prompts in chunks until each row stopped; the texts, post-processed."""
+        prompt_BT = np.asarray(prompts, np.int32)
+        B, step = len(prompts), self.gen_chunk      # a fixed chunk: one compilation per length bucket
+        rows = 1 << (B - 1).bit_length()                       # batch padded to a power of two, too
+        new_BN = np.zeros((B, 0), np.int32)
+        while new_BN.shape[1] < max_gen:
+            ids_BT = np.concatenate([prompt_BT, new_BN], axis=1)
+            T = ids_BT.shape[1]
+            padded = np.zeros((rows, length_bucket(T, max(T, self.max_length))), np.int32)
+            padded[:B, :T] = ids_BT
+            out = generate(self.model, self.pre.params, jnp.asarray(padded), jnp.int32(T),
+                           jax.random.PRNGKey(self.seed + new_BN.shape[1]), max_new_tokens=step,
+                           temperature=temperature, top_p=top_p)
+            new_BN = np.concatenate([new_BN, np.asarray(out)[:B]], axis=1)[:, :max_gen]
+            if all(self._stopped(row, until) for row, until in zip(new_BN, untils)):
+                break
+        new = new_BN
+        return [postprocess_generated_text(self.tok_decode(self._before_eos(row)), until, None)
+                for row, until in zip(new, untils)]
+
+    def _before_eos(self, row) -> list[int]:
+        row = [int(t) for t in row]
+        return row[:row.index(self.eot_token_id)] if self.eot_token_id in row else row
+
+    def _stopped(self, row, until: list[str]) -> bool:
+        if self.eot_token_id in row:
+            return True
+        text = self.tok_decode(row)
+        return any(s and s in text for s in until)
+
+
+def check_model_args(arg_string: str) -> None:
+    """Fail fast, before lm-eval indexes its tasks, on a model directory, adapter or tokenizer that cannot work
+    (the same errors the backend would raise later, without loading any weights)."""
+    args = lm_utils.simple_parse_args_string(arg_string)
+    if "pretrained" not in args:
+        raise ConfigError("btx backend: --model_args needs pretrained=DIR")
+    directory = Path(args["pretrained"])
+    fmt = detect_format(directory)
+    if args.get("adapter") is not None:
+        detect_format(Path(args["adapter"]))
+    config = read_json(directory / (BTX_CONFIG if fmt == "btx" else "config.json"))
+    vocab = config.get("vocab_size")
+    tokenizer = find_tokenizer(directory, args.get("adapter"), args.get("tokenizer"))
+    if vocab is not None:
+        tokenizer.check_fits(int(vocab))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """lm-eval's command line with `btx` registered and btx_jax/tasks on the task path; user errors -> exit 2."""
+    from lm_eval.__main__ import cli_evaluate
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        for flag, value in zip(args[:-1], args[1:]):
+            if flag == "--tasks":
+                for t in value.split(","):
+                    if t.endswith(".yaml") and not glob.glob(t):
+                        raise FileNotFoundError(f"task file not found: {t}")
+            if flag == "--model_args" and "--model" in args and args[args.index("--model") + 1] == "btx":
+                check_model_args(value)
+    except user_errors() as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in args) and \
+            any(a in ("--tasks", "run", "ls", "validate") or a.startswith("--tasks=") for a in args):
+        args += ["--include_path", str(TASKS_DIR)]
+    sys.argv = ["lm-eval", *args]
+    try:
+        cli_evaluate()
+    except user_errors() as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except ValueError as e:        # the harness's own "Tasks not found: ..." and friends
+        if "not found" not in str(e):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -48,8 +48,9 @@ def ce_sum(model: Llama, params, batch, rng=None, loss_chunk: int = DEFAULT_CHUN
 
 
 def make_train_step(model: Llama, tx: optax.GradientTransformation, *, microbatches: int, lb_alpha: float,
-                    z_alpha: float, loss_chunk: int = DEFAULT_CHUNK):
-    """step(state, batch) -> (state, metrics).  `batch` arrays are [global_batch, seq]."""
+                    z_alpha: float, loss_chunk: int = DEFAULT_CHUNK, mesh=None):
+    """step(state, batch) -> (state, metrics).  `batch` arrays are [global_batch, seq].  `mesh` is put in
+    context while tracing (kernels that run per shard, such as the TPU attention, read it)."""
 
     def loss_fn(trainable, frozen, micro, rng, total_tokens):
         ce, aux = ce_sum(model, merge(trainable, frozen), micro, rng, loss_chunk)
@@ -61,6 +62,12 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, *, microbatc
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch):
+        if mesh is None:
+            return traced(state, batch)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return traced(state, batch)
+
+    def traced(state, batch):
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         micro = jax.tree_util.tree_map(
             lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]), batch)

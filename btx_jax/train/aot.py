@@ -111,7 +111,8 @@ def prepare(target: Target) -> None:
     else:
         if importlib.util.find_spec("libtpu") is None:
             raise ConfigError(f"--target {target.text}: {LIBTPU_HINT}")
-        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")           # no metadata server: not on a TPU VM
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no TPU to lock
     jax.config.update("jax_platforms", "cpu")       # compile for TPU from this host; never open a TPU
 
 
@@ -127,8 +128,8 @@ def target_devices(target: Target) -> list:
     kw = {"chip_config_name": "megacore"} if target.generation == "v4" else {}
     try:
         devices = list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology, **kw).devices)
-    except Exception as e:      # libtpu rejects the name: one line with its reason
-        raise ConfigError(f"--target {target.text}: libtpu does not accept topology {target.topology!r} "
+    except Exception as e:      # libtpu rejects the name (or cannot start): one line with its reason
+        raise ConfigError(f"--target {target.text}: libtpu cannot describe topology {target.topology!r} "
                           f"({str(e).splitlines()[0][:200]})") from None
     return devices
 

@@ -140,16 +140,17 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     # The state is donated: outputs alias arguments, so the live peak is arguments + temporaries + the
     # non-aliased outputs (metrics).
     b["peak"] = b["argument"] + b["temp"] + b["output"] - b["alias"]
-    if aot.counts_loop_trips(target.platform):
-        out["flops_per_device"] = out["flops_xla_raw"]
-    else:
-        # XLA:CPU's cost analysis counts a while-loop body once: the layer scan (forward and backward) is one
-        # layer.  Add the other num_layers - 1 layers' train FLOPs (one layer's forward + backward under the
-        # same remat policy and trainable split, compiled on its own), per device.
-        micro = int(t["microbatches"])
-        extra = (config.num_layers - 1) * layer_train_flops(config, t, trainable, frozen, gb // micro, seq)
-        out["flops_per_device"] = (out["flops_xla_raw"] + extra / out["devices"]) * micro
+    # XLA's cost analysis may count a while-loop body once (XLA:CPU always; the TPU compiler did for the 7B
+    # step's layer scan, though it multiplies a plain scan's body by its trip count): then the layer stack
+    # shows up as one layer.  Add the other num_layers - 1 layers' train FLOPs (one layer's forward + backward
+    # under the same remat policy and trainable split, compiled on its own), per device.
+    micro = int(t["microbatches"])
+    layer = layer_train_flops(config, t, trainable, frozen, gb // micro, seq) / out["devices"]
+    once = not aot.counts_loop_trips(target.platform) or out["flops_xla_raw"] < 2 * layer * micro
+    out["flops_per_device"] = (out["flops_xla_raw"] + (config.num_layers - 1) * layer * once) * (micro if once else 1)
     out["flops_global"] = out["flops_per_device"] * out["devices"]
+    if out["cost"] and once:     # the cost model's time covers the counted FLOPs: scale it like them (MFU stays)
+        out["cost"]["step_s"] *= out["flops_per_device"] / max(out["flops_xla_raw"], 1.0)
     return out
 
 

@@ -72,7 +72,8 @@ def _chunked_bwd(chunk, res, g):
         return dw_DV, dh
 
     dw0 = jnp.zeros(head_DV.shape, jnp.float32) if want_head else jnp.zeros((), jnp.float32)
-    dw, dh = jax.lax.scan(body, dw0, (_slices(h_BTD, chunk), _slices(targets_BT, chunk), _slices(mask_BT, chunk), lse_NBC))
+    xs = (_slices(h_BTD, chunk), _slices(targets_BT, chunk), _slices(mask_BT, chunk), lse_NBC)
+    dw, dh = jax.lax.scan(body, dw0, xs)
     B, T, D = h_BTD.shape
     dh_BTD = jnp.swapaxes(dh, 0, 1).reshape(B, T, D)
     return dh_BTD, (dw.astype(head_DV.dtype) if want_head else None), None, None

@@ -41,13 +41,12 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from btx_jax.cli import user_errors
-from btx_jax.checkpoint.tensor_files import read_json
 from btx_jax.config import ConfigError
 from btx_jax.data.errors import DataError
 from btx_jax.data.tokenizer import Tokenizer, load_tokenizer
 from btx_jax.generate import generate
 from btx_jax.model import Llama
-from btx_jax.pretrained import BTX_CONFIG, Pretrained, detect_format, load_pretrained
+from btx_jax.pretrained import Pretrained, load_pretrained, open_model
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 MIN_BUCKET = 32
@@ -263,14 +262,8 @@ def check_model_args(arg_string: str) -> None:
     if "pretrained" not in args:
         raise ConfigError("btx backend: --model_args needs pretrained=DIR")
     directory = Path(args["pretrained"])
-    fmt = detect_format(directory)
-    if args.get("adapter") is not None:
-        detect_format(Path(args["adapter"]))
-    config = read_json(directory / (BTX_CONFIG if fmt == "btx" else "config.json"))
-    vocab = config.get("vocab_size")
-    tokenizer = find_tokenizer(directory, args.get("adapter"), args.get("tokenizer"))
-    if vocab is not None:
-        tokenizer.check_fits(int(vocab))
+    config = open_model(directory, adapter=args.get("adapter")).config        # configs and tensor headers only
+    find_tokenizer(directory, args.get("adapter"), args.get("tokenizer")).check_fits(config.vocab_size)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
         b1=0.9, b2=0.95, eps=1e-8,
         lb_alpha=0.01, z_alpha=0.0,      # router aux losses (BTX: load balancing 0.01)
         dtype="float32", frozen_dtype="float32", remat="none",
-        attention="blocked", attention_block=64,   # btx_jax/model/attention.py; "xla" = reference
+        attention="auto", attention_block=64,   # btx_jax/model/attention.py; "xla" = reference
+        loss_chunk=512,                  # lm_head + cross-entropy 512 positions at a time; 0 = full logits
         skip_nonfinite=False, max_consecutive_nonfinite=5,
         seed=0, log_every=10, ckpt_every=50, keep_checkpoints=2,
     ))

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from btx_jax.model.attention import IMPLS
+
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
                 num_kv_heads=4, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=4096)
@@ -43,8 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--remat", default="none")
-    p.add_argument("--attention", default="blocked", choices=("blocked", "xla"),
-                   help="btx_jax/model/attention.py implementation")
+    p.add_argument("--attention", default="auto", choices=IMPLS,
+                   help="btx_jax/model/attention.py implementation (auto: by backend; cudnn: the check's rows are "
+                        "unpacked, so cuDNN flash attention is exact here)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--goal", type=float, default=0.45)
     p.add_argument("--out", default=None)

@@ -5,6 +5,14 @@ parameter / optimizer / gradient / temporary bytes, FLOPs per step, and the larg
     python scripts/plan.py --config configs/expert.py:wiki --devices 8 --phase expert,router,sft \
         --experts 3 --top-k 2 --batch 32 --device-memory 80GB --search
 
+    python scripts/plan.py --config configs/sft.py:wiki --phase sft --target tpu:v5e-16 --search
+
+`--target` picks the compiler: `cpu:N` (N virtual CPU devices, the default with --devices) or a TPU slice
+(`tpu:v5p-8`, `tpu:v5e-16`, `tpu:v4-8`, `tpu:v6e-8`, or a libtpu topology name such as `tpu:v5p:2x2x1`),
+compiled by the real TPU compiler with no TPU present (needs `pip install -e ".[tpu]"`; see
+btx_jax/train/aot.py).  TPU plans also report XLA's cost-model step time and the MFU it implies against the
+chip's published bf16 peak, and default --device-memory to the chip's HBM.
+
 Nothing is allocated: parameters come from `btx_jax.model.abstract_params` (jax.eval_shape), the phase
 split from the path patterns of btx_jax/train/phases.py, and the step is the one `train()` runs
 (`btx_jax.train.trainer.build_step`), lowered with ShapeDtypeStructs that carry their shardings and compiled
@@ -20,17 +28,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import re
 import sys
 import time
 from pathlib import Path
-
-
-def _set_devices(n: int) -> None:
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def parse_bytes(text: str) -> int:
@@ -71,17 +72,19 @@ def model_config(cfg: dict, phase: str, experts: int, top_k: int):
 
 
 def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, experts: int = 3, top_k: int = 2,
-         mesh=None) -> dict:
+         mesh=None, target=None, log=print) -> dict:
     """Compile the train step of `cfg` (resolved dict) for `phase` and global `batch` on abstract inputs.
 
     Returns per-device bytes {params, trainable, frozen, optimizer, gradients, temp, argument, output, alias,
-    peak} plus flops (per device and global), compile seconds and the configuration."""
+    peak} plus flops (per device and global), compile seconds and the configuration; on a TPU target also
+    the cost model's step time and MFU ("cost"), or fits=False when the TPU compiler refuses the program."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from btx_jax import mesh as mesh_lib, param_paths
     from btx_jax.pretrained import random_source
+    from btx_jax.train import aot
     from btx_jax.train.step import BATCH_KEYS
     from btx_jax.train.trainer import wire
 
@@ -99,14 +102,18 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     trainable, frozen = param_paths.unflatten(phase.trainable), param_paths.unflatten(phase.frozen)
     batch_abs = {k: jax.ShapeDtypeStruct((gb, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
                                          sharding=built.batch_sharding) for k in BATCH_KEYS}
-    tic = time.perf_counter()
-    compiled = built.step_fn.lower(built.abstract_state, batch_abs).compile()
-    seconds = time.perf_counter() - tic
+    target = target or aot.parse_target(f"cpu:{mesh.devices.size}")
+    st, sh = built.abstract_state, built.state_shardings
+    per_dev = lambda key: mesh_lib.bytes_per_device(st[key], sh[key])
+    lowered = built.step_fn.lower(built.abstract_state, batch_abs)
+    try:
+        compiled, seconds = aot.compile_lowered(lowered, f"{cfg['phase']} batch {gb} on {target.text}", log=log)
+    except aot.DoesNotFit as e:
+        return {"phase": cfg["phase"], "global_batch": gb, "seq_len": seq, "devices": int(mesh.devices.size),
+                "fits": False, "error": str(e), "bytes": {"peak": max(e.needed, e.available + 1), "temp": e.needed}}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    st, sh = built.abstract_state, built.state_shardings
-    per_dev = lambda key: mesh_lib.bytes_per_device(st[key], sh[key])
     out = {
         "phase": cfg["phase"], "global_batch": gb, "seq_len": seq, "devices": int(mesh.devices.size),
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "dtype": t["dtype"], "frozen_dtype": t["frozen_dtype"],
@@ -122,19 +129,25 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
             "alias": int(mem.alias_size_in_bytes), "temp": int(mem.temp_size_in_bytes),
         },
         "flops_xla_raw": float(cost.get("flops", 0.0)),
-        "compile_s": round(seconds, 2),
+        "compile_s": round(seconds, 2), "target": target.text, "fits": True,
+        "loss_chunk": int(t.get("loss_chunk", 0)), "attention": t["attention"],
+        "cost": aot.cost_model(compiled, target),
     }
     b = out["bytes"]
     # The state is donated: outputs alias arguments, so the live peak is arguments + temporaries + the
     # non-aliased outputs (metrics).
     b["peak"] = b["argument"] + b["temp"] + b["output"] - b["alias"]
-    # XLA's cost analysis counts a while-loop body once: the layer scan (forward and backward) is one layer.
-    # Add the other num_layers - 1 layers' train FLOPs (one layer's forward + backward under the same remat
-    # policy and trainable split, compiled on its own), per device.
+    # XLA's cost analysis may count a while-loop body once (XLA:CPU always; the TPU compiler did for the 7B
+    # step's layer scan, though it multiplies a plain scan's body by its trip count): then the layer stack
+    # shows up as one layer.  Add the other num_layers - 1 layers' train FLOPs (one layer's forward + backward
+    # under the same remat policy and trainable split, compiled on its own), per device.
     micro = int(t["microbatches"])
-    extra = (config.num_layers - 1) * layer_train_flops(config, t, trainable, frozen, gb // micro, seq)
-    out["flops_per_device"] = (out["flops_xla_raw"] + extra / out["devices"]) * micro
+    layer = layer_train_flops(config, t, trainable, frozen, gb // micro, seq) / out["devices"]
+    once = not aot.counts_loop_trips(target.platform) or out["flops_xla_raw"] < 2 * layer * micro
+    out["flops_per_device"] = (out["flops_xla_raw"] + (config.num_layers - 1) * layer * once) * (micro if once else 1)
     out["flops_global"] = out["flops_per_device"] * out["devices"]
+    if out["cost"] and once:     # the cost model's time covers the counted FLOPs: scale it like them (MFU stays)
+        out["cost"]["step_s"] *= out["flops_per_device"] / max(out["flops_xla_raw"], 1.0)
     return out
 
 
@@ -173,7 +186,7 @@ def layer_train_flops(config, t: dict, trainable: dict, frozen: dict, batch: int
 
 
 def max_batch(cfg: dict, memory: int, *, phase: str, experts: int, top_k: int, mesh=None, headroom=0.1,
-              limit: int = 4096, log=print) -> tuple[int, list[dict]]:
+              limit: int = 4096, log=print, target=None) -> tuple[int, list[dict]]:
     """Largest global batch (a multiple of the data-parallel size) whose compiled peak fits `memory`
     (1 - headroom) per device.  Peak bytes are affine in the batch, so two compiles give the line, one more
     checks the predicted size (and steps down until a compile agrees)."""
@@ -185,10 +198,10 @@ def max_batch(cfg: dict, memory: int, *, phase: str, experts: int, top_k: int, m
     runs = []
 
     def at(b):
-        r = plan(cfg, phase=phase, batch=b, experts=experts, top_k=top_k, mesh=mesh)
+        r = plan(cfg, phase=phase, batch=b, experts=experts, top_k=top_k, mesh=mesh, target=target, log=log)
         runs.append(r)
         log(f"  [search] {phase} batch {b}: peak {r['bytes']['peak'] / 2**30:.2f} GiB/device "
-            f"(compile {r['compile_s']:.1f}s)")
+            + (f"(compile {r['compile_s']:.1f}s)" if r["fits"] else f"(does not fit: {r['error']})"))
         return r["bytes"]["peak"]
 
     p1, p2 = at(dp), at(2 * dp)
@@ -209,15 +222,22 @@ def _fmt_gb(n: float) -> str:
 
 def table(rows: list[dict], memory: int | None) -> str:
     head = ("phase", "batch", "trainable", "params GiB", "optim GiB", "grads GiB", "temp GiB", "peak GiB",
-            "TFLOP/dev/step", "fits", "max batch", "compile s")
+            "TFLOP/dev/step", "step s (cost model)", "MFU (cost model)", "fits", "max batch", "compile s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         b = r["bytes"]
+        if not r["fits"]:
+            lines.append("| " + " | ".join([r["phase"], str(r["global_batch"])] + ["-"] * 4 + [
+                _fmt_gb(b["temp"]), "-", "-", "-", "-", "NO (compiler)", str(r.get("max_batch", "-")), "-"]) + " |")
+            continue
         fits = "-" if memory is None else ("yes" if b["peak"] <= memory else "NO")
+        cost = r.get("cost") or {}
         lines.append("| " + " | ".join([
             r["phase"], str(r["global_batch"]), f"{r['params_trainable'] / 1e6:.1f}M", _fmt_gb(b["params"]),
             _fmt_gb(b["optimizer"]), _fmt_gb(b["gradients"]), _fmt_gb(b["temp"]), _fmt_gb(b["peak"]),
-            f"{r['flops_per_device'] / 1e12:.1f}", fits, str(r.get("max_batch", "-")), f"{r['compile_s']:.1f}",
+            f"{r['flops_per_device'] / 1e12:.1f}", f"{cost['step_s']:.2f}" if cost else "-",
+            f"{cost['mfu']:.1%}" if "mfu" in cost else "-", fits, str(r.get("max_batch", "-")),
+            f"{r['compile_s']:.1f}",
         ]) + " |")
     return "\n".join(lines)
 
@@ -226,7 +246,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="plan.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/expert.py:wiki", help="config file[:preset]")
     p.add_argument("--phase", default=None, help="comma-separated phases (default: the config's)")
-    p.add_argument("--devices", type=int, default=8, help="virtual devices to compile for")
+    p.add_argument("--devices", type=int, default=8, help="virtual CPU devices to compile for (= --target cpu:N)")
+    p.add_argument("--target", default=None, help="cpu:N | tpu:v5p-8 | tpu:v5e-16 | tpu:v4-8 | tpu:v6e-8 | "
+                   "tpu:<libtpu topology> (default cpu:--devices)")
+    p.add_argument("--loss-chunk", type=int, default=None, help="cross-entropy chunk (positions); 0 = full logits")
+    p.add_argument("--attention", default=None, help="train.attention (btx_jax/model/attention.py IMPLS)")
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
     p.add_argument("--seq-len", type=int, default=None)
@@ -236,52 +260,57 @@ def main(argv=None) -> int:
     p.add_argument("--microbatches", type=int, default=None)
     p.add_argument("--experts", type=int, default=3, help="LoRA experts of the router/sft LoRA-MoE")
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--device-memory", type=parse_bytes, default=None, help="e.g. 80GB")
+    p.add_argument("--device-memory", type=parse_bytes, default=None, help="e.g. 80GB (TPU: the chip's HBM)")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free in --search")
     p.add_argument("--search", action="store_true", help="also find the largest batch that fits")
     p.add_argument("--out", default=None, help="write the plan as JSON")
     args = p.parse_args(argv)
-    _set_devices(args.devices)
+    sys.stdout.reconfigure(line_buffering=True)     # progress lines during long compiles
 
     from btx_jax.cli import run_cli
+    from btx_jax.train import aot
     from btx_jax.train.trainer import resolved
 
     def go():
+        target = aot.parse_target(args.target or f"cpu:{args.devices}")
+        aot.prepare(target)
+        memory = args.device_memory or target.hbm_bytes
         cfg = resolved(load_config(args.config))
         t = cfg["train"]
         for key, val in (("global_batch_size", args.batch), ("seq_len", args.seq_len), ("remat", args.remat),
                          ("dtype", args.dtype), ("frozen_dtype", args.frozen_dtype),
-                         ("microbatches", args.microbatches)):
+                         ("microbatches", args.microbatches), ("loss_chunk", args.loss_chunk),
+                         ("attention", args.attention)):
             if val is not None:
                 t[key] = val
         if args.mesh:
             cfg["mesh"].update({k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))})
-        import jax
         from btx_jax import mesh as mesh_lib
-        mesh = mesh_lib.make_mesh(cfg["mesh"])
-        print(f"[plan] {args.config}: {jax.device_count()} virtual {jax.devices()[0].platform} devices, "
+        devices = aot.target_devices(target)
+        mesh = mesh_lib.make_mesh(cfg["mesh"], devices)
+        print(f"[plan] {args.config}: {target.text} = {len(devices)} {devices[0].device_kind} devices, "
               f"mesh {dict(mesh.shape)}, seq {t['seq_len']}, dtype {t['dtype']}, frozen {t['frozen_dtype']}, "
               f"remat {t['remat']}", flush=True)
         rows = []
         tic = time.perf_counter()
         for phase in (args.phase or cfg["phase"]).split(","):
-            r = plan(cfg, phase=phase, experts=args.experts, top_k=args.top_k, mesh=mesh)
-            if args.search and args.device_memory:
-                best, runs = max_batch(cfg, args.device_memory, phase=phase, experts=args.experts,
-                                       top_k=args.top_k, mesh=mesh, headroom=args.headroom)
+            r = plan(cfg, phase=phase, experts=args.experts, top_k=args.top_k, mesh=mesh, target=target)
+            if args.search and memory:
+                best, runs = max_batch(cfg, memory, phase=phase, experts=args.experts,
+                                       top_k=args.top_k, mesh=mesh, headroom=args.headroom, target=target)
                 r["max_batch"] = best
                 r["search"] = [{"batch": x["global_batch"], "peak": x["bytes"]["peak"]} for x in runs]
             rows.append(r)
-            print(table([r], args.device_memory).splitlines()[-1], flush=True)
+            print(table([r], memory).splitlines()[-1], flush=True)
         total = time.perf_counter() - tic
         print()
-        if args.device_memory:
-            print(f"device memory {args.device_memory / 1e9:.0f} GB = {_fmt_gb(args.device_memory)} GiB per device"
+        if memory:
+            print(f"device memory {memory / 1e9:.0f} GB = {_fmt_gb(memory)} GiB per device"
                   + (f"; max batch keeps {args.headroom:.0%} headroom" if args.search else ""))
-        print(table(rows, args.device_memory))
+        print(table(rows, memory))
         print(f"\n[plan] total {total:.1f}s (compile only; nothing allocated)")
         if args.out:
-            Path(args.out).write_text(json.dumps({"config": args.config, "device_memory": args.device_memory,
+            Path(args.out).write_text(json.dumps({"config": args.config, "device_memory": memory,
                                                   "rows": rows, "seconds": round(total, 1)}, indent=2))
         return 0
 

@@ -23,6 +23,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # 8 virtual CPU devices for the mesh tests (must be set before JAX starts its backend).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# CPU only, also where libtpu is installed (the `tpu` extra): JAX would otherwise probe for TPU hardware first;
+# TPU code is compiled for topology descriptions (btx_jax/train/aot.py), never run.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

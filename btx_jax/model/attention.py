@@ -11,19 +11,48 @@
 On XLA:CPU it runs the bench model's attention forward+backward about 2x faster than
 `jax.nn.dot_product_attention` with a full mask (docs/performance.md). `impl="xla"` is that reference.
 Scores, softmax and the log-sum-exp are fp32 whatever the compute dtype.
+
+Per backend (`impl="auto"`, the default, resolved by `resolve(impl, platform)`):
+    tpu  "splash": JAX's Pallas splash-attention kernel with segment ids, in shard_map (btx_jax/model/splash.py)
+    gpu  "xla": the masked path.  cuDNN flash attention (`jax.nn.dot_product_attention(implementation=
+         "cudnn")`) takes a causal mask and per-row lengths but no packed segment ids, so it is only right for
+         rows holding one document followed by padding: `impl="cudnn"` selects it for such data.
+    cpu  "blocked"
 """
 from __future__ import annotations
 
 from functools import partial
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("blocked", "xla")
-DEFAULT_IMPL, DEFAULT_BLOCK = "blocked", 64      # the model's defaults (configs/common.py repeats the literals)
+from btx_jax.model.splash import splash_attention
+
+IMPLS = ("auto", "blocked", "xla", "splash", "cudnn")
+BY_PLATFORM = {"tpu": "splash", "gpu": "xla", "cuda": "xla", "rocm": "xla", "cpu": "blocked"}
+DEFAULT_IMPL, DEFAULT_BLOCK = "auto", 64      # the model's defaults (configs/common.py repeats the literals)
 MAX_BLOCKS = 16
 _NEG = -1e30
+_said: set[str] = set()
+
+
+def resolve(impl: str, platform: str | None = None) -> str:
+    """The implementation `impl` means on `platform` (default: JAX's default backend)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention implementation {impl!r} is not one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    platform = platform or jax.default_backend()
+    picked = BY_PLATFORM.get(platform, "blocked")
+    if picked == "xla" and platform not in _said:
+        _said.add(platform)
+        logging.getLogger("btx_jax").warning(
+            "attention on %s: cuDNN flash attention takes no packed segment ids, so the masked XLA path runs "
+            "(train.attention='cudnn' for rows that hold one document plus padding)", platform)
+    return picked
 
 
 def _block_mask(seg_BT, start: int, stop: int):
@@ -90,17 +119,24 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 def causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl: str = DEFAULT_IMPL,
                      block: int = DEFAULT_BLOCK):
-    """Each token attends to itself and the earlier tokens of its own segment. GQA when K < N."""
+    """Each token attends to itself and the earlier tokens of its own segment. GQA when K < N.  `block` is the
+    query block of "blocked"; the other kernels use their own."""
     B, T, N, H = q_BTNH.shape
     K = k_BTKH.shape[2]
     scale = 1.0 / np.sqrt(H)
+    impl = resolve(impl)
+    if impl == "splash":
+        return splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    if impl == "cudnn":         # one document per row, then padding (segment id 0): lengths say it all
+        lengths_B = jnp.sum(segment_ids_BT > 0, axis=1).astype(jnp.int32)
+        return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True,
+                                            query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
+                                            implementation="cudnn")
     if impl == "xla":
         idx = jnp.arange(T)
         mask_BqTS = ((idx[:, None] >= idx[None, :])[None]
                      & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]))[:, None]
         return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=mask_BqTS, scale=scale)
-    if impl != "blocked":
-        raise ValueError(f"attention implementation {impl!r} is not one of {IMPLS}")
     q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
     o_BKGTH = _blocked(q_BKGTH, k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3), segment_ids_BT,
                        scale, int(block))

@@ -109,7 +109,9 @@ class DecoderLayer(_Sub):
 
 class Llama(nn.Module):
     """Causal LM. `__call__(input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None, cache_index=0)`
-    returns fp32 logits [B, T, V], and the updated cache when one is given."""
+    returns fp32 logits [B, T, V], and the updated cache when one is given.  With `return_hidden=True` it
+    returns (final hidden states [B, T, D] in the compute dtype, lm_head weight [D, V]) instead, for a loss
+    that applies the head itself (btx_jax/model/chunked_ce.py)."""
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -119,7 +121,8 @@ class Llama(nn.Module):
     attention_block: int = DEFAULT_BLOCK
 
     @nn.compact
-    def __call__(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None, cache_index=0):
+    def __call__(self, input_ids_BT, positions_BT=None, segment_ids_BT=None, cache=None, cache_index=0,
+                 return_hidden: bool = False):
         c = self.config
         B, T = input_ids_BT.shape
         if positions_BT is None:
@@ -147,6 +150,8 @@ class Llama(nn.Module):
         else:
             head_DV = self.param("lm_head", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size),
                                  self.param_dtype)
+        if return_hidden:
+            return x_BTD, head_DV
         # tokens as 2-D rows: the lm_head weight gradient is then a plain [D, N] x [N, V] matmul (a 3-D
         # contraction made XLA:CPU transpose the [N, V] logits gradient first)
         logits_BTV = jnp.dot(x_BTD.reshape(B * T, -1), head_DV.astype(self.dtype),

@@ -1,6 +1,9 @@
 """The jit-compiled train step: token-mean cross-entropy + router aux losses, gradients with respect to the
 trainable sub-tree only, gradient accumulation over microbatches with `lax.scan`, one optimizer update.
 
+The cross-entropy is chunked (btx_jax/model/chunked_ce.py: lm_head applied `loss_chunk` positions at a time,
+no [tokens, vocab] fp32 logits) unless `loss_chunk=0`, which projects all logits at once (the plain path).
+
 State is a plain dict pytree {step, trainable, frozen, opt_state, rng} (what orbax checkpoints).
 """
 from __future__ import annotations
@@ -11,19 +14,21 @@ import optax
 
 from btx_jax.data.packing import FIELDS
 from btx_jax.model import Llama, routed_count, summarize_aux
+from btx_jax.model.chunked_ce import DEFAULT_CHUNK, chunked_cross_entropy
 from btx_jax.train.phases import merge
 
 BATCH_KEYS = FIELDS               # the batch layout the data pipeline produces (btx_jax/data/packing.py)
 
 
-def forward(model: Llama, params, batch, rng=None):
-    """(fp32 logits [B, T, V], aux dict) for one batch; aux holds lb_loss, z_loss, expert_frac."""
+def forward(model: Llama, params, batch, rng=None, return_hidden: bool = False):
+    """(fp32 logits [B, T, V], aux dict) for one batch; aux holds lb_loss, z_loss, expert_frac.  With
+    `return_hidden`, (final hidden states, lm_head weight) instead of the logits."""
     rngs = {"dropout": rng} if rng is not None else {}
-    logits, variables = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                                    batch["segment_ids"], rngs=rngs, mutable=["aux"])
+    out, variables = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                 return_hidden=return_hidden, rngs=rngs, mutable=["aux"])
     if not routed_count(model.config):
-        return logits, {}
-    return logits, summarize_aux(variables["aux"]["layers"], model.config)
+        return out, {}
+    return out, summarize_aux(variables["aux"]["layers"], model.config)
 
 
 def token_losses(logits_BTV, batch):
@@ -33,21 +38,36 @@ def token_losses(logits_BTV, batch):
     return jnp.sum(ce_BT * mask), jnp.sum(mask)
 
 
+def ce_sum(model: Llama, params, batch, rng=None, loss_chunk: int = DEFAULT_CHUNK):
+    """(sum of masked token cross-entropies, aux dict): chunked when loss_chunk > 0, else from full logits."""
+    if loss_chunk <= 0:
+        logits, aux = forward(model, params, batch, rng)
+        return token_losses(logits, batch)[0], aux
+    (h_BTD, head_DV), aux = forward(model, params, batch, rng, return_hidden=True)
+    return chunked_cross_entropy(h_BTD, head_DV, batch["targets"], batch["loss_mask"], loss_chunk), aux
+
+
 def make_train_step(model: Llama, tx: optax.GradientTransformation, *, microbatches: int, lb_alpha: float,
-                    z_alpha: float):
-    """step(state, batch) -> (state, metrics).  `batch` arrays are [global_batch, seq]."""
+                    z_alpha: float, loss_chunk: int = DEFAULT_CHUNK, mesh=None):
+    """step(state, batch) -> (state, metrics).  `batch` arrays are [global_batch, seq].  `mesh` is put in
+    context while tracing (kernels that run per shard, such as the TPU attention, read it)."""
 
     def loss_fn(trainable, frozen, micro, rng, total_tokens):
-        logits, aux = forward(model, merge(trainable, frozen), micro, rng)
-        ce_sum, _ = token_losses(logits, micro)
-        loss = ce_sum / total_tokens
+        ce, aux = ce_sum(model, merge(trainable, frozen), micro, rng, loss_chunk)
+        loss = ce / total_tokens
         if aux:
             loss = loss + (lb_alpha * aux["lb_loss"] + z_alpha * aux["z_loss"]) / microbatches
-        return loss, (ce_sum, aux)
+        return loss, (ce, aux)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, batch):
+        if mesh is None:
+            return traced(state, batch)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return traced(state, batch)
+
+    def traced(state, batch):
         total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
         micro = jax.tree_util.tree_map(
             lambda x: x.reshape((microbatches, x.shape[0] // microbatches) + x.shape[1:]), batch)
@@ -55,9 +75,9 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, *, microbatc
 
         def accumulate(grads, xs):
             mb, i = xs
-            (_, (ce_sum, aux)), g = grad_fn(state["trainable"], state["frozen"], mb,
-                                            jax.random.fold_in(step_rng, i), total_tokens)
-            return jax.tree_util.tree_map(jnp.add, grads, g), (ce_sum, aux)
+            (_, (ce, aux)), g = grad_fn(state["trainable"], state["frozen"], mb, jax.random.fold_in(step_rng, i),
+                                        total_tokens)
+            return jax.tree_util.tree_map(jnp.add, grads, g), (ce, aux)
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state["trainable"])
         grads, (ce_sums, auxs) = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(microbatches)))

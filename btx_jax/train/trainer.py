@@ -113,8 +113,9 @@ def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
                                                           transform_non_params=lambda _: replicated),
                        "rng": replicated}
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
+    model = model.clone(attention=attention.resolve(model.attention, mesh.devices.flat[0].platform))
     step_fn = jax.jit(make_train_step(model, tx, microbatches=int(t["microbatches"]), lb_alpha=float(t["lb_alpha"]),
-                                      z_alpha=float(t["z_alpha"])),
+                                      z_alpha=float(t["z_alpha"]), loss_chunk=int(t.get("loss_chunk", 0)), mesh=mesh),
                       in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
                       out_shardings=(state_shardings, None), donate_argnums=0)
     abstract = jax.eval_shape(lambda tr, fr: init_state(tr, fr, tx, int(t["seed"])), trainable, frozen)

@@ -17,7 +17,6 @@ import re
 import jax
 import numpy as np
 
-from btx_jax import param_paths
 from btx_jax.config import ConfigError
 from btx_jax.model import attention
 from btx_jax.model.llama import REMAT_POLICIES

@@ -1,0 +1,198 @@
+"""Compile targets for hardware that is not here: N virtual CPU devices, or a real TPU topology.
+
+    target = parse_target("tpu:v5p-8")        # or "cpu:8", "tpu:v5e-16", "tpu:v6e:2x4" (a libtpu topology name)
+    prepare(target)                           # before JAX starts its backends: platform and flags
+    devices = target_devices(target)          # compile-only TPU devices, or the virtual CPU devices
+    compiled, seconds = compile_lowered(lowered, label)   # progress lines while XLA works
+    cost_model(compiled, target)              # per-chip step time from XLA's cost model, and the MFU it implies
+
+TPU devices come from `jax.experimental.topologies.get_topology_desc(platform="tpu", ...)`: with `libtpu`
+installed (`pip install -e ".[tpu]"`) the real TPU compiler runs on this CPU-only machine (JAX_PLATFORMS=cpu,
+TPU_SKIP_MDS_QUERY=1, as MaxText's train_compile does), so memory figures are the TPU compiler's own, and a
+step that does not fit fails at compile time ("HLO temporaries ... exceed available HBM"): `compile_lowered`
+turns that into `DoesNotFit` with the bytes it needed.
+
+Accelerator names count TensorCores for v4 / v5p (two per chip, one JAX device per chip: megacore) and chips
+for v5e / v6e.  Per-chip HBM and bf16 peak are the published figures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+import threading
+import time
+
+from btx_jax.config import ConfigError
+
+GiB = 2**30
+# generation: (HBM bytes per chip, bf16 peak FLOP/s per chip, TensorCores counted per chip in "vN-<count>",
+#              dimensions of its torus, libtpu device_kind)
+CHIPS = {
+    "v4": (32 * GiB, 275e12, 2, 3, "TPU v4"),
+    "v5p": (95 * GiB, 459e12, 2, 3, "TPU v5"),
+    "v5e": (16 * GiB, 197e12, 1, 2, "TPU v5 lite"),
+    "v6e": (32 * GiB, 918e12, 1, 2, "TPU v6 lite"),
+}
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
+LIBTPU_HINT = ('the TPU compiler is not installed: pip install -e ".[tpu]" (libtpu==0.0.42.*, the version '
+               'jax 0.10.2 pins)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    platform: str                 # "cpu" | "tpu"
+    devices: int                  # JAX devices (TPU: chips)
+    topology: str = ""            # libtpu topology name, e.g. "v5p:2x2x1"
+    generation: str = ""          # a CHIPS key
+    text: str = ""
+
+    @property
+    def hbm_bytes(self) -> int | None:
+        return CHIPS[self.generation][0] if self.generation else None
+
+    @property
+    def peak_flops(self) -> float | None:
+        return CHIPS[self.generation][1] if self.generation else None
+
+
+def topology_dims(generation: str, chips: int) -> str:
+    """'2x2x1' style torus of `chips` chips: 2-D (v5e, v6e) as square as possible, 3-D (v4, v5p) from 2x2x1
+    by doubling z, y, x in turn (the shapes Cloud TPU slices come in)."""
+    if chips < 1 or chips & (chips - 1):
+        raise ConfigError(f"a TPU slice of {chips} chips is not a power of two")
+    if CHIPS[generation][3] == 2:
+        a = 1
+        while a * a * 4 <= chips:
+            a *= 2
+        return f"{a}x{chips // a}"
+    dims = [1, 1, 1]
+    for axis in [0, 1] + [2, 1, 0] * 8:
+        if dims[0] * dims[1] * dims[2] >= chips:
+            break
+        dims[axis] *= 2
+    return "x".join(map(str, dims))
+
+
+def parse_target(text: str) -> Target:
+    """'cpu:N' | 'tpu:<gen>-<count>' (v4-8, v5p-8, v5e-16, v6e-8, ...) | 'tpu:<libtpu topology>' (v5p:2x2x1)."""
+    kind, _, rest = str(text).partition(":")
+    if kind == "cpu" and rest.isdigit() and int(rest) > 0:
+        return Target("cpu", int(rest), text=text)
+    if kind == "tpu" and rest:
+        m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", rest)
+        if m:
+            gen = ALIASES.get(m.group(1), m.group(1))
+            if gen in CHIPS:
+                cores = int(m.group(2))
+                per_chip = CHIPS[gen][2]
+                if cores % per_chip:
+                    raise ConfigError(f"--target {text}: {gen} counts {per_chip} TensorCores per chip")
+                chips = max(cores // per_chip, 1)
+                return Target("tpu", chips, f"{gen}:{topology_dims(gen, chips)}", gen, text)
+        m = re.fullmatch(r"(v\d+[a-z]*)[:=_]((\d+x)*\d+)", rest)
+        if m:
+            gen = ALIASES.get(m.group(1), m.group(1))
+            chips = 1
+            for d in m.group(2).split("x"):
+                chips *= int(d)
+            return Target("tpu", chips, rest, gen if gen in CHIPS else "", text)
+    raise ConfigError(f"--target {text!r}: expected cpu:N, tpu:<v4|v5p|v5e|v6e>-<count> (e.g. tpu:v5p-8) or a "
+                      "libtpu topology name (e.g. tpu:v5p:2x2x1)")
+
+
+def prepare(target: Target) -> None:
+    """Platform and flags for `target`; call before JAX starts a backend (before jax.devices())."""
+    import jax
+    if target.platform == "cpu":
+        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={target.devices}".strip()
+    else:
+        if importlib.util.find_spec("libtpu") is None:
+            raise ConfigError(f"--target {target.text}: {LIBTPU_HINT}")
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")           # no metadata server: not on a TPU VM
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no TPU to lock
+    jax.config.update("jax_platforms", "cpu")       # compile for TPU from this host; never open a TPU
+
+
+def target_devices(target: Target) -> list:
+    import jax
+    if target.platform == "cpu":
+        devices = jax.devices("cpu")
+        if len(devices) < target.devices:
+            raise ConfigError(f"--target {target.text}: only {len(devices)} CPU devices (JAX started before "
+                              "prepare() set the device count)")
+        return devices[:target.devices]
+    from jax.experimental import topologies
+    kw = {"chip_config_name": "megacore"} if target.generation == "v4" else {}
+    try:
+        devices = list(topologies.get_topology_desc(platform="tpu", topology_name=target.topology, **kw).devices)
+    except Exception as e:      # libtpu rejects the name (or cannot start): one line with its reason
+        raise ConfigError(f"--target {target.text}: libtpu cannot describe topology {target.topology!r} "
+                          f"({str(e).splitlines()[0][:200]})") from None
+    return devices
+
+
+class DoesNotFit(Exception):
+    """The TPU compiler refused the program: it needs `needed` bytes per chip, `available` exist."""
+
+    def __init__(self, message: str, needed: int, available: int):
+        super().__init__(message)
+        self.needed, self.available = needed, available
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"([\d.]+)([KMGT]?)i?B?", text)
+    return int(float(m.group(1)) * _UNITS.get(m.group(2), 1)) if m else 0
+
+
+def compile_lowered(lowered, label: str = "step", log=print, every_s: float = 30.0):
+    """(compiled, seconds) of `lowered.compile()`, logging a line every `every_s` seconds while it runs.
+    Raises DoesNotFit when the compiler reports that the program exceeds the device's memory."""
+    done = threading.Event()
+    tic = time.perf_counter()
+
+    def heartbeat():
+        while not done.wait(every_s):
+            log(f"  [compile] {label}: {time.perf_counter() - tic:.0f}s ...")
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:
+        msg = str(e)
+        m = re.search(r"(?:exceed|exceeds) available HBM|RESOURCE_EXHAUSTED|Ran out of memory", msg)
+        if not m:
+            raise
+        sizes = re.findall(r"\(([\d.]+[KMGT]?i?B?)\)", msg)
+        needed, available = (_size(sizes[0]), _size(sizes[1])) if len(sizes) >= 2 else (0, 0)
+        first = next((line for line in msg.splitlines() if "HBM" in line or "memory" in line), msg.splitlines()[0])
+        raise DoesNotFit(first.strip()[:300], needed, available) from None
+    finally:
+        done.set()
+    return compiled, time.perf_counter() - tic
+
+
+def counts_loop_trips(platform: str) -> bool:
+    """Whether XLA's cost analysis on `platform` may multiply a while loop's body by its trip count (TPU did for
+    a plain 10-step scan, but not for the train step's layer scan: a 2- and a 4-layer step count the same
+    FLOPs; XLA:CPU never does)."""
+    return platform == "tpu"
+
+
+def cost_model(compiled, target: Target) -> dict:
+    """{"step_s": XLA's optimal seconds per step (TPU cost model), "flops": per-chip FLOPs it counted,
+    "mfu": flops / (step_s * published bf16 peak)}; empty where the backend has no cost model."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    seconds = float(cost.get("optimal_seconds", 0.0) or 0.0)
+    if target.platform != "tpu" or seconds <= 0:
+        return {}
+    out = {"step_s": seconds, "flops": float(cost.get("flops", 0.0))}
+    if target.peak_flops:
+        out["mfu"] = out["flops"] / (seconds * target.peak_flops)
+    return out

@@ -1,0 +1,66 @@
+"""btx_jax/train/aot.py: compile targets (accelerator names -> libtpu topologies), the one-line answers for
+bad targets and a missing TPU compiler, the TPU compiler's out-of-memory refusal, and `scripts/plan.py
+--target cpu:N` end to end on a tiny config."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from btx_jax.config import ConfigError
+from btx_jax.train import aot
+from conftest import load_script
+
+
+@pytest.mark.parametrize("text,devices,topology", [
+    ("tpu:v5p-8", 4, "v5p:2x2x1"), ("tpu:v5p-16", 8, "v5p:2x2x2"), ("tpu:v5p-128", 64, "v5p:4x4x4"),
+    ("tpu:v4-8", 4, "v4:2x2x1"), ("tpu:v5e-16", 16, "v5e:4x4"), ("tpu:v5e-8", 8, "v5e:2x4"),
+    ("tpu:v6e-8", 8, "v6e:2x4"), ("tpu:v5litepod-32", 32, "v5e:4x8"), ("tpu:v5p:2x2x1", 4, "v5p:2x2x1"),
+])
+def test_accelerator_names_map_to_libtpu_topologies(text, devices, topology):
+    t = aot.parse_target(text)
+    assert (t.platform, t.devices, t.topology) == ("tpu", devices, topology)
+    assert t.hbm_bytes > 0 and t.peak_flops > 1e14
+
+
+def test_cpu_target_and_bad_targets():
+    assert aot.parse_target("cpu:8") == aot.Target("cpu", 8, text="cpu:8")
+    for bad in ("gpu:1", "tpu:v9-8", "cpu:x", "tpu:"):
+        with pytest.raises(ConfigError, match="expected cpu:N"):
+            aot.parse_target(bad)
+    with pytest.raises(ConfigError, match="TensorCores per chip"):
+        aot.parse_target("tpu:v5p-3")
+
+
+def test_missing_libtpu_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[tpu\]"'):
+        aot.prepare(aot.parse_target("tpu:v5e-16"))
+
+
+def test_compiler_out_of_memory_becomes_does_not_fit():
+    class Lowered:
+        def compile(self):
+            raise RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+                               "space hbm. Used 16.40G of 15.75G hbm. Exceeded hbm capacity by 665.0M.\n"
+                               "HLO temporaries (16.40G) exceed available HBM (15.75G)")
+
+    with pytest.raises(aot.DoesNotFit) as info:
+        aot.compile_lowered(Lowered(), log=lambda _: None)
+    assert info.value.needed == int(16.40 * 2**30) and info.value.available == int(15.75 * 2**30)
+
+
+def test_plan_cli_cpu_target_and_bad_target(tmp_path, capsys):
+    plan = load_script("plan")
+    out = tmp_path / "plan.json"
+    argv = ["--config", "configs/expert.py:synthetic", "--target", "cpu:8", "--batch", "8", "--seq-len", "32",
+            "--loss-chunk", "16", "--out", str(out)]
+    assert plan.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "cpu:8 = 8 cpu devices" in text and "| expert | 8 |" in text
+    with pytest.raises(SystemExit) as exited:
+        plan.main(argv[:2] + ["--target", "tpu:v9-8"])
+    assert exited.value.code == 2
+    err = capsys.readouterr()
+    assert "expected cpu:N" in (err.out + err.err) and "Traceback" not in err.err

@@ -12,6 +12,7 @@ import pytest
 from btx_jax.config import AdapterSpec, ExpertSpec, LlamaConfig
 from btx_jax.model import Llama, init_params
 from btx_jax.model.chunked_ce import chunked_cross_entropy
+from btx_jax import param_paths
 from btx_jax.train import phases
 from btx_jax.train.step import ce_sum
 
@@ -56,7 +57,9 @@ def test_router_phase_loss_and_lm_head_gradient_match_plain_path():
     config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=8, adapter=spec)
     params = init_params(config, jax.random.PRNGKey(0))
-    trainable, frozen = phases.split(params, phases.PHASES["router"])
+    trainable, frozen = (param_paths.unflatten(t) for t in
+                         phases.split(param_paths.flatten(params), phases.PHASES["router"]))
+    assert "router" in str(jax.tree_util.tree_structure(trainable))
     model = Llama(config)
     r = np.random.default_rng(1)
     batch = {"inputs": jnp.asarray(r.integers(0, 96, (2, 16)), jnp.int32),

@@ -102,9 +102,9 @@ def test_requests_match_hf_backend(backends):
 
 
 def test_peft_adapter_matches_hf_backend_with_peft(dirs, tmp_path):
+    from btx_jax.pretrained import open_model
     from btx_jax.train.model_init import lora_spec, with_fresh_lora
-    base = load_pretrained(dirs["random"])
-    expert = with_fresh_lora(base, lora_spec({"rank": 4, "alpha": 8.0}), seed=3)
+    expert = with_fresh_lora(open_model(dirs["random"]), lora_spec({"rank": 4, "alpha": 8.0}), seed=3).load()
     flat = {k: v for k, v in expert.flat_numpy().items()}
     rng = np.random.default_rng(0)            # non-zero lora_b so the adapter changes the logits
     from btx_jax import param_paths
@@ -121,12 +121,13 @@ def test_peft_adapter_matches_hf_backend_with_peft(dirs, tmp_path):
 
 
 def test_mergoo_moe_evaluates_from_its_directory(dirs, tmp_path):
+    from btx_jax.pretrained import open_model
     from btx_jax.train.model_init import lora_spec, with_fresh_lora
     base = load_pretrained(dirs["random"])
     experts = []
     for i in range(2):
-        with_fresh_lora(base, lora_spec({"rank": 4, "alpha": 8.0}), seed=i).save_pretrained(tmp_path / f"e{i}",
-                                                                                              format="btx")
+        src = with_fresh_lora(open_model(dirs["random"]), lora_spec({"rank": 4, "alpha": 8.0}), seed=i)
+        src.load().save_pretrained(tmp_path / f"e{i}", format="btx")
         experts.append(str(tmp_path / f"e{i}"))
     moe = compose(base, experts, top_k=1)
     moe_dir = moe.save_pretrained(tmp_path / "moe", format="mergoo")

@@ -50,7 +50,7 @@ def test_splash_interpret_matches_reference(dtype, tol):
 
 def test_splash_in_shard_map_over_the_mesh_batch():
     q, k, v, w, seg = inputs(B=2, seed=1)
-    mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2, 1), MESH_AXES)
+    mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2, 1, 1), MESH_AXES)
 
     def sharded(q, k, v):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

@@ -13,10 +13,12 @@ from __future__ import annotations
 from btx_jax import param_paths
 from btx_jax.config import ConfigError
 
-ROUTERS = (r"layers/\w+/\w+/router", r"layers/moe/router/kernel")      # LoRA-MoE per linear, FFN-MoE per layer
+# One pattern each (alternatives joined): every pattern of a phase must match a parameter of the model it
+# trains (btx_jax/train/validate.py), and a model has LoRA-MoE routers per linear OR an FFN-MoE router per layer.
+ROUTERS = (r"layers/\w+/\w+/router|layers/moe/router/kernel",)
 PHASES: dict[str, tuple[str, ...]] = {
     "expert": (r"layers/\w+/\w+/lora_[ab]",),
-    "ffn": (r"layers/mlp/\w+/kernel", r"layers/moe/\w+_proj"),
+    "ffn": (r"layers/mlp/\w+/kernel|layers/moe/\w+_proj",),
     "router": (*ROUTERS, r"lm_head"),
     "sft": (r"embed_tokens", r"lm_head", r"final_norm/scale", r"layers/\w+_norm/scale",
             r"layers/attn/\w+/kernel", *ROUTERS),

@@ -27,7 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SECTIONS = {
     "": ("phase", "trainable", "model", "mesh", "mesh_rules", "train", "data", "distributed"),
     "model": ("init", "arch", "lora", "compose"),
-    "mesh": ("data", "fsdp", "tensor", "num_devices"),
+    "mesh": mesh_lib.MESH_AXES + ("num_devices",),
 }
 
 
@@ -55,7 +55,7 @@ TRAIN = {
     "attention": ("choice", attention.IMPLS, f"one of {', '.join(attention.IMPLS)}"),
     "attention_block": _int(1), "skip_nonfinite": ("bool", None, "True or False"),
     "max_consecutive_nonfinite": _int(1), "seed": _int(0), "log_every": _int(1), "ckpt_every": _int(1),
-    "keep_checkpoints": _int(1),
+    "keep_checkpoints": _int(1), "loss_chunk": _int(0),
 }
 
 

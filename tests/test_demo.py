@@ -19,7 +19,7 @@ def test_demo_quick_writes_report_models_and_exports(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}     # one CPU device, like a laptop
     proc = subprocess.run([sys.executable, "scripts/demo.py", "--quick", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text(encoding="utf-8")
     for model in ("seed", "expert_wiki", "expert_math", "expert_novel", "moe_before_router", "moe_router", "sft",

@@ -94,7 +94,7 @@ def copy_of(trained, tmp_path) -> Path:
     ("train", "remat", "sometimes", "train.remat='sometimes'"),
     ("train", "stepz", 5, "unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
     (None, "phaze", "expert", "unknown config key 'phaze' (did you mean 'phase'?)"),
-    (None, "phase", "router", "pattern 'layers/\\w+/\\w+/router' would match no parameter"),
+    (None, "phase", "router", "phase='router': pattern 'layers/\\w+/\\w+/router|layers/moe/router/kernel' would match no parameter"),
 ])
 def test_bad_config_value_is_refused_before_anything_is_written(tmp_path, section, key, value, words):
     c = config().to_dict()

@@ -86,6 +86,17 @@ def param_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
                                                       leaf.shape, mesh, rules)), tree)
 
 
+def gathered_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES) -> P:
+    """The spec a weight is computed with: its stored spec without the batch's mesh axes (FSDP gathers the
+    weight; tensor / expert parallel shards stay), so activations keep their batch sharding."""
+    batch_axes = set(dict(rules)["batch"])
+    spec = []
+    for entry in spec_for(axes, shape, mesh, rules):
+        kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in batch_axes)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return P(*spec)
+
+
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
     axes = tuple(a for a in dict(rules)["batch"] if mesh.shape[a] > 1)
     return NamedSharding(mesh, P(axes if axes else None, None))

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from btx_jax import mesh as mesh_lib, param_paths
 from btx_jax.data.packing import FIELDS
 from btx_jax.model import Llama, routed_count, summarize_aux
 from btx_jax.model.chunked_ce import DEFAULT_CHUNK, chunked_cross_entropy
@@ -38,22 +39,32 @@ def token_losses(logits_BTV, batch):
     return jnp.sum(ce_BT * mask), jnp.sum(mask)
 
 
-def ce_sum(model: Llama, params, batch, rng=None, loss_chunk: int = DEFAULT_CHUNK):
-    """(sum of masked token cross-entropies, aux dict): chunked when loss_chunk > 0, else from full logits."""
+def ce_sum(model: Llama, params, batch, rng=None, loss_chunk: int = DEFAULT_CHUNK, mesh=None,
+           rules=mesh_lib.DEFAULT_RULES):
+    """(sum of masked token cross-entropies, aux dict): chunked when loss_chunk > 0, else from full logits.
+    With a `mesh`, the chunked loss runs on batch-sharded hidden states and a gathered lm_head (left to
+    itself, XLA may instead gather the [batch, chunk, vocab] logits onto every device)."""
     if loss_chunk <= 0:
         logits, aux = forward(model, params, batch, rng)
         return token_losses(logits, batch)[0], aux
     (h_BTD, head_DV), aux = forward(model, params, batch, rng, return_hidden=True)
+    if mesh is not None:
+        batch_spec = mesh_lib.batch_sharding(mesh, rules).spec
+        h_BTD = jax.lax.with_sharding_constraint(
+            h_BTD, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*batch_spec, None)))
+        head_spec = mesh_lib.gathered_spec(param_paths.rule_for("lm_head").axes, head_DV.shape, mesh, rules)
+        head_DV = jax.lax.with_sharding_constraint(head_DV, jax.sharding.NamedSharding(mesh, head_spec))
     return chunked_cross_entropy(h_BTD, head_DV, batch["targets"], batch["loss_mask"], loss_chunk), aux
 
 
 def make_train_step(model: Llama, tx: optax.GradientTransformation, *, microbatches: int, lb_alpha: float,
-                    z_alpha: float, loss_chunk: int = DEFAULT_CHUNK, mesh=None):
+                    z_alpha: float, loss_chunk: int = DEFAULT_CHUNK, mesh=None, rules=mesh_lib.DEFAULT_RULES):
     """step(state, batch) -> (state, metrics).  `batch` arrays are [global_batch, seq].  `mesh` is put in
-    context while tracing (kernels that run per shard, such as the TPU attention, read it)."""
+    context while tracing (kernels that run per shard, such as the TPU attention, read it) and, with `rules`,
+    fixes the loss's shardings."""
 
     def loss_fn(trainable, frozen, micro, rng, total_tokens):
-        ce, aux = ce_sum(model, merge(trainable, frozen), micro, rng, loss_chunk)
+        ce, aux = ce_sum(model, merge(trainable, frozen), micro, rng, loss_chunk, mesh, rules)
         loss = ce / total_tokens
         if aux:
             loss = loss + (lb_alpha * aux["lb_loss"] + z_alpha * aux["z_loss"]) / microbatches

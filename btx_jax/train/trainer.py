@@ -115,7 +115,8 @@ def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
     model = model.clone(attention=attention.resolve(model.attention, mesh.devices.flat[0].platform))
     step_fn = jax.jit(make_train_step(model, tx, microbatches=int(t["microbatches"]), lb_alpha=float(t["lb_alpha"]),
-                                      z_alpha=float(t["z_alpha"]), loss_chunk=int(t.get("loss_chunk", 0)), mesh=mesh),
+                                      z_alpha=float(t["z_alpha"]), loss_chunk=int(t.get("loss_chunk", 0)), mesh=mesh,
+                                      rules=rules),
                       in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
                       out_shardings=(state_shardings, None), donate_argnums=0)
     abstract = jax.eval_shape(lambda tr, fr: init_state(tr, fr, tx, int(t["seed"])), trainable, frozen)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,16 @@ SIZES = {"68M": (512, 1408, 8, 8), "271M": (1024, 2816, 16, 16)}
 CHILD = """
 import resource, sys, runpy
 sys.argv = {argv!r}
+try:       # host peak up to the compiled step (loading, state init, compile), before any step runs
+    from btx_jax.train import trainer
+    compile_step = trainer.compile_step
+    def before_first_step(*args):
+        out = compile_step(*args)
+        print("PRE_STEP_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+        return out
+    trainer.compile_step = before_first_step
+except (ImportError, AttributeError):     # an older checkout (--repo) without compile_step
+    pass
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
@@ -60,8 +71,13 @@ def run_expert(repo: Path, model: Path, workdir: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"train.py failed in {repo}:\n{proc.stderr[-3000:]}")
     peak = int(proc.stdout.split("PEAK_RSS_KB")[-1].split()[0]) * 1024
+    pre = proc.stdout.split("PRE_STEP_RSS_KB")
+    temp = re.search(r"([\d.]+) GiB temporaries", proc.stdout)
     steps = sorted((p for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    return {"peak_rss_bytes": peak, "checkpoint_step_bytes": [du(p) for p in steps],
+    return {"peak_rss_bytes": peak,
+            "peak_rss_before_step_bytes": int(pre[1].split()[0]) * 1024 if len(pre) > 1 else None,
+            "step_temp_bytes_per_device": int(float(temp.group(1)) * 2**30) if temp else None,
+            "checkpoint_step_bytes": [du(p) for p in steps],
             "final_bytes": du(workdir / "final")}
 
 
@@ -86,7 +102,9 @@ def main() -> None:
                 results.append(r)
                 gib = 2 ** 30
                 print(f"{size:>5} {repo.name:>12}: model {model_bytes / gib:.2f} GiB  peak RSS "
-                      f"{r['peak_rss_bytes'] / gib:.2f} GiB  checkpoint steps "
+                      f"{r['peak_rss_bytes'] / gib:.2f} GiB (before the first step "
+                      f"{(r['peak_rss_before_step_bytes'] or 0) / gib:.2f} GiB; step temporaries "
+                      f"{(r['step_temp_bytes_per_device'] or 0) / 2**20:.0f} MiB/device)  checkpoint steps "
                       f"{[round(b / 2**20, 1) for b in r['checkpoint_step_bytes']]} MiB  final "
                       f"{r['final_bytes'] / 2**20:.1f} MiB", flush=True)
     if args.out:

@@ -19,8 +19,14 @@ from btx_jax.model.lora import Linear
 from btx_jax.model.moe_ffn import MoEFFN
 from btx_jax.model.rope import apply_rope, inv_frequencies
 
+def _save_all_but_casts(prim, *_, **__) -> bool:
+    """Keep every intermediate for the backward pass except dtype casts (a bf16 frozen weight cast to an fp32
+    compute dtype would otherwise be saved per layer: an fp32 copy of the frozen model)."""
+    return prim.name != "convert_element_type"
+
+
 REMAT_POLICIES = {
-    "none": None,
+    "none": _save_all_but_casts,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -136,8 +142,7 @@ class Llama(nn.Module):
         if cache is not None:
             xs["cache"] = cache
         layer = DecoderLayer
-        if self.remat != "none":
-            layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         stack = nn.scan(layer, variable_axes={"params": 0, "aux": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers)

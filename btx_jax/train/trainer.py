@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -215,6 +216,8 @@ def train(config, workdir: str | Path) -> dict:
             local = next(data)
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
                      for k in BATCH_KEYS}
+            if step_fn is built.step_fn:
+                step_fn = compile_step(built.step_fn, state, batch, metrics_log.enabled)
             state, metrics = step_fn(state, batch)
             if pending is not None:
                 last = _check(pending, metrics_log, lr_at, t, health, ckpt)
@@ -248,6 +251,19 @@ def train(config, workdir: str | Path) -> dict:
             signal.signal(s, handler)
         ckpt.close()
         metrics_log.close()
+
+
+def compile_step(step_fn, state: dict, batch: dict, verbose: bool):
+    """`step_fn` compiled for these shapes, with the compiler's per-device memory printed once (on an
+    accelerator that is device memory; on virtual CPU devices every device's share is host RAM)."""
+    tic = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    mem = compiled.memory_analysis()
+    if verbose and mem is not None:
+        print(f"[btx] step compiled in {time.perf_counter() - tic:.1f}s: per device "
+              f"{mem.argument_size_in_bytes / 2**30:.3f} GiB state+batch, {mem.temp_size_in_bytes / 2**30:.3f} GiB "
+              "temporaries", flush=True)
+    return compiled
 
 
 def save_final(dst: Path, phase: Phase, state: dict) -> None:

@@ -50,24 +50,29 @@ from btx_jax.pretrained import Pretrained, load_pretrained, open_model
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 MIN_BUCKET = 32
+MIN_CONT_BUCKET = 4       # continuation slots scored per row: 4, 8, 16, ... (a few compilations)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _HARNESS_ARGS = ("device", "max_batch_size", "trust_remote_code")    # passed by lm-eval itself; not used here
 
 
-def length_bucket(n: int, max_len: int) -> int:
-    """Padded length for a row of `n` tokens: the next power of two >= MIN_BUCKET, capped at `max_len`."""
-    return min(max(MIN_BUCKET, 1 << (int(n) - 1).bit_length()), max_len)
+def length_bucket(n: int, max_len: int, smallest: int = MIN_BUCKET) -> int:
+    """Padded length for `n` tokens: the next power of two >= `smallest`, capped at `max_len`."""
+    return min(max(smallest, 1 << (int(n) - 1).bit_length()), max_len)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score(model: Llama, params, ids_BT, segment_ids_BT, targets_BT, cont_mask_BT):
-    """(sum of log p(target) over the masked positions [B], every masked target is the argmax [B])."""
-    logits_BTV = model.apply({"params": params}, ids_BT, segment_ids_BT=segment_ids_BT).astype(jnp.float32)
-    # log-softmax at the target only: no second [B, T, V] buffer
-    target_logp_BT = (jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-                      - jax.nn.logsumexp(logits_BTV, axis=-1))
-    greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
-    return jnp.sum(jnp.where(cont_mask_BT, target_logp_BT, 0.0), axis=-1), jnp.all(greedy_BT | ~cont_mask_BT, axis=-1)
+def _score(model: Llama, params, ids_BT, segment_ids_BT, at_BC, targets_BC, mask_BC):
+    """(sum of log p(target) over the masked continuation slots [B], every masked target is the argmax [B]).
+    Only the C continuation positions `at_BC` of each row are projected to the vocabulary: the context needs
+    no logits, and a [B, T, V] fp32 buffer would make a batch memory-bound."""
+    h_BTD, head_DV = model.apply({"params": params}, ids_BT, segment_ids_BT=segment_ids_BT, return_hidden=True)
+    h_BCD = jnp.take_along_axis(h_BTD, at_BC[..., None], axis=1)
+    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, head_DV.astype(h_BCD.dtype), preferred_element_type=jnp.float32)
+    # log-softmax at the target only: no second [B, C, V] buffer
+    target_logp_BC = (jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0]
+                      - jax.nn.logsumexp(logits_BCV, axis=-1))
+    greedy_BC = jnp.argmax(logits_BCV, axis=-1) == targets_BC
+    return jnp.sum(jnp.where(mask_BC, target_logp_BC, 0.0), axis=-1), jnp.all(greedy_BC | ~mask_BC, axis=-1)
 
 
 def find_tokenizer(pretrained: str | Path | None, adapter: str | Path | None, tokenizer: str | Path | None):
@@ -141,7 +146,8 @@ class BtxLM(TemplateLM):
         return self.tok.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # ---- scoring ----
-    def score_rows(self, rows: list[list[int]], cont_lens: list[int], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+    def score_rows(self, rows: list[list[int]], cont_lens: list[int],
+                   disable_tqdm: bool = True) -> list[tuple[float, bool]]:
         """(sum log p, is_greedy) of the last `cont_len` tokens of each token row (each row <= max_length + 1),
         the rows batched longest first and padded to length buckets."""
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
@@ -150,15 +156,16 @@ class BtxLM(TemplateLM):
         for start in tqdm(range(0, len(order), B), disable=disable_tqdm, desc="btx loglikelihood batches"):
             idx = order[start:start + B]
             T = length_bucket(len(rows[idx[0]]) - 1, self.max_length)
+            C = length_bucket(max(cont_lens[i] for i in idx), T, smallest=MIN_CONT_BUCKET)
             R = min(B, 1 << (len(idx) - 1).bit_length())      # a last, partial batch: rows to a power of two
-            ids, targets = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
-            segs, mask = np.zeros((R, T), np.int32), np.zeros((R, T), bool)
+            ids, segs = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
+            at, targets, mask = np.zeros((R, C), np.int32), np.zeros((R, C), np.int32), np.zeros((R, C), bool)
             for r, i in enumerate(idx):
-                row = rows[i]
+                row, k = rows[i], cont_lens[i]
                 n = len(row) - 1
-                ids[r, :n], targets[r, :n], segs[r, :n] = row[:-1], row[1:], 1
-                mask[r, n - cont_lens[i]:n] = True
-            logp, greedy = jax.device_get(_score(self.model, self.pre.params, ids, segs, targets, mask))
+                ids[r, :n], segs[r, :n] = row[:-1], 1
+                at[r, :k], targets[r, :k], mask[r, :k] = np.arange(n - k, n), row[n - k + 1:], True
+            logp, greedy = jax.device_get(_score(self.model, self.pre.params, ids, segs, at, targets, mask))
             for r, i in enumerate(idx):
                 out[i] = (float(logp[r]), bool(greedy[r]))
         return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -104,10 +105,19 @@ def save(directory: Path, config: LlamaConfig, params: dict, reference: dict | N
         ckpt.save((directory / "params").absolute(), tree)
 
 
-def _fingerprint(x):
-    """Two uint32 checksums of a leaf rounded to bf16: plain and position-weighted sums (wrapping)."""
+def _fingerprint(x, offset=0):
+    """Two uint32 checksums of a leaf rounded to bf16: plain and position-weighted sums (wrapping), positions
+    counted row-major from `offset`.  A stacked leaf ([layers, ...]) is summed one layer at a time, so the
+    uint32 temporaries stay at one layer's size (the sums wrap, so they are the same either way)."""
+    if x.ndim >= 3:
+        inner = math.prod(x.shape[1:])
+
+        def layer(total, xs):
+            x_i, i = xs
+            return total + _fingerprint(x_i, offset + i * jnp.uint32(inner % 2**32)), None
+        return jax.lax.scan(layer, jnp.zeros(2, jnp.uint32), (x, jnp.arange(x.shape[0], dtype=jnp.uint32)))[0]
     bits = jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
-    position, stride = jnp.zeros(x.shape, jnp.uint32), 1          # row-major index, built in place: a reshape
+    position, stride = jnp.full(x.shape, offset, jnp.uint32), 1   # row-major index, built in place: a reshape
     for dim in reversed(range(x.ndim)):                          # of a sharded leaf would gather it
         position = position + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride % 2**32)
         stride *= x.shape[dim]

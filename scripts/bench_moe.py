@@ -10,8 +10,8 @@ by the routing weights.  Steps alternate between the two (btx_jax/train/throughp
 
 Model FLOPs are counted honestly for the k ACTIVE experts (the dense reference does E/k x the FFN work but is
 credited the same model FLOPs): 6 x (attention + k x FFN + router + lm_head weights) per token + causal
-attention scores (btx_jax/counting.py `ffn_moe_flops_per_token`).  The sparse side approaches k/E of the dense FFN work; the padding of the segment tiles
-(at most E x tile rows) is overhead, not counted.
+attention scores (btx_jax/counting.py `ffn_moe_flops_per_token`).  The sparse side approaches k/E of the dense FFN
+work; the padding of the segment tiles (at most E x tile rows) is overhead, not counted.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ Nothing is allocated: parameters come from `btx_jax.model.abstract_params` (jax.
 split from the path patterns of btx_jax/train/phases.py, and the step is the one `train()` runs
 (`btx_jax.train.trainer.build_step`), lowered with ShapeDtypeStructs that carry their shardings and compiled
 for N virtual CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N is set by `run`, through
-aot.prepare, before JAX starts a backend).  Numbers are the CPU compiler's: GPU temporaries differ (fusion, scheduling, bf16 dots), so
-leave headroom (--headroom, default 10%).
+aot.prepare, before JAX starts a backend).  Numbers are the CPU compiler's: GPU temporaries differ (fusion,
+scheduling, bf16 dots), so leave headroom (--headroom, default 10%).
 
 Phases other than `expert` plan the LoRA-MoE the router / SFT phases train: the expert LoRA spec of the
 config (targets, rank, alpha) repeated --experts times with a top-k router on every target.

@@ -5,7 +5,7 @@ steps of several implementations timed in alternation, and the matmul peak measu
     set_threads(2)                       # CPU benchmarks: same intra-op threads for XLA and torch, before either starts
     peak = matmul_peak(2048, "float32", others={"torch": lambda: torch.mm(t, t)})     # {"xla": FLOP/s, "torch": ...}
     ours = lora_step(base_config(), "router", arch, rank=64, experts=3, top_k=2, global_batch_size=4, seq_len=512)
-    ours = phase_step(base_config(), "full", config, params, global_batch_size=4, seq_len=512)   # any model
+    ours = phase_step(base_config(), "full", config, params, global_batch_size=4, seq_len=512)   # any LlamaConfig
     times = interleaved({"btx_jax": ours["step"], "torch": torch_step}, warmup=1, steps=5)   # {impl: [seconds]}
 
 Timing in alternation (one step of each implementation per round) lets drifts in a shared machine's speed hit
@@ -82,9 +82,9 @@ def lora_model(arch: dict, phase: str, *, rank: int, experts: int, top_k: int,
     spec = (AdapterSpec(targets=targets, experts=(expert,)) if phase == "expert" else
             AdapterSpec(targets=targets, experts=(expert,) * experts, router=True, top_k=top_k))
     config = LlamaConfig(**arch, adapter=spec)
-    params = jax.tree_util.tree_map_with_path(
-        lambda kp, x: x + 0.01 if "lora_b" in jax.tree_util.keystr(kp) else x, init_params(config, jax.random.PRNGKey(0)))
-    return config, params
+    params = init_params(config, jax.random.PRNGKey(0))
+    return config, jax.tree_util.tree_map_with_path(
+        lambda kp, x: x + 0.01 if "lora_b" in jax.tree_util.keystr(kp) else x, params)
 
 
 def random_batch(vocab: int, batch: int, seq: int, sharding) -> dict:

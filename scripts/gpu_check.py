@@ -26,9 +26,6 @@ from btx_jax.counting import lora_flops_per_token  # noqa: E402
 from btx_jax.model.attention import IMPLS  # noqa: E402
 from btx_jax.train import throughput  # noqa: E402
 
-LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
-                num_kv_heads=4, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=4096)
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
@@ -49,7 +46,7 @@ def main(argv=None) -> int:
         arch, dtype, n_peak = dict(ARCHS["tiny"]), "float32", 1024
         batch, seq, steps = args.batch or 2, args.seq or 64, 2
     else:
-        arch, dtype, n_peak = LLAMA_1B, "bfloat16", 8192
+        arch, dtype, n_peak = dict(ARCHS["tinyllama_1b"]), "bfloat16", 8192
         batch, seq, steps = args.batch or 8, args.seq or 2048, args.steps
     rank, experts, top_k = 64, 3, 2
     peak = throughput.matmul_peak(n_peak, dtype, reps=10, warmup=1)["xla"]

@@ -80,3 +80,9 @@ def test_plan_cli_cpu_target_and_bad_target(tmp_path, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "argument --device-memory: '12XB' is not a size" in err
+    with pytest.raises(SystemExit) as exited:
+        plan_mod.main(argv[:2] + ["--mesh", "fsdp8"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: --mesh 'fsdp8': expected axis=size pairs separated by commas, e.g. data=1,fsdp=8,tensor=1\n"
+    assert plan_mod.mesh_axes("data=1, fsdp=8,tensor=-1") == {"data": 1, "fsdp": 8, "tensor": -1}

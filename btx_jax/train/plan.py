@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ import numpy as np
 
 from btx_jax import mesh as mesh_lib, param_paths
 from btx_jax.cli import ArgumentParser, run_cli, size_flag
-from btx_jax.config import AdapterSpec, LlamaConfig
+from btx_jax.config import AdapterSpec, ConfigError, LlamaConfig
 from btx_jax.data.packing import FIELDS
 from btx_jax.model.llama import REMAT_POLICIES, DecoderLayer
 from btx_jax.pretrained import random_source
@@ -267,7 +268,15 @@ def apply_flags(cfg: dict, args) -> None:
         if val is not None:
             t[key] = val
     if args.mesh:
-        cfg["mesh"].update({k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))})
+        cfg["mesh"].update(mesh_axes(args.mesh))
+
+
+def mesh_axes(text: str) -> dict[str, int]:
+    """{axis: size} of a --mesh value such as "data=1,fsdp=8,tensor=1"; ConfigError (one line) otherwise."""
+    pairs = [kv.partition("=") for kv in text.split(",")]
+    if not all(k.strip() and sep and re.fullmatch(r"\s*-?\d+\s*", v) for k, sep, v in pairs):
+        raise ConfigError(f"--mesh {text!r}: expected axis=size pairs separated by commas, e.g. data=1,fsdp=8,tensor=1")
+    return {k.strip(): int(v) for k, _, v in pairs}
 
 
 def run(args) -> int:

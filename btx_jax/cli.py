@@ -2,6 +2,7 @@
 
     run_cli(fn)                      user errors (bad config, checkpoint, data, disk faults) -> `error: ...`, 2
     app.run(main, flags_parser=parse_flags)   absl flags: typos and bad values -> one line, 2
+    p.add_argument("--device-memory", type=size_flag)     # '80GB', '141GiB' -> bytes; bad sizes -> one line, 2
 """
 from __future__ import annotations
 
@@ -105,11 +106,21 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def parse_bytes(text: str) -> int:
-    """Bytes of a size flag: '5GB' (10^9, Hugging Face's convention), '141GiB' (2^30), '1000'; ConfigError
-    (one line) otherwise."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in units or float(m.group(1)) <= 0:
+    """Bytes of a size flag: '5GB' or '5G' (10^9, Hugging Face's convention), '141GiB' or '141Gi' (2^30), '1000';
+    ConfigError (one line) otherwise."""
+    units = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    unit = unit[:-1] if len(unit) > 1 and unit.endswith("b") else unit
+    if not m or unit not in units or float(m.group(1)) <= 0:
         raise ConfigError(f"{text!r} is not a size (examples: 5GB, 500MB, 2GiB, 1000000)")
-    return max(1, int(float(m.group(1)) * units[m.group(2).lower()]))
+    return max(1, int(float(m.group(1)) * units[unit]))
+
+
+def size_flag(text: str) -> int:
+    """argparse `type=` for byte sizes (parse_bytes): a bad size is a usage error (one line, exit 2)."""
+    try:
+        return parse_bytes(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -23,6 +23,8 @@ not from the language-model loss).  That is an equal mixture of the first k expe
 freshly loaded gates get from HF's initializer_range) breaks the ties with small random logits, so tokens are
 spread over all experts from the start.  The seed expert (`seed_expert=True`, a LoRA-free choice that keeps the
 base projection alone, like BTX keeping the seed FFN) is the last router output.
+
+The command line is scripts/compose.py (btx_jax/compose_cli.py).
 """
 from __future__ import annotations
 
@@ -41,7 +43,6 @@ from btx_jax.router_init import check_router_init, router_weights
 
 MODES = ("lora", "ffn")   # LoRA-MoE per linear (mergoo) | FFN-MoE per layer (the BTX paper, Mixtral)
 
-MODES = ("lora", "ffn")   # LoRA-MoE per linear (mergoo) | FFN-MoE per layer (the BTX paper, Mixtral)
 
 def _expert_lora(expert, base_config, label: str, allow_pickle: bool):
     """(AdapterSpec of the single expert, {lora path: leaf}) of one expert argument."""

@@ -1,18 +1,35 @@
 """Evaluation: per-domain loss / perplexity on held-out batches, and per-domain routing statistics of a
-LoRA-MoE (share of each domain's tokens sent to each expert, per layer and projection)."""
+LoRA-MoE (share of each domain's tokens sent to each expert, per layer and projection).
+
+    results, loaded = evaluate_models({"seed": "runs/demo/seed/final"}, {"math": bundled_source("math")}, tok,
+                                      seq_len=128, batch_size=16, max_batches=8)
+    main(["--model", "seed=runs/demo/seed/final", "--out", "runs/demo/eval"])     # scripts/evaluate.py
+
+`main` evaluates checkpoints on bundled domains and writes a markdown report (report.md, results.json, loss
+tables, routing heatmaps, loss curves of training runs, and with --tasks lm-evaluation-harness scores, which need
+the `eval` extra).  Bad input is one stderr line and exit 2; a --seq-len beyond a model's
+max_position_embeddings is refused, not truncated (losses at another length would not be comparable)."""
 from __future__ import annotations
 
+import argparse
 import functools
+import json
 import math
-from typing import Iterable
+from pathlib import Path
+from typing import Iterable, Sequence
 
 import jax
 import numpy as np
 
+from btx_jax import report
+from btx_jax.cli import ArgumentParser, fail, positive_int, run_cli
+from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
+from btx_jax.data.packing import FIELDS
 from btx_jax.generate import InputError
 from btx_jax.model import Llama
-from btx_jax.pretrained import Pretrained
-from btx_jax.train.step import BATCH_KEYS, forward, token_losses
+from btx_jax.pretrained import Pretrained, load_pretrained
+from btx_jax.textgen import complete
+from btx_jax.train.step import forward, token_losses
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -29,7 +46,7 @@ def evaluate_domain(pre: Pretrained, batches: Iterable[dict]) -> dict:
     ce_total = n_total = 0.0
     routing: dict[str, np.ndarray] = {}
     for batch in batches:
-        ce_sum, n, frac = jax.device_get(_eval_batch(model, pre.params, {k: batch[k] for k in BATCH_KEYS}))
+        ce_sum, n, frac = jax.device_get(_eval_batch(model, pre.params, {k: batch[k] for k in FIELDS}))
         ce_total, n_total = ce_total + float(ce_sum), n_total + float(n)
         for target, f in frac.items():
             routing[target] = routing.get(target, 0.0) + np.asarray(f) * float(n)
@@ -50,8 +67,6 @@ def routing_by_expert(routing: dict[str, list]) -> np.ndarray:
 def evaluate_models(models: dict[str, str], domains: dict[str, dict], tokenizer, *, seq_len: int,
                     batch_size: int, max_batches: int) -> tuple[dict, dict]:
     """(results {model: {domain: evaluate_domain(...)}}, loaded {model: Pretrained}) for model dirs."""
-    from btx_jax.data import eval_batches
-    from btx_jax.pretrained import load_pretrained
     results, loaded = {}, {}
     for name, path in models.items():
         pre = loaded[name] = load_pretrained(path)
@@ -94,3 +109,98 @@ def btx_findings(results: dict, domains: list[str], seed: str, experts: dict[str
             lines.append(f"{d} tokens: {routing[i][i]:.0%} of the gate weight on its own expert {name}"
                          f" (largest share: {'yes' if own else 'NO'})")
     return lines, checks
+
+
+CLI_HELP = """Evaluate checkpoints per domain and write a markdown report with tables and plots.
+
+    python scripts/evaluate.py --model seed=runs/demo/seed/final --model moe=runs/demo/router/final \\
+        --workdir seed=runs/demo/seed --out runs/demo/eval
+
+Domains default to the bundled held-out splits (wiki, math, novel); each row of the table is a model.
+A --seq-len beyond a model's max_position_embeddings is refused (exit 2), not truncated: losses at a different
+length would not be comparable.
+`--tasks btx_jcommonsenseqa,btx_gsm8k` also runs lm-evaluation-harness tasks for every model (needs `.[eval]`):
+a table of accuracy / exact match ± stderr in the report and results.json, and a bar chart (downstream.png)."""
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            fail(f"{flag} expects NAME=PATH, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="evaluate.py", description=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, help="NAME=DIR (HF, mergoo or btx checkpoint)")
+    p.add_argument("--workdir", action="append", help="NAME=DIR of a training run, for the loss-curve plot")
+    p.add_argument("--domains", default="wiki,math,novel", help="bundled domains to evaluate")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the bundled one)")
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-batches", type=positive_int, default=8)
+    p.add_argument("--prompt", action="append", default=[], help="sample generations from every model")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument("--tasks", default=None, help="lm-eval tasks, comma-separated (offline: btx_jcommonsenseqa, "
+                   "btx_jsquad, btx_gsm8k; any harness task or YAML file)")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: override the tasks' few-shot count")
+    p.add_argument("--max-gen-toks", type=int, default=None, help="lm-eval: cap on generated tokens")
+    p.add_argument("--out", required=True, help="output directory (report.md, results.json, PNGs)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """scripts/evaluate.py (argv: sys.argv[1:] by default): 0, or SystemExit(2) with one line on stderr."""
+    args = build_parser().parse_args(argv)
+    run_cli(lambda: evaluate_cli(args))
+    return 0
+
+
+def evaluate_cli(args) -> None:
+    """Evaluate every --model on the --domains (and --tasks), write the report into --out and print its tables."""
+    models, workdirs = _pairs(args.model, "--model"), _pairs(args.workdir, "--workdir")
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    tokenizer = load_tokenizer(args.tokenizer or BUNDLED_TOKENIZER)
+    results, loaded = evaluate_models(models, {d: bundled_source(d) for d in domains}, tokenizer,
+                                      seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    routing, heatmaps = {}, {}
+    for name in models:
+        m = routing_matrix(results[name], domains)
+        if m is not None:
+            routing[name] = m
+            experts = [f"expert{i}" for i in range(m.shape[1])]
+            heatmaps[name] = report.plot_routing_heatmap(m, domains, experts, out / f"routing_{name}.png")
+    curves = report.plot_loss_curves({k: Path(v) for k, v in workdirs.items()}, out / "loss_curves.png")
+    downstream, scores = None, {}
+    if args.tasks:
+        from btx_jax import downstream as ds      # the `eval` extra (lm-evaluation-harness)
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        for t in tasks:
+            if t.endswith(".yaml") and not Path(t).is_file():
+                raise FileNotFoundError(f"task file not found: {t}")
+        scores = ds.run_tasks(loaded, tasks, tokenizer=tokenizer, limit=args.limit, batch_size=args.batch_size,
+                              num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks)
+        downstream = ds.report_section(scores, out)
+        (out / "downstream.json").write_text(json.dumps(scores, indent=1))
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    n_exp = next(iter(routing.values())).shape[1] if routing else 0
+    samples = {}
+    if args.prompt:
+        samples = {name: list(zip(args.prompt, complete(pre, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                                                        temperature=0.7, top_p=0.9)))
+                   for name, pre in loaded.items()}
+    path = report.write_report(out, results=results, domains=domains, routing=routing,
+                               experts=[f"expert{i}" for i in range(n_exp)], loss_curves=curves,
+                               heatmaps=heatmaps, samples=samples, findings=[], header="btx-jax evaluation",
+                               downstream=downstream)
+    print(report.loss_table(results, domains))
+    if scores:
+        print(report.downstream_table(scores))
+    print(f"[btx] report: {path}")
+

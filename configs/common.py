@@ -16,6 +16,8 @@ ARCHS = {
                  tie_word_embeddings=False),
     "bench": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
                   num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=2048),
+    "tinyllama_1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                         num_kv_heads=4, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=4096),   # gpu_check
 }
 DEMO_DIR = "runs/demo"            # where the tiny presets read and write each phase's result
 BUNDLED_TOKENIZER = "bundled:tokenizer/tokenizer.model"   # "bundled:" = btx_jax/data/corpora/ (installed)

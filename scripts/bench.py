@@ -13,10 +13,11 @@ PyTorch (same shape, batch, sequence, fp32, same threads):
             (base linear + bias-free router on the layer's input width + top-k + softmax over the k logits +
             a Python loop over experts gathering each expert's tokens with torch.where), AdamW on routers+lm_head
 
-Model FLOPs per token (remat recomputation not counted): forward 2N over every matmul weight (LoRA-MoE: the
-k active experts' LoRA only), backward input gradients 2N again, weight gradients 2N over trainable matmul
-weights only, attention 2*T*d per layer forward (causal: half the T x T scores), x3 for forward+backward.
-MFU is against the peak measured in the same run: the best of a large fp32 matmul in XLA and in torch.
+Model FLOPs per token (btx_jax/counting.py `lora_flops_per_token`; remat recomputation not counted): forward 2N
+over every matmul weight (LoRA-MoE: the k active experts' LoRA only), backward input gradients 2N again, weight
+gradients 2N over trainable matmul weights only, attention 2*T*d per layer forward (causal: half the T x T
+scores), x3 for forward+backward.  MFU is against the peak measured in the same run: the best of a large fp32
+matmul in XLA and in torch.  Steps, timing and the peak probe are btx_jax/train/throughput.py's.
 """
 from __future__ import annotations
 
@@ -25,128 +26,14 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def _setup_threads(n: int) -> None:
-    """Same intra-op thread count for XLA and torch (set before either starts)."""
-    os.environ["XLA_FLAGS"] = " ".join(
-        f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f
-        and "intra_op_parallelism" not in f) + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}"
-    os.environ["JAX_PLATFORMS"] = os.environ.get("JAX_PLATFORMS", "cpu")
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _first_step(step) -> dict:
-    """Run (and for JAX compile) the first step; {"step": the step callable, "compile_s": its time}."""
-    tic = time.perf_counter()
-    step()
-    return {"step": step, "compile_s": time.perf_counter() - tic}
-
-
-def interleaved(steps_by_impl: dict, warmup: int, steps: int) -> dict:
-    """Step times per implementation, the implementations alternating step by step, so that drifts in this
-    machine's speed (shared hosts) hit every side of a comparison alike."""
-    for _ in range(warmup):
-        for fn in steps_by_impl.values():
-            fn()
-    times = {impl: [] for impl in steps_by_impl}
-    for _ in range(steps):
-        for impl, fn in steps_by_impl.items():
-            tic = time.perf_counter()
-            fn()
-            times[impl].append(time.perf_counter() - tic)
-    return times
-
-
-# ---------------------------------------------------------------- FLOPs
-def model_flops_per_token(arch: dict, seq: int, targets, rank: int, experts: int, top_k: int, router: bool,
-                          trainable: str) -> float:
-    h, m, V, L = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"], arch["num_layers"]
-    q, kv = arch["num_heads"] * arch["head_dim"], arch["num_kv_heads"] * arch["head_dim"]
-    io = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-          "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
-    attn_w = sum(a * b for t, (a, b) in io.items() if t.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
-    mlp_w = sum(a * b for t, (a, b) in io.items() if t in ("gate_proj", "up_proj", "down_proj"))
-    active = top_k if router else 1
-    lora_w = sum((io[t][0] + io[t][1]) * rank for t in targets) * active
-    router_w = sum(io[t][0] * experts for t in targets) if router else 0
-    n_all = L * (attn_w + mlp_w + lora_w + router_w) + h * V
-    n_train = {"expert": L * lora_w, "router": L * router_w + h * V,
-               "sft": L * (attn_w + router_w) + h * V}[trainable]
-    attn_fwd = 2 * seq * q * L           # QK^T and AV over the causal half: 2 * (2 * T/2 * d)
-    return 2 * n_all + 2 * n_all + 2 * n_train + 3 * attn_fwd
-
-
-# ---------------------------------------------------------------- peak
-def measured_peak(n: int, reps: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
-    mm = jax.jit(lambda x, y: x @ y)
-    ta = torch.randn(n, n)
-    times = interleaved({"xla": lambda: mm(a, a).block_until_ready(), "torch": lambda: torch.mm(ta, ta)}, 2, reps)
-    t_jax, t_torch = min(times["xla"]), min(times["torch"])
-    f = 2.0 * n ** 3
-    return {"n": n, "xla_gflops": f / t_jax / 1e9, "torch_gflops": f / t_torch / 1e9,
-            "peak_gflops": max(f / t_jax, f / t_torch) / 1e9}
-
-
-# ---------------------------------------------------------------- JAX side
-def jax_phase(phase: str, arch: dict, args) -> dict:
-    import jax
-
-    from btx_jax.config import AdapterSpec, ExpertSpec, LlamaConfig
-    from btx_jax.model import init_params
-    from btx_jax.pretrained import Pretrained, memory_source
-    from btx_jax.train.trainer import initial_state, resolved, wire
-    from configs.common import base_config
-
-    c = base_config()
-    c.phase = phase
-    c.mesh.update(dict(data=1, fsdp=1, tensor=1, num_devices=1))
-    c.train.update(global_batch_size=args.batch, seq_len=args.seq, dtype=args.dtype, frozen_dtype=args.dtype,
-                   remat=args.remat, attention=args.attention)
-    cfg = resolved(c)
-    expert = ExpertSpec(rank=args.rank, alpha=2.0 * args.rank)
-    targets = ("gate_proj", "up_proj", "down_proj")
-    spec = (AdapterSpec(targets=targets, experts=(expert,)) if phase == "expert" else
-            AdapterSpec(targets=targets, experts=(expert,) * args.experts, router=True, top_k=args.top_k))
-    config = LlamaConfig(**arch, adapter=spec)
-    params = init_params(config, jax.random.PRNGKey(0))
-    # LoRA B is zero at init; make it non-zero so nothing is trivially skippable.
-    params = jax.tree_util.tree_map_with_path(
-        lambda kp, x: x + 0.01 if "lora_b" in jax.tree_util.keystr(kp) else x, params)
-    phase = wire(cfg, source=memory_source(Pretrained(config, params)))
-    built = phase.built
-    state, _ = initial_state(phase, 0)
-    batch = random_batch(arch["vocab_size"], args.batch, args.seq, built.batch_sharding)
-    holder = {"state": state}
-
-    def step():
-        holder["state"], metrics = built.step_fn(holder["state"], batch)
-        jax.block_until_ready(metrics["loss"])
-
-    return _first_step(step)
-
-
-def random_batch(vocab: int, batch: int, seq: int, sharding) -> dict:
-    """A packed-format batch of random tokens (one segment per row), placed with `sharding`."""
-    import jax
-    import numpy as np
-
-    from btx_jax.train.step import BATCH_KEYS
-    ids = np.random.default_rng(1).integers(3, vocab, (batch, seq + 1)).astype(np.int32)
-    rows = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
-            "segment_ids": np.ones((batch, seq), np.int32),
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
-    return {k: jax.device_put(rows[k], sharding) for k in BATCH_KEYS}
+from btx_jax.config import MLP_TARGETS  # noqa: E402
+from btx_jax.counting import lora_flops_per_token  # noqa: E402
+from btx_jax.train import throughput  # noqa: E402
 
 
 # ---------------------------------------------------------------- PyTorch side
@@ -176,7 +63,7 @@ def _torch_loop(model, params, args, vocab: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _first_step(step)
+    return throughput.first_step(step)
 
 
 def torch_peft_expert(arch: dict, args) -> dict:
@@ -267,7 +154,7 @@ def attention_fwd_bwd(arch: dict, args) -> dict:
         o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=K != N)
         (o * tw).sum().backward()
     steps["torch sdpa"] = torch_step
-    times = interleaved(steps, 2, 7)
+    times = throughput.interleaved(steps, 2, 7)
     return {impl: 1e3 * statistics.median(t) for impl, t in times.items()}
 
 
@@ -304,15 +191,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 3, 0      # the first (compiling) step is the warm-up
-    _setup_threads(args.threads)
-    sys.path.insert(0, str(REPO))
+    throughput.set_threads(args.threads)
     import jax
     import torch
     torch.set_num_threads(args.threads)
-    from configs.common import ARCHS
+    from configs.common import ARCHS, base_config
     arch = dict(ARCHS[args.arch])
 
-    peak = measured_peak(2048, 5)
+    ta = torch.randn(2048, 2048)
+    rates = throughput.matmul_peak(2048, "float32", reps=5, warmup=2, others={"torch": lambda: torch.mm(ta, ta)})
+    peak = {"n": 2048, "xla_gflops": rates["xla"] / 1e9, "torch_gflops": rates["torch"] / 1e9,
+            "peak_gflops": max(rates.values()) / 1e9}
     tokens = args.batch * args.seq
     print(f"[bench] arch {args.arch} {arch}; batch {args.batch} x seq {args.seq} = {tokens} tokens/step, "
           f"{args.dtype}, remat {args.remat}, attention {args.attention}", flush=True)
@@ -326,14 +215,16 @@ def main(argv=None) -> int:
     rows = []
     for phase in args.phases.split(","):
         router = phase != "expert"
-        fpt = model_flops_per_token(arch, args.seq, ("gate_proj", "up_proj", "down_proj"), args.rank,
-                                    args.experts, args.top_k, router, phase)
-        entries = [("btx_jax", lambda: jax_phase(phase, arch, args))]
+        fpt = lora_flops_per_token(arch, args.seq, MLP_TARGETS, args.rank, args.experts, args.top_k, router, phase)
+        entries = [("btx_jax", lambda: throughput.lora_step(
+            base_config(), phase, arch, rank=args.rank, experts=args.experts, top_k=args.top_k,
+            global_batch_size=args.batch, seq_len=args.seq, dtype=args.dtype, frozen_dtype=args.dtype,
+            remat=args.remat, attention=args.attention))]
         if phase in baselines and not args.no_torch:
             name, fn = baselines[phase]
             entries.append((name, lambda fn=fn: fn(arch, args)))
         built = {impl: fn() for impl, fn in entries}
-        times = interleaved({impl: b["step"] for impl, b in built.items()}, args.warmup, args.steps)
+        times = throughput.interleaved({impl: b["step"] for impl, b in built.items()}, args.warmup, args.steps)
         for impl, r in built.items():
             med = statistics.median(times[impl])
             tps = tokens / med

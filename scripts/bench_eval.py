@@ -14,7 +14,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -33,10 +32,9 @@ def requests(docs: int, num_fewshot: int | None):
 
 
 def timed(lm, reqs) -> float:
-    lm.loglikelihood(reqs, disable_tqdm=True)                      # compile / warm up
-    t = time.perf_counter()
-    lm.loglikelihood(reqs, disable_tqdm=True)
-    return time.perf_counter() - t
+    """Seconds of one loglikelihood pass over `reqs`, after one untimed pass (compile / warm up)."""
+    from btx_jax.train.throughput import interleaved
+    return interleaved({"lm": lambda: lm.loglikelihood(reqs, disable_tqdm=True)}, 1, 1)["lm"][0]
 
 
 def bench_arch(name: str, reqs, args) -> dict:

@@ -6,12 +6,12 @@
 Both sides are this engine's jitted `full`-phase step (everything trains, as in the BTX paper's MoE fine-tuning)
 on the same FFN-MoE (btx_jax/model/moe_ffn.py), differing only in MoESpec.impl: "sparse" is what "auto" picks
 on this backend (segment tiles on CPU, ragged_dot on GPU/TPU), "dense" runs every expert on every token and masks
-by the routing weights.  Steps alternate between the two (scripts/bench.py `interleaved`).
+by the routing weights.  Steps alternate between the two (btx_jax/train/throughput.py `interleaved`).
 
 Model FLOPs are counted honestly for the k ACTIVE experts (the dense reference does E/k x the FFN work but is
 credited the same model FLOPs): 6 x (attention + k x FFN + router + lm_head weights) per token + causal
-attention scores.  The sparse side approaches k/E of the dense FFN work; the padding of the segment tiles
-(at most E x tile rows) is overhead, not counted.
+attention scores (btx_jax/counting.py `ffn_moe_flops_per_token`).  The sparse side approaches k/E of the dense FFN
+work; the padding of the segment tiles (at most E x tile rows) is overhead, not counted.
 """
 from __future__ import annotations
 
@@ -24,47 +24,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
-from bench import _first_step, _setup_threads, interleaved, random_batch  # noqa: E402
-
-
-def model_flops_per_token(arch: dict, seq: int, experts: int, top_k: int) -> float:
-    h, m, V, L = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"], arch["num_layers"]
-    q, kv = arch["num_heads"] * arch["head_dim"], arch["num_kv_heads"] * arch["head_dim"]
-    attn_w = 2 * h * q + 2 * h * kv
-    active = L * (attn_w + top_k * 3 * h * m + h * experts) + h * V
-    return 6 * active + 3 * 2 * seq * q * L
+from btx_jax.counting import ffn_moe_flops_per_token  # noqa: E402
+from btx_jax.train import throughput  # noqa: E402
 
 
-def jax_step(arch: dict, impl: str, args):
+def jax_step(arch: dict, impl: str, args) -> dict:
+    """The `full`-phase step of an FFN-MoE with MoESpec.impl = `impl` (same weights and routing for every impl)."""
     import jax
 
     from btx_jax.config import LlamaConfig, MoESpec
     from btx_jax.model import init_params
-    from btx_jax.pretrained import Pretrained, memory_source
-    from btx_jax.train.trainer import initial_state, resolved, wire
     from configs.common import base_config
 
-    c = base_config()
-    c.phase = "full"
-    c.mesh.update(dict(data=1, fsdp=1, tensor=1, num_devices=1))
-    c.train.update(global_batch_size=args.batch, seq_len=args.seq, remat=args.remat)
-    cfg = resolved(c)
     config = LlamaConfig(**arch, moe=MoESpec(args.experts, args.top_k))
-    params = init_params(config, jax.random.PRNGKey(0))     # same weights (and routing) for both impls
+    params = init_params(config, jax.random.PRNGKey(0))
     config = config.replace(moe=dataclasses.replace(config.moe, impl=impl))
-    phase = wire(cfg, source=memory_source(Pretrained(config, params)))
-    built = phase.built
-    state, _ = initial_state(phase, 0)
-    batch = random_batch(arch["vocab_size"], args.batch, args.seq, built.batch_sharding)
-    holder = {"state": state, "loss": None}
-
-    def step():
-        holder["state"], metrics = built.step_fn(holder["state"], batch)
-        holder["loss"] = float(jax.block_until_ready(metrics["loss"]))
-
-    return _first_step(step), holder
+    return throughput.phase_step(base_config(), "full", config, params, global_batch_size=args.batch,
+                                 seq_len=args.seq, remat=args.remat)
 
 
 def main(argv=None) -> int:
@@ -80,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
-    _setup_threads(args.threads)
+    throughput.set_threads(args.threads)
     import jax
 
     from btx_jax.model.moe_ffn import resolve_impl
@@ -92,10 +69,12 @@ def main(argv=None) -> int:
           f"experts; batch {args.batch} x seq {args.seq}; sparse impl = {sparse}", flush=True)
     steps, holders, compile_s = {}, {}, {}
     for name, impl in (("sparse", sparse), ("dense", "dense")):
-        first, holders[name] = jax_step(arch, impl, args)
-        steps[name], compile_s[name] = first["step"], first["compile_s"]
-    times = interleaved(steps, args.warmup, args.steps)
-    flops = model_flops_per_token(arch, args.seq, args.experts, args.top_k) * tokens
+        first = jax_step(arch, impl, args)
+        steps[name], compile_s[name], holders[name] = first["step"], first["compile_s"], first["last"]
+    times = throughput.interleaved(steps, args.warmup, args.steps)
+    for holder in holders.values():
+        holder["loss"] = float(holder["metrics"]["loss"])
+    flops = ffn_moe_flops_per_token(arch, args.seq, args.experts, args.top_k) * tokens
     rows = {}
     for name, t in times.items():
         med = statistics.median(t)

@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from btx_jax.cli import run_cli  # noqa: E402
+from configs.expert import DOMAINS  # noqa: E402  (the demo trains one expert per domain)
 
-DOMAINS = ("wiki", "math", "novel")
 SAMPLE_PROMPTS = {"wiki": "The history of the city", "math": "Question: Tom has 3 apples and buys 5 more.",
                   "novel": "吾輩は"}
 DOWNSTREAM = {"btx_jcommonsenseqa": (100, 20), "btx_jsquad": (50, 5)}     # task: documents (full, --quick)

@@ -5,9 +5,10 @@ bf16 matmul peak measured in the same run (goal on an H200: >= 45%).
     python scripts/gpu_check.py                 # GPU: TinyLlama-1.1B shapes, batch 8 x 2048, bf16
     python scripts/gpu_check.py --tiny          # CPU smoke run: the tiny arch, fp32, 2 steps
 
-Uses the engine's own step (scripts/bench.py -> btx_jax.train.trainer.build_step) and the same model-FLOPs
-count as scripts/bench.py (forward 2N, input gradients 2N, weight gradients 2N on trainable weights only,
-causal attention; remat recomputation not counted).  Prints one table; --out writes JSON.
+Uses the engine's own step and the same model-FLOPs count and matmul-peak probe as scripts/bench.py
+(btx_jax/train/throughput.py; btx_jax/counting.py `lora_flops_per_token`: forward 2N, input gradients 2N,
+weight gradients 2N on trainable weights only, causal attention; remat recomputation not counted).  Prints one
+table; --out writes JSON.
 """
 from __future__ import annotations
 
@@ -15,28 +16,15 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from btx_jax.model.attention import IMPLS
-
 REPO = Path(__file__).resolve().parents[1]
-LLAMA_1B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
-                num_kv_heads=4, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=4096)
+sys.path.insert(0, str(REPO))
 
-
-def matmul_peak(n: int, dtype: str, reps: int = 10) -> float:
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-    mm = jax.jit(lambda x, y: x @ y)
-    mm(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        tic = time.perf_counter()
-        mm(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - tic)
-    return 2.0 * n ** 3 / best
+from btx_jax.config import MLP_TARGETS  # noqa: E402
+from btx_jax.counting import lora_flops_per_token  # noqa: E402
+from btx_jax.model.attention import IMPLS  # noqa: E402
+from btx_jax.train import throughput  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -52,29 +40,27 @@ def main(argv=None) -> int:
     p.add_argument("--goal", type=float, default=0.45)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    sys.path[:0] = [str(REPO), str(REPO / "scripts")]
-    import bench   # scripts/bench.py
     import jax
-    from configs.common import ARCHS
+    from configs.common import ARCHS, base_config
     if args.tiny:
         arch, dtype, n_peak = dict(ARCHS["tiny"]), "float32", 1024
         batch, seq, steps = args.batch or 2, args.seq or 64, 2
     else:
-        arch, dtype, n_peak = LLAMA_1B, "bfloat16", 8192
+        arch, dtype, n_peak = dict(ARCHS["tinyllama_1b"]), "bfloat16", 8192
         batch, seq, steps = args.batch or 8, args.seq or 2048, args.steps
-    run = argparse.Namespace(batch=batch, seq=seq, rank=64, experts=3, top_k=2, dtype=dtype, remat=args.remat,
-                             attention=args.attention, steps=steps, warmup=1)
-    peak = matmul_peak(n_peak, dtype)
+    rank, experts, top_k = 64, 3, 2
+    peak = throughput.matmul_peak(n_peak, dtype, reps=10, warmup=1)["xla"]
     dev = jax.devices()[0]
     print(f"[gpu_check] {dev.platform} {getattr(dev, 'device_kind', '')}: measured {dtype} matmul peak "
           f"({n_peak}^3) {peak / 1e12:.1f} TFLOP/s; batch {batch} x seq {seq}, remat {args.remat}, "
           f"attention {args.attention}", flush=True)
     rows = []
     for phase in ("expert", "router"):
-        fpt = bench.model_flops_per_token(arch, seq, ("gate_proj", "up_proj", "down_proj"), run.rank, run.experts,
-                                          run.top_k, phase != "expert", phase)
-        r = bench.jax_phase(phase, arch, run)
-        med = statistics.median(bench.interleaved({phase: r["step"]}, run.warmup, run.steps)[phase])
+        fpt = lora_flops_per_token(arch, seq, MLP_TARGETS, rank, experts, top_k, phase != "expert", phase)
+        r = throughput.lora_step(base_config(), phase, arch, rank=rank, experts=experts, top_k=top_k,
+                                 global_batch_size=batch, seq_len=seq, dtype=dtype, frozen_dtype=dtype,
+                                 remat=args.remat, attention=args.attention)
+        med = statistics.median(throughput.interleaved({phase: r["step"]}, 1, steps)[phase])
         tps = batch * seq / med
         rows.append({"phase": phase, "step_ms": med * 1e3, "tokens_per_s": tps, "tflops": fpt * tps / 1e12,
                      "mfu": fpt * tps / peak, "first_step_s": r["compile_s"]})

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,16 +122,6 @@ def hf_llama(tmp_path_factory):
         return cache[key]
 
     return make
-
-
-def load_script(name: str):
-    """A scripts/NAME.py module imported from the repo (scripts are not part of the package)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"btx_script_{name}", REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """btx_jax/train/aot.py: compile targets (accelerator names -> libtpu topologies), the one-line answers for
-bad targets and a missing TPU compiler, the TPU compiler's out-of-memory refusal, and `scripts/plan.py
---target cpu:N` end to end on a tiny config."""
+bad targets and a missing TPU compiler, and the TPU compiler's out-of-memory refusal.  `scripts/plan.py
+--target cpu:N` end to end: test_plan.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +9,6 @@ import pytest
 
 from btx_jax.config import ConfigError
 from btx_jax.train import aot
-from conftest import load_script
 
 
 @pytest.mark.parametrize("text,devices,topology", [
@@ -50,17 +49,3 @@ def test_compiler_out_of_memory_becomes_does_not_fit():
         aot.compile_lowered(Lowered(), log=lambda _: None)
     assert info.value.needed == int(16.40 * 2**30) and info.value.available == int(15.75 * 2**30)
 
-
-def test_plan_cli_cpu_target_and_bad_target(tmp_path, capsys):
-    plan = load_script("plan")
-    out = tmp_path / "plan.json"
-    argv = ["--config", "configs/expert.py:synthetic", "--target", "cpu:8", "--batch", "8", "--seq-len", "32",
-            "--loss-chunk", "16", "--out", str(out)]
-    assert plan.main(argv) == 0
-    text = capsys.readouterr().out
-    assert "cpu:8 = 8 cpu devices" in text and "| expert | 8 |" in text
-    with pytest.raises(SystemExit) as exited:
-        plan.main(argv[:2] + ["--target", "tpu:v9-8"])
-    assert exited.value.code == 2
-    err = capsys.readouterr()
-    assert "expected cpu:N" in (err.out + err.err) and "Traceback" not in err.err

@@ -1,15 +1,14 @@
 """btx_jax.compose: experts (PEFT dirs, btx LoRA checkpoints, Pretrained) -> LoRA-MoE; router init, router_layers,
-bad input (one clear line each) and the scripts/compose.py CLI (exit 2, one stderr line)."""
+and bad input (one clear line each).  The scripts/compose.py CLI: test_compose_cli.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
 import btx_jax
-from conftest import REPO_ROOT, random_ids
+from conftest import random_ids
 from test_lora import random_lora
 
 
@@ -121,31 +120,3 @@ def test_bad_input(setup, hf_llama, tmp_path):
         btx_jax.compose(base_dir, dirs, router_init="uniform")
     with pytest.raises(btx_jax.ConfigError, match="already has an adapter"):
         btx_jax.compose(experts[0], dirs, top_k=1)
-
-
-@pytest.fixture(scope="module")
-def cli():
-    spec = importlib.util.spec_from_file_location("btx_compose_script", REPO_ROOT / "scripts" / "compose.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli(setup, cli, tmp_path, capsys):
-    base_dir, base, experts, dirs = setup
-    out = tmp_path / "moe"
-    assert cli.main([str(base_dir), *map(str, dirs), "--out", str(out), "--top-k", "2", "--format", "mergoo",
-                     "--router-init", "normal"]) == 0
-    assert json.loads((out / "config.json").read_text())["num_experts"] == 3
-    capsys.readouterr()
-    for argv in ([str(base_dir), *map(str, dirs), "--out", str(tmp_path / "x"), "--top-k", "5"],
-                 [str(base_dir), str(tmp_path / "missing"), "--out", str(tmp_path / "x")],
-                 [str(base_dir), str(dirs[0]), "--out", str(tmp_path / "x"), "--seed-expert", "--format", "mergoo"],
-                 [str(base_dir), *map(str, dirs), "--out", str(out)],                      # exists
-                 [str(base_dir), str(dirs[0])]):                                          # no --out
-        with pytest.raises(SystemExit) as e:
-            raise SystemExit(cli.main(argv))
-        assert e.value.code == 2, argv
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("compose.py: error: "), err
-    assert not (tmp_path / "x").exists()

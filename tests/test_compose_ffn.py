@@ -1,15 +1,13 @@
 """compose(mode="ffn") (btx_jax/compose_ffn.py): dense experts (HF dirs, btx checkpoints, PEFT LoRA dirs,
-Pretrained) -> FFN-MoE; stacking order and seed expert, shared-weight averaging, bad input (one line, exit 2,
-nothing written) through scripts/compose.py."""
+Pretrained) -> FFN-MoE; stacking order and seed expert, shared-weight averaging.  Bad input through
+scripts/compose.py (one line, exit 2, nothing written): test_compose_cli.py."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
 import btx_jax
-from conftest import load_script, random_ids
+from conftest import random_ids
 from test_lora import random_lora
 
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -89,26 +87,3 @@ def test_sources_agree_and_lora_experts_are_materialised(setup, tmp_path):
     assert not np.array_equal(x["layers/moe/up_proj"][:, 0], seed.flat_numpy()["layers/mlp/up_proj/kernel"])
     ids = random_ids(1, 6)
     assert np.abs(btx_jax.compose(seed, [peft_dir], mode="ffn", top_k=1).logits(ids) - lora.logits(ids)).max() <= 1e-4
-
-
-def test_cli_writes_mixtral_and_refuses_bad_input(setup, hf_llama, tmp_path, capsys):
-    seed_dir, seed, experts = setup
-    cli = load_script("compose")
-    dirs = [e.save_pretrained(tmp_path / f"e{i}", format="btx") for i, e in enumerate(experts)]
-    out = tmp_path / "moe"
-    assert cli.main([str(seed_dir), *map(str, dirs), "--mode", "ffn", "--top-k", "2", "--seed-expert",
-                     "--format", "mixtral", "--out", str(out)]) == 0
-    raw = json.loads((out / "config.json").read_text())
-    assert (raw["model_type"], raw["num_local_experts"], raw["num_experts_per_tok"]) == ("mixtral", 4, 2)
-    other_arch = hf_llama(hidden_size=32, head_dim=8)
-    stranger = hf_llama(seed=7)                     # same shapes, independently initialised: not branched
-    capsys.readouterr()
-    cases = [([str(seed_dir), str(dirs[0]), str(other_arch)], "hidden_size=32 does not match"),
-             ([str(seed_dir), str(dirs[0]), str(stranger)], "not branched from this seed"),
-             ([str(seed_dir), *map(str, dirs), "--top-k", "4"], "top_k=4 must be between 1 and the number of experts"),
-             ([str(seed_dir), str(dirs[0]), "--router-layers", "0"], "router_layers applies to the LoRA-MoE only")]
-    for argv, needle in cases:
-        assert cli.main([*argv, "--mode", "ffn", "--out", str(tmp_path / "x")]) == 2, argv
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and needle in err, err
-        assert not (tmp_path / "x").exists()

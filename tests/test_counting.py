@@ -1,13 +1,17 @@
 """count_params from abstract shapes: the seed's Llama-2-7B BTX configuration (3 experts r=640 on the MLP),
-phase masks, router_layers subsets, and agreement with real initialised parameters on a tiny model."""
+phase masks, router_layers subsets, and agreement with real initialised parameters on a tiny model; the model-FLOPs
+counts of the benchmarks against the model's parameter count."""
 from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from btx_jax import count_params, param_paths
-from btx_jax.config import MLP_TARGETS, AdapterSpec, ExpertSpec, LlamaConfig
+from btx_jax.config import MLP_TARGETS, AdapterSpec, ExpertSpec, LlamaConfig, MoESpec
+from btx_jax.counting import ffn_moe_flops_per_token, leaf_counts, lora_flops_per_token
 from btx_jax.model import init_params
+from configs.common import ARCHS
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                         num_kv_heads=32, head_dim=128)
@@ -68,7 +72,6 @@ def test_counts_match_real_params():
 
 def test_llama2_7b_ffn_btx_counts_paper_style():
     """The BTX paper's setup: Llama-2-7B seed + 3 FFN experts, the seed's FFN kept as a 4th expert, top-2."""
-    from btx_jax.config import MoESpec
     ffn = 32 * 3 * 4096 * 11008                        # one FFN copy over all layers
     counts = count_params(LLAMA2_7B.replace(moe=MoESpec(num_experts=4, top_k=2, seed_expert=True)))
     routers = 32 * 4096 * 4
@@ -76,3 +79,34 @@ def test_llama2_7b_ffn_btx_counts_paper_style():
     assert counts["active"] == counts["total"] - 2 * ffn == 11_067_461_632                  # "11.1B"
     moe_router = count_params(LLAMA2_7B.replace(moe=MoESpec(4, 2)), [r"layers/moe/router/kernel", "lm_head"])
     assert moe_router["trainable"] == routers + 4096 * 32000
+
+
+@pytest.mark.parametrize("phase", ["expert", "router", "sft"])
+def test_model_flops_follow_the_parameter_count(phase):
+    arch, rank, experts, top_k, seq = ARCHS["bench"], 8, 3, 2, 64
+    n_exp = 1 if phase == "expert" else experts
+    spec = AdapterSpec(targets=MLP_TARGETS, experts=(ExpertSpec(rank=rank, alpha=16.0),) * n_exp,
+                       router=phase != "expert", top_k=top_k if phase != "expert" else 1)
+    counts = leaf_counts(LlamaConfig(**arch, adapter=spec))
+    matmul = {p: n for p, n in counts.items() if not p.endswith("scale") and p != "embed_tokens"}
+    lora = sum(n for p, n in matmul.items() if "/lora_" in p)
+    n_all = sum(matmul.values()) - lora + lora * (top_k if phase != "expert" else 1) // n_exp  # active experts
+    trainable = {"expert": lora,
+                 "router": sum(n for p, n in matmul.items() if p.endswith("router") or p == "lm_head"),
+                 "sft": sum(n for p, n in matmul.items() if "/attn/" in p or p.endswith("router") or p == "lm_head")}
+    attn = 3 * 2 * seq * arch["num_heads"] * arch["head_dim"] * arch["num_layers"]
+    expected = 4 * n_all + 2 * trainable[phase] + attn
+    got = lora_flops_per_token(arch, seq, MLP_TARGETS, rank, experts, top_k, phase != "expert", phase)
+    assert got == expected
+
+
+def test_ffn_moe_flops_follow_the_parameter_count():
+    """Everything trains (6N), N over the top_k active of the FFN experts, plus the causal attention scores."""
+    arch, experts, top_k, seq = ARCHS["bench"], 4, 2, 64
+    counts = leaf_counts(LlamaConfig(**arch, moe=MoESpec(experts, top_k)))
+    matmul = {p: n for p, n in counts.items() if not p.endswith("scale") and p != "embed_tokens"}
+    ffn = sum(n for p, n in matmul.items() if p.startswith("layers/moe/") and p.endswith("_proj"))
+    assert ffn == 3 * arch["hidden_size"] * arch["intermediate_size"] * arch["num_layers"] * experts
+    active = sum(matmul.values()) - ffn + ffn * top_k // experts
+    attn = 3 * 2 * seq * arch["num_heads"] * arch["head_dim"] * arch["num_layers"]
+    assert ffn_moe_flops_per_token(arch, seq, experts, top_k) == 6 * active + attn

@@ -1,5 +1,6 @@
-"""scripts/plan.py: the abstract plan agrees with the memory of the real state on 8 virtual devices, and its
-FLOPs grow ~linearly with the batch.  (conftest.py sets XLA_FLAGS to 8 host devices.)"""
+"""btx_jax/train/plan.py (scripts/plan.py): the abstract plan agrees with the memory of the real state on 8 virtual
+devices, its FLOPs grow ~linearly with the batch, and the CLI end to end on `--target cpu:N` (bad input: one line,
+exit 2).  (conftest.py sets XLA_FLAGS to 8 host devices.)"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,16 +8,11 @@ from pathlib import Path
 import jax
 import pytest
 
-from conftest import load_script
+from btx_jax.train import plan as plan_mod
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=128)
-
-
-@pytest.fixture(scope="module")
-def plan_mod():
-    return load_script("plan")
 
 
 def small_cfg():
@@ -43,7 +39,7 @@ def real_state_bytes_on_device0(cfg) -> dict:
             "optimizer": on_dev0(state["opt_state"]), "frozen_dtype": jnp.dtype(t["frozen_dtype"])}
 
 
-def test_plan_bytes_match_real_state_shards(plan_mod):
+def test_plan_bytes_match_real_state_shards():
     assert jax.device_count() == 8
     cfg = small_cfg()
     planned = plan_mod.plan(cfg, phase="expert")
@@ -58,7 +54,7 @@ def test_plan_bytes_match_real_state_shards(plan_mod):
     assert planned["bytes"]["temp"] > 0 and planned["bytes"]["peak"] >= planned["bytes"]["argument"]
 
 
-def test_planned_flops_positive_and_linear_in_batch(plan_mod):
+def test_planned_flops_positive_and_linear_in_batch():
     cfg = small_cfg()
     f8 = plan_mod.plan(cfg, phase="expert", batch=8)["flops_global"]
     f16 = plan_mod.plan(cfg, phase="expert", batch=16)["flops_global"]
@@ -66,6 +62,27 @@ def test_planned_flops_positive_and_linear_in_batch(plan_mod):
     assert 1.8 <= f16 / f8 <= 2.05, (f8, f16)
 
 
-def test_parse_bytes(plan_mod):
-    assert plan_mod.parse_bytes("80GB") == 80 * 10**9
-    assert plan_mod.parse_bytes("141GiB") == 141 * 2**30
+
+def test_plan_cli_cpu_target_and_bad_target(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    argv = ["--config", "configs/expert.py:synthetic", "--target", "cpu:8", "--batch", "8", "--seq-len", "32",
+            "--loss-chunk", "16", "--out", str(out)]
+    assert plan_mod.main(argv) == 0
+    text = capsys.readouterr().out
+    assert "cpu:8 = 8 cpu devices" in text and "| expert | 8 |" in text
+    with pytest.raises(SystemExit) as exited:
+        plan_mod.main(argv[:2] + ["--target", "tpu:v9-8"])
+    assert exited.value.code == 2
+    err = capsys.readouterr()
+    assert "expected cpu:N" in (err.out + err.err) and "Traceback" not in err.err
+    with pytest.raises(SystemExit) as exited:
+        plan_mod.main(argv[:2] + ["--device-memory", "12XB"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --device-memory: '12XB' is not a size" in err
+    with pytest.raises(SystemExit) as exited:
+        plan_mod.main(argv[:2] + ["--mesh", "fsdp8"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: --mesh 'fsdp8': expected axis=size pairs separated by commas, e.g. data=1,fsdp=8,tensor=1\n"
+    assert plan_mod.mesh_axes("data=1, fsdp=8,tensor=-1") == {"data": 1, "fsdp": 8, "tensor": -1}

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 import btx_jax
-from btx_jax import disk, param_paths
+from btx_jax import disk, evaluate, param_paths
 from btx_jax.config import ConfigError
 from btx_jax.generate import InputError
 from btx_jax.train import trainer
 from btx_jax.train.health import TrainingHealth
-from conftest import REPO_ROOT, load_script, random_ids
+from conftest import REPO_ROOT, random_ids
 from configs import expert
 
 ARCH = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -351,12 +351,11 @@ def test_api_refuses_out_of_range_inputs():
     (["--seq-len", "512"], "seq_len=512 exceeds model 'm''s max_position_embeddings (256"),
 ])
 def test_evaluate_cli_arguments(tmp_path, capsys, monkeypatch, argv, words):
-    script = load_script("evaluate")
     model = _tiny_model(vocab_size=4096, max_position_embeddings=256).save_pretrained(tmp_path / "m", format="hf")
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", f"m={model}",
                                       "--out", str(tmp_path / "o"), *argv])
     with pytest.raises(SystemExit) as e:
-        script.main()
+        evaluate.main()
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1

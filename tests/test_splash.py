@@ -78,7 +78,7 @@ def test_splash_compiles_inside_the_train_step_for_a_tpu_topology():
     from btx_jax import mesh as mesh_lib
     from btx_jax.pretrained import random_source
     from btx_jax.train import aot
-    from btx_jax.train.step import BATCH_KEYS
+    from btx_jax.data.packing import FIELDS
     from btx_jax.train.trainer import resolved, wire
     from btx_jax.train.model_init import lora_spec
     from btx_jax.config import LlamaConfig
@@ -95,7 +95,7 @@ def test_splash_compiles_inside_the_train_step_for_a_tpu_topology():
     mesh = mesh_lib.make_mesh(cfg["mesh"], aot.target_devices(target))
     built = wire(cfg, mesh, random_source(config, 0)).built
     batch = {k: jax.ShapeDtypeStruct((4, 256), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=built.batch_sharding) for k in BATCH_KEYS}
+                                     sharding=built.batch_sharding) for k in FIELDS}
     compiled, _ = aot.compile_lowered(built.step_fn.lower(built.abstract_state, batch), "tiny", log=lambda _: None)
     hlo = compiled.as_text()
     assert "tpu_custom_call" in hlo and "splash" in hlo.lower()

@@ -7,18 +7,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+from flax import traverse_util
 from tqdm import tqdm
 
 
-def _scalars(metrics: dict, prefix: str = "") -> dict:
+def _scalars(metrics: dict) -> dict:
+    """{"a/b": float} of nested metrics; a vector (expert load [experts]) becomes one scalar per entry, "a/b/i"."""
     out = {}
-    for k, v in metrics.items():
-        if isinstance(v, dict):
-            out.update(_scalars(v, f"{prefix}{k}/"))
-        elif np.ndim(v) == 0:
-            out[prefix + k] = float(v)
-        else:   # expert load [experts] -> one scalar per expert
-            out.update({f"{prefix}{k}/{i}": float(x) for i, x in enumerate(np.ravel(v))})
+    for k, v in traverse_util.flatten_dict(metrics, sep="/").items():
+        if np.ndim(v) == 0:
+            out[k] = float(v)
+        else:
+            out.update({f"{k}/{i}": float(x) for i, x in enumerate(np.ravel(v))})
     return out
 
 

@@ -13,12 +13,9 @@ import jax.numpy as jnp
 import optax
 
 from btx_jax import mesh as mesh_lib, param_paths
-from btx_jax.data.packing import FIELDS
 from btx_jax.model import Llama, routed_count, summarize_aux
 from btx_jax.model.chunked_ce import DEFAULT_CHUNK, chunked_cross_entropy
 from btx_jax.train.phases import merge
-
-BATCH_KEYS = FIELDS               # the batch layout the data pipeline produces (btx_jax/data/packing.py)
 
 
 def forward(model: Llama, params, batch, rng=None, return_hidden: bool = False):

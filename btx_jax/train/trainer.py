@@ -26,6 +26,7 @@ import optax
 from btx_jax import disk, param_paths
 from btx_jax.checkpoint import btx
 from btx_jax.config import ConfigError, LlamaConfig
+from btx_jax.data.packing import FIELDS
 from btx_jax.model import Llama, attention
 from btx_jax.pretrained import ModelSource
 from btx_jax import mesh as mesh_lib
@@ -34,7 +35,7 @@ from btx_jax.train.health import TrainingHealth
 from btx_jax.train.metrics_log import MetricsLog
 from btx_jax.train.model_init import initial_source
 from btx_jax.train.optim import make_optimizer, schedule
-from btx_jax.train.step import BATCH_KEYS, init_state, make_train_step
+from btx_jax.train.step import init_state, make_train_step
 from btx_jax.train.validate import check_model, validate
 
 log = logging.getLogger("btx_jax.train")
@@ -103,7 +104,7 @@ class BuiltStep(NamedTuple):
 def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
     """Optimizer, state/batch shardings and the jitted train step for `model` whose parameters split into
     `trainable`/`frozen` (arrays or ShapeDtypeStructs: only shapes and dtypes are read).  Shared by train()
-    and scripts/plan.py (which lowers `step_fn` on `abstract_state` without allocating anything)."""
+    and btx_jax/train/plan.py (which lowers `step_fn` on `abstract_state` without allocating anything)."""
     t = cfg["train"]
     tx = make_optimizer(t)
     shard = lambda tree: mesh_lib.param_shardings(tree, mesh, rules)
@@ -118,7 +119,7 @@ def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
     step_fn = jax.jit(make_train_step(model, tx, microbatches=int(t["microbatches"]), lb_alpha=float(t["lb_alpha"]),
                                       z_alpha=float(t["z_alpha"]), loss_chunk=int(t.get("loss_chunk", 0)), mesh=mesh,
                                       rules=rules),
-                      in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}),
+                      in_shardings=(state_shardings, {k: batch_sharding for k in FIELDS}),
                       out_shardings=(state_shardings, None), donate_argnums=0)
     abstract = jax.eval_shape(lambda tr, fr: init_state(tr, fr, tx, int(t["seed"])), trainable, frozen)
     abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -145,7 +146,7 @@ class Phase(NamedTuple):
 
 def wire(cfg: dict, mesh=None, source: ModelSource | None = None) -> Phase:
     """The one place a config becomes mesh, starting model, trainable/frozen split and jitted step (used by
-    train(), scripts/plan.py, scripts/bench.py and scripts/gpu_check.py).  Reads configs and tensor headers only.
+    train(), btx_jax/train/plan.py and btx_jax/train/throughput.py).  Reads configs and tensor headers only.
     `source`: start from this model instead of `cfg["model"]`'s."""
     rules = validate(cfg, jax.device_count() if mesh is None else mesh.devices.size)
     mesh = mesh_lib.make_mesh(cfg["mesh"]) if mesh is None else mesh
@@ -215,7 +216,7 @@ def train(config, workdir: str | Path) -> dict:
         for step in range(start, int(t["steps"])):
             local = next(data)
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
-                     for k in BATCH_KEYS}
+                     for k in FIELDS}
             if step_fn is built.step_fn:
                 step_fn = compile_step(built.step_fn, state, batch, metrics_log.enabled)
             state, metrics = step_fn(state, batch)

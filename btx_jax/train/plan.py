@@ -1,0 +1,323 @@
+"""Memory and scale plan: AOT-compile the real train step on abstract inputs and report, per device,
+parameter / optimizer / gradient / temporary bytes, FLOPs per step, and the largest global batch that fits.
+
+    python scripts/plan.py --config configs/expert.py:wiki --devices 8 --phase expert,router,sft \
+        --experts 3 --top-k 2 --batch 32 --device-memory 80GB --search
+
+    python scripts/plan.py --config configs/sft.py:wiki --phase sft --target tpu:v5e-16 --search
+
+`--target` picks the compiler: `cpu:N` (N virtual CPU devices, the default with --devices) or a TPU slice
+(`tpu:v5p-8`, `tpu:v5e-16`, `tpu:v4-8`, `tpu:v6e-8`, or a libtpu topology name such as `tpu:v5p:2x2x1`),
+compiled by the real TPU compiler with no TPU present (needs `pip install -e ".[tpu]"`; see
+btx_jax/train/aot.py).  TPU plans also report XLA's cost-model step time and the MFU it implies against the
+chip's published bf16 peak, and default --device-memory to the chip's HBM.
+
+Nothing is allocated: parameters come from `btx_jax.model.abstract_params` (jax.eval_shape), the phase
+split from the path patterns of btx_jax/train/phases.py, and the step is the one `train()` runs
+(`btx_jax.train.trainer.build_step`), lowered with ShapeDtypeStructs that carry their shardings and compiled
+for N virtual CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N is set by `run`, through
+aot.prepare, before JAX starts a backend).  Numbers are the CPU compiler's: GPU temporaries differ (fusion,
+scheduling, bf16 dots), so leave headroom (--headroom, default 10%).
+
+Phases other than `expert` plan the LoRA-MoE the router / SFT phases train: the expert LoRA spec of the
+config (targets, rank, alpha) repeated --experts times with a top-k router on every target.
+
+From Python (JAX already started: the mesh's devices are the ones there are):
+
+    cfg = resolved(load_config("configs/expert.py:synthetic"))
+    row = plan(cfg, phase="expert", batch=8)                    # bytes per device, FLOPs, compile time
+    best, runs = max_batch(cfg, 80 * 10**9, phase="expert", experts=3, top_k=2)
+    print(table([row], 80 * 10**9))
+
+The CLI is scripts/plan.py (it calls `main`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from btx_jax import mesh as mesh_lib, param_paths
+from btx_jax.cli import ArgumentParser, run_cli, size_flag
+from btx_jax.config import AdapterSpec, ConfigError, LlamaConfig
+from btx_jax.data.packing import FIELDS
+from btx_jax.model.llama import REMAT_POLICIES, DecoderLayer
+from btx_jax.pretrained import random_source
+from btx_jax.train import aot
+from btx_jax.train.model_init import lora_spec
+from btx_jax.train.phases import merge
+from btx_jax.train.trainer import resolved, wire
+
+
+def load_config(spec: str):
+    """`path/to/config.py[:preset]` -> ml_collections ConfigDict (the module's get_config(preset))."""
+    path, _, preset = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location(f"btx_plan_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(preset) if preset else module.get_config()
+
+
+def model_config(cfg: dict, phase: str, experts: int, top_k: int):
+    """The LlamaConfig a phase trains (abstract: no checkpoint is read)."""
+    arch = LlamaConfig(**dict(cfg["model"]["arch"]))
+    lora = cfg["model"].get("lora") or dict(targets=("gate_proj", "up_proj", "down_proj"), rank=8, alpha=16.0)
+    one = lora_spec(lora)
+    if phase == "expert":
+        return arch.replace(adapter=one)
+    if phase == "full":
+        return arch
+    spec = AdapterSpec(targets=one.targets, experts=one.experts * experts, dropout=one.dropout, router=True,
+                       top_k=top_k, init=one.init)
+    return arch.replace(adapter=spec)
+
+
+def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, experts: int = 3, top_k: int = 2,
+         mesh=None, target=None, log=print) -> dict:
+    """Compile the train step of `cfg` (resolved dict) for `phase` and global `batch` on abstract inputs.
+
+    Returns per-device bytes {params, trainable, frozen, optimizer, gradients, temp, argument, output, alias,
+    peak} plus flops (per device and global), compile seconds and the configuration; on a TPU target also
+    the cost model's step time and MFU ("cost"), or fits=False when the TPU compiler refuses the program."""
+    cfg = json.loads(json.dumps(cfg))
+    if phase:
+        cfg["phase"] = phase
+    t = cfg["train"]
+    if batch:
+        t["global_batch_size"] = int(batch)
+    gb, seq = int(t["global_batch_size"]), int(t["seq_len"])
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg["mesh"])
+    config = model_config(cfg, cfg["phase"], experts, top_k)
+    phase = wire(cfg, mesh, random_source(config, 0))           # abstract: nothing is allocated
+    built = phase.built
+    trainable, frozen = param_paths.unflatten(phase.trainable), param_paths.unflatten(phase.frozen)
+    batch_abs = {k: jax.ShapeDtypeStruct((gb, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                         sharding=built.batch_sharding) for k in FIELDS}
+    target = target or aot.parse_target(f"cpu:{mesh.devices.size}")
+    st, sh = built.abstract_state, built.state_shardings
+    per_dev = lambda key: mesh_lib.bytes_per_device(st[key], sh[key])
+    lowered = built.step_fn.lower(built.abstract_state, batch_abs)
+    try:
+        compiled, seconds = aot.compile_lowered(lowered, f"{cfg['phase']} batch {gb} on {target.text}", log=log)
+    except aot.DoesNotFit as e:
+        return {"phase": cfg["phase"], "global_batch": gb, "seq_len": seq, "devices": int(mesh.devices.size),
+                "fits": False, "error": str(e), "bytes": {"peak": max(e.needed, e.available + 1), "temp": e.needed}}
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out = {
+        "phase": cfg["phase"], "global_batch": gb, "seq_len": seq, "devices": int(mesh.devices.size),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "dtype": t["dtype"], "frozen_dtype": t["frozen_dtype"],
+        "remat": t["remat"], "microbatches": int(t["microbatches"]),
+        "params_trainable": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(trainable))),
+        "params_total": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(phase.source.abstract()))),
+        "bytes": {
+            "trainable": per_dev("trainable"), "frozen": per_dev("frozen"),
+            "params": per_dev("trainable") + per_dev("frozen"),
+            "optimizer": per_dev("opt_state"),
+            "gradients": per_dev("trainable"),            # fp32, sharded like the trainable params (in temp)
+            "argument": int(mem.argument_size_in_bytes), "output": int(mem.output_size_in_bytes),
+            "alias": int(mem.alias_size_in_bytes), "temp": int(mem.temp_size_in_bytes),
+        },
+        "flops_xla_raw": float(cost.get("flops", 0.0)),
+        "compile_s": round(seconds, 2), "target": target.text, "fits": True,
+        "loss_chunk": int(t.get("loss_chunk", 0)), "attention": t["attention"],
+        "cost": aot.cost_model(compiled, target),
+    }
+    b = out["bytes"]
+    # The state is donated: outputs alias arguments, so the live peak is arguments + temporaries + the
+    # non-aliased outputs (metrics).
+    b["peak"] = b["argument"] + b["temp"] + b["output"] - b["alias"]
+    # XLA's cost analysis may count a while-loop body once (XLA:CPU always; the TPU compiler did for the 7B
+    # step's layer scan, though it multiplies a plain scan's body by its trip count): then the layer stack
+    # shows up as one layer.  Add the other num_layers - 1 layers' train FLOPs (one layer's forward + backward
+    # under the same remat policy and trainable split, compiled on its own), per device.
+    micro = int(t["microbatches"])
+    layer = layer_train_flops(config, t, trainable, frozen, gb // micro, seq) / out["devices"]
+    once = not aot.counts_loop_trips(target.platform) or out["flops_xla_raw"] < 2 * layer * micro
+    out["flops_per_device"] = (out["flops_xla_raw"] + (config.num_layers - 1) * layer * once) * (micro if once else 1)
+    out["flops_global"] = out["flops_per_device"] * out["devices"]
+    if out["cost"] and once:     # the cost model's time covers the counted FLOPs: scale it like them (MFU stays)
+        out["cost"]["step_s"] *= out["flops_per_device"] / max(out["flops_xla_raw"], 1.0)
+    return out
+
+
+def layer_train_flops(config, t: dict, trainable: dict, frozen: dict, batch: int, seq: int) -> float:
+    """FLOPs of one decoder layer's forward + backward (input gradients always, weight gradients for the
+    trainable leaves) at the global batch, from XLA's cost analysis of that layer alone."""
+    strip = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
+                                                tree.get("layers", {}))
+    tr, fr = strip(trainable), strip(frozen)
+    cls = DecoderLayer
+    if t["remat"] != "none":
+        # prevent_cse=True: outside a scan XLA would otherwise merge the recomputation with the forward
+        cls = nn.remat(cls, policy=REMAT_POLICIES[t["remat"]], prevent_cse=True)
+    dtype = jnp.dtype(t["dtype"])
+    layer = cls(config, dtype, jnp.float32, False, t["attention"], int(t["attention_block"]))
+
+    def loss(tr, fr, x):
+        ids = jnp.ones((batch, seq), jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        (y, _), aux = layer.apply({"params": merge(tr, fr)}, x, {"routed": jnp.float32(1.0)}, pos, ids, 0,
+                                  rngs={"dropout": jax.random.PRNGKey(0)}, mutable=["aux"])
+        extra = sum(jnp.sum(v) for v in jax.tree_util.tree_leaves(aux))
+        return jnp.sum(y.astype(jnp.float32)) + extra
+
+    x = jax.ShapeDtypeStruct((batch, seq, config.hidden_size), dtype)
+    cost = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(tr, fr, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def max_batch(cfg: dict, memory: int, *, phase: str, experts: int, top_k: int, mesh=None, headroom=0.1,
+              limit: int = 4096, log=print, target=None) -> tuple[int, list[dict]]:
+    """Largest global batch (a multiple of the data-parallel size) whose compiled peak fits `memory`
+    (1 - headroom) per device.  Peak bytes are affine in the batch, so two compiles give the line, one more
+    checks the predicted size (and steps down until a compile agrees)."""
+    mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg["mesh"])
+    rules = tuple((k, tuple(v)) for k, v in (cfg.get("mesh_rules") or mesh_lib.DEFAULT_RULES))
+    dp = mesh_lib.data_parallel_size(mesh, rules) * int(cfg["train"]["microbatches"])
+    budget = memory * (1 - headroom)
+    runs = []
+
+    def at(b):
+        r = plan(cfg, phase=phase, batch=b, experts=experts, top_k=top_k, mesh=mesh, target=target, log=log)
+        runs.append(r)
+        log(f"  [search] {phase} batch {b}: peak {r['bytes']['peak'] / 2**30:.2f} GiB/device "
+            + (f"(compile {r['compile_s']:.1f}s)" if r["fits"] else f"(does not fit: {r['error']})"))
+        return r["bytes"]["peak"]
+
+    p1, p2 = at(dp), at(2 * dp)
+    slope = max(p2 - p1, 1) / dp
+    if p1 > budget:
+        return 0, runs
+    guess = min(int((budget - p1) / slope) + dp, limit)
+    guess = max(dp, guess // dp * dp)
+    while guess > 2 * dp and at(guess) > budget:
+        guess = max(2 * dp, int(guess * 0.9) // dp * dp)
+    best = guess if guess > 2 * dp else (2 * dp if p2 <= budget else dp)
+    return best, runs
+
+
+def _fmt_gb(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def table(rows: list[dict], memory: int | None) -> str:
+    head = ("phase", "batch", "trainable", "params GiB", "optim GiB", "grads GiB", "temp GiB", "peak GiB",
+            "TFLOP/dev/step", "step s (cost model)", "MFU (cost model)", "fits", "max batch", "compile s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        b = r["bytes"]
+        if not r["fits"]:
+            lines.append("| " + " | ".join([r["phase"], str(r["global_batch"])] + ["-"] * 4 + [
+                _fmt_gb(b["temp"]), "-", "-", "-", "-", "NO (compiler)", str(r.get("max_batch", "-")), "-"]) + " |")
+            continue
+        fits = "-" if memory is None else ("yes" if b["peak"] <= memory else "NO")
+        cost = r.get("cost") or {}
+        lines.append("| " + " | ".join([
+            r["phase"], str(r["global_batch"]), f"{r['params_trainable'] / 1e6:.1f}M", _fmt_gb(b["params"]),
+            _fmt_gb(b["optimizer"]), _fmt_gb(b["gradients"]), _fmt_gb(b["temp"]), _fmt_gb(b["peak"]),
+            f"{r['flops_per_device'] / 1e12:.1f}", f"{cost['step_s']:.2f}" if cost else "-",
+            f"{cost['mfu']:.1%}" if "mfu" in cost else "-", fits, str(r.get("max_batch", "-")),
+            f"{r['compile_s']:.1f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="plan.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/expert.py:wiki", help="config file[:preset]")
+    p.add_argument("--phase", default=None, help="comma-separated phases (default: the config's)")
+    p.add_argument("--devices", type=int, default=8, help="virtual CPU devices to compile for (= --target cpu:N)")
+    p.add_argument("--target", default=None, help="cpu:N | tpu:v5p-8 | tpu:v5e-16 | tpu:v4-8 | tpu:v6e-8 | "
+                   "tpu:<libtpu topology> (default cpu:--devices)")
+    p.add_argument("--loss-chunk", type=int, default=None, help="cross-entropy chunk (positions); 0 = full logits")
+    p.add_argument("--attention", default=None, help="train.attention (btx_jax/model/attention.py IMPLS)")
+    p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--remat", default=None, choices=("none", "full", "dots", "dots_no_batch"))
+    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16")
+    p.add_argument("--frozen-dtype", default=None)
+    p.add_argument("--microbatches", type=int, default=None)
+    p.add_argument("--experts", type=int, default=3, help="LoRA experts of the router/sft LoRA-MoE")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--device-memory", type=size_flag, default=None, help="e.g. 80GB (TPU: the chip's HBM)")
+    p.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free in --search")
+    p.add_argument("--search", action="store_true", help="also find the largest batch that fits")
+    p.add_argument("--out", default=None, help="write the plan as JSON")
+    return p
+
+
+def apply_flags(cfg: dict, args) -> None:
+    """The train / mesh overrides of the command line, in place on the resolved config."""
+    t = cfg["train"]
+    for key, val in (("global_batch_size", args.batch), ("seq_len", args.seq_len), ("remat", args.remat),
+                     ("dtype", args.dtype), ("frozen_dtype", args.frozen_dtype),
+                     ("microbatches", args.microbatches), ("loss_chunk", args.loss_chunk),
+                     ("attention", args.attention)):
+        if val is not None:
+            t[key] = val
+    if args.mesh:
+        cfg["mesh"].update(mesh_axes(args.mesh))
+
+
+def mesh_axes(text: str) -> dict[str, int]:
+    """{axis: size} of a --mesh value such as "data=1,fsdp=8,tensor=1"; ConfigError (one line) otherwise."""
+    pairs = [kv.partition("=") for kv in text.split(",")]
+    if not all(k.strip() and sep and re.fullmatch(r"\s*-?\d+\s*", v) for k, sep, v in pairs):
+        raise ConfigError(f"--mesh {text!r}: expected axis=size pairs separated by commas, e.g. data=1,fsdp=8,tensor=1")
+    return {k.strip(): int(v) for k, _, v in pairs}
+
+
+def run(args) -> int:
+    """Plan every phase of `args.phase` (the config's by default), print the table, write --out."""
+    target = aot.parse_target(args.target or f"cpu:{args.devices}")
+    aot.prepare(target)
+    memory = args.device_memory or target.hbm_bytes
+    cfg = resolved(load_config(args.config))
+    apply_flags(cfg, args)
+    t = cfg["train"]
+    devices = aot.target_devices(target)
+    mesh = mesh_lib.make_mesh(cfg["mesh"], devices)
+    print(f"[plan] {args.config}: {target.text} = {len(devices)} {devices[0].device_kind} devices, "
+          f"mesh {dict(mesh.shape)}, seq {t['seq_len']}, dtype {t['dtype']}, frozen {t['frozen_dtype']}, "
+          f"remat {t['remat']}", flush=True)
+    rows = []
+    tic = time.perf_counter()
+    for phase in (args.phase or cfg["phase"]).split(","):
+        r = plan(cfg, phase=phase, experts=args.experts, top_k=args.top_k, mesh=mesh, target=target)
+        if args.search and memory:
+            best, runs = max_batch(cfg, memory, phase=phase, experts=args.experts,
+                                   top_k=args.top_k, mesh=mesh, headroom=args.headroom, target=target)
+            r["max_batch"] = best
+            r["search"] = [{"batch": x["global_batch"], "peak": x["bytes"]["peak"]} for x in runs]
+        rows.append(r)
+        print(table([r], memory).splitlines()[-1], flush=True)
+    total = time.perf_counter() - tic
+    print()
+    if memory:
+        print(f"device memory {memory / 1e9:.0f} GB = {_fmt_gb(memory)} GiB per device"
+              + (f"; max batch keeps {args.headroom:.0%} headroom" if args.search else ""))
+    print(table(rows, memory))
+    print(f"\n[plan] total {total:.1f}s (compile only; nothing allocated)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"config": args.config, "device_memory": memory,
+                                              "rows": rows, "seconds": round(total, 1)}, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    """scripts/plan.py: exit 0, or 2 with one line on stderr for bad input."""
+    args = build_parser().parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)     # progress lines during long compiles
+    return run_cli(lambda: run(args))

@@ -12,17 +12,10 @@ import sys
 from typing import Callable
 
 from btx_jax import disk
-from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.config import ConfigError
+from btx_jax.errors import UserError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointError, ConfigError, FileNotFoundError, disk.DiskError)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from btx_jax.data.errors import DataError
-    from btx_jax.generate import InputError
-    from btx_jax.train.trainer import TrainingError
-    return USER_ERRORS + (DataError, InputError, TrainingError)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -54,7 +47,7 @@ def run_cli(fn: Callable[[], object]) -> object:
     """Run `fn`; on a user error or a disk fault print `error: <message>` (one line) to stderr and exit 2."""
     try:
         return fn()
-    except user_errors() as e:
+    except USER_ERRORS as e:
         fail(str(e))
     except KeyboardInterrupt:          # Ctrl-C outside a training loop (which saves and exits 130 itself)
         print("interrupted: the work in progress was not finished (earlier checkpoints and outputs are kept)",

@@ -11,12 +11,14 @@ import dataclasses
 import math
 from typing import Any
 
+from btx_jax.errors import UserError
+
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration (config.json, adapter_config.json, btx config) that cannot be used."""
 
 

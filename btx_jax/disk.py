@@ -17,6 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from btx_jax.errors import UserError
+
 REASONS = {
     errno.ENOSPC: "no space left on device",
     errno.EDQUOT: "disk quota exceeded",
@@ -30,7 +32,7 @@ TEXT = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.ED
         "operation not permitted": errno.EPERM}
 
 
-class DiskError(RuntimeError):
+class DiskError(UserError, RuntimeError):
     """A write failed for lack of space or permission; the message is one line naming the path."""
 
 

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from btx_jax.errors import UserError
 from btx_jax.model import Llama, init_cache
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """Bad model input (token ids, context length, generation arguments); the message names the argument."""
 
 

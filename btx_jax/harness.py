@@ -40,7 +40,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from btx_jax.cli import user_errors
+from btx_jax.cli import USER_ERRORS
 from btx_jax.config import ConfigError
 from btx_jax.data.errors import DataError
 from btx_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                         raise FileNotFoundError(f"task file not found: {t}")
             if flag == "--model_args" and "--model" in args and args[args.index("--model") + 1] == "btx":
                 check_model_args(value)
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if not any(a == "--include_path" or a.startswith("--include_path=") for a in args) and \
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = ["lm-eval", *args]
     try:
         cli_evaluate()
-    except user_errors() as e:
+    except USER_ERRORS as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except ValueError as e:        # the harness's own "Tasks not found: ..." and friends

@@ -20,9 +20,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from btx_jax import disk
+from btx_jax.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or written; the message names the file or tensor."""
 
 

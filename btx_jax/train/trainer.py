@@ -27,6 +27,7 @@ from btx_jax import disk, param_paths
 from btx_jax.checkpoint import btx
 from btx_jax.config import ConfigError, LlamaConfig
 from btx_jax.data.packing import FIELDS
+from btx_jax.errors import UserError
 from btx_jax.model import Llama, attention
 from btx_jax.pretrained import ModelSource
 from btx_jax import mesh as mesh_lib
@@ -42,7 +43,7 @@ log = logging.getLogger("btx_jax.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)   # save a checkpoint, then exit 128 + signal (143 / 130)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot continue (non-finite loss, ...); the message says what to do."""
 
 

@@ -51,11 +51,23 @@ def expert_columns(spec: AdapterSpec, target: str) -> tuple[np.ndarray, np.ndarr
     return owner_ER, scale_R
 
 
+def _top_k_probs(logits_BTE: jnp.ndarray, top_k: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """(dense [.., E] softmax over the k largest logits, zero elsewhere; [.., k, E] one-hot of the picks;
+    [.., k] expert indices), fp32.  The picks are made on stopped logits and the softmax runs on the masked
+    logits, so the gradient needs no scatter (top_k's own gradient is one, which the TPU cost model cannot
+    price); values and gradients are those of the softmax over top_k's values."""
+    _, idx_BTK = jax.lax.top_k(jax.lax.stop_gradient(logits_BTE), top_k)
+    onehot_BTKE = jax.nn.one_hot(idx_BTK, logits_BTE.shape[-1], dtype=jnp.float32)
+    picked_BTE = jnp.sum(onehot_BTKE, axis=-2) > 0
+    probs_BTE = jax.nn.softmax(jnp.where(picked_BTE, logits_BTE.astype(jnp.float32), -jnp.inf), axis=-1)
+    return probs_BTE, onehot_BTKE, idx_BTK
+
+
 def top_k_softmax(logits_BTE: jnp.ndarray, top_k: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(weights [.., k], expert indices [.., k]): softmax over the k largest logits (fp32).  Equal to Mixtral's
     softmax over all logits, top-k, renormalised: exp(l_i) / sum_{j in top-k} exp(l_j) either way."""
-    top_vals, top_idx = jax.lax.top_k(logits_BTE, top_k)
-    return jax.nn.softmax(top_vals, axis=-1), top_idx
+    probs_BTE, onehot_BTKE, idx_BTK = _top_k_probs(logits_BTE, top_k)
+    return jnp.einsum("...ke,...e->...k", onehot_BTKE, probs_BTE), idx_BTK
 
 
 def dense_gates(weights_BTK: jnp.ndarray, idx_BTK: jnp.ndarray, num_experts: int) -> jnp.ndarray:
@@ -65,7 +77,7 @@ def dense_gates(weights_BTK: jnp.ndarray, idx_BTK: jnp.ndarray, num_experts: int
 
 def route(logits_BTE: jnp.ndarray, top_k: int) -> jnp.ndarray:
     """Dense [.., E] gates: softmax over the top-k logits, zero elsewhere (fp32)."""
-    return dense_gates(*top_k_softmax(logits_BTE, top_k), logits_BTE.shape[-1])
+    return _top_k_probs(logits_BTE, top_k)[0]
 
 
 def router_aux(logits_BTE: jnp.ndarray, gates_BTE: jnp.ndarray, mask_BT: jnp.ndarray, top_k: int) -> dict:

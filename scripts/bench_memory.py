@@ -27,14 +27,17 @@ SIZES = {"68M": (512, 1408, 8, 8), "271M": (1024, 2816, 16, 16)}
 CHILD = """
 import resource, sys, runpy
 sys.argv = {argv!r}
-try:       # host peak up to the compiled step (loading, state init, compile), before any step runs
+try:       # host peak up to the first step (compile, loading, state init), before that step runs
     from btx_jax.train import trainer
     compile_step = trainer.compile_step
-    def before_first_step(*args):
-        out = compile_step(*args)
-        print("PRE_STEP_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
-        return out
-    trainer.compile_step = before_first_step
+    def reporting(*args):
+        compiled, first = compile_step(*args), []
+        def step(*a):
+            if not first:
+                first.append(print("PRE_STEP_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True))
+            return compiled(*a)
+        return step
+    trainer.compile_step = reporting
 except (ImportError, AttributeError):     # an older checkout (--repo) without compile_step
     pass
 try:

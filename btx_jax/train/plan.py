@@ -48,13 +48,12 @@ import numpy as np
 from btx_jax import mesh as mesh_lib, param_paths
 from btx_jax.cli import ArgumentParser, run_cli, size_flag
 from btx_jax.config import AdapterSpec, ConfigError, LlamaConfig
-from btx_jax.data.packing import FIELDS
 from btx_jax.model.llama import REMAT_POLICIES, DecoderLayer
 from btx_jax.pretrained import random_source
 from btx_jax.train import aot
 from btx_jax.train.model_init import lora_spec
 from btx_jax.train.phases import merge
-from btx_jax.train.trainer import resolved, wire
+from btx_jax.train.trainer import abstract_batch, resolved, wire
 
 
 def load_config(spec: str):
@@ -99,8 +98,7 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     phase = wire(cfg, mesh, random_source(config, 0))           # abstract: nothing is allocated
     built = phase.built
     trainable, frozen = param_paths.unflatten(phase.trainable), param_paths.unflatten(phase.frozen)
-    batch_abs = {k: jax.ShapeDtypeStruct((gb, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                         sharding=built.batch_sharding) for k in FIELDS}
+    batch_abs = abstract_batch(built, t)
     target = target or aot.parse_target(f"cpu:{mesh.devices.size}")
     st, sh = built.abstract_state, built.state_shardings
     per_dev = lambda key: mesh_lib.bytes_per_device(st[key], sh[key])

@@ -189,9 +189,11 @@ def train(config, workdir: str | Path) -> dict:
     phase = wire(cfg)
     mesh, built = phase.mesh, phase.built
     batch_sharding = built.batch_sharding
+    data = make_data(cfg, phase.source.config.vocab_size)
+    # compiled before any weight is read: the compiler's working memory is freed before the state exists
+    step_fn = compile_step(built.step_fn, built.abstract_state, abstract_batch(built, t), jax.process_index() == 0)
     ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])
     resumed = ckpt.resume(built.abstract_state, lambda saved: checkpoints.check_compatible(saved, cfg, workdir))
-    data = make_data(cfg, phase.source.config.vocab_size)
     start = 0
     if resumed is None:
         state, digest = initial_state(phase, int(t["seed"]))
@@ -205,7 +207,6 @@ def train(config, workdir: str | Path) -> dict:
     metrics_log = MetricsLog(workdir, total_steps=int(t["steps"]), start_step=start, enabled=jax.process_index() == 0)
     metrics_log.header(cfg, info, mesh)
 
-    step_fn = built.step_fn
     lr_at = schedule(t)
     health = TrainingHealth(phase.source.config.vocab_size, check_loss=cfg["data"].get("kind") != "synthetic")
 
@@ -218,8 +219,6 @@ def train(config, workdir: str | Path) -> dict:
             local = next(data)
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
                      for k in FIELDS}
-            if step_fn is built.step_fn:
-                step_fn = compile_step(built.step_fn, state, batch, metrics_log.enabled)
             state, metrics = step_fn(state, batch)
             if pending is not None:
                 last = _check(pending, metrics_log, lr_at, t, health, ckpt)
@@ -255,8 +254,16 @@ def train(config, workdir: str | Path) -> dict:
         metrics_log.close()
 
 
+def abstract_batch(built: BuiltStep, t: dict) -> dict:
+    """The global batch the data pipeline yields (btx_jax/data/packing.py), as ShapeDtypeStructs in the batch
+    sharding: [global_batch_size, seq_len], loss_mask fp32, the rest int32."""
+    shape = (int(t["global_batch_size"]), int(t["seq_len"]))
+    return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
+                                    sharding=built.batch_sharding) for k in FIELDS}
+
+
 def compile_step(step_fn, state: dict, batch: dict, verbose: bool):
-    """`step_fn` compiled for these shapes, with the compiler's per-device memory printed once (on an
+    """`step_fn` compiled for these (abstract) shapes, with the compiler's per-device memory printed (on an
     accelerator that is device memory; on virtual CPU devices every device's share is host RAM)."""
     tic = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()

@@ -45,7 +45,7 @@ from btx_jax.config import ConfigError
 from btx_jax.data.errors import DataError
 from btx_jax.data.tokenizer import Tokenizer, load_tokenizer
 from btx_jax.generate import generate
-from btx_jax.model import Llama
+from btx_jax.model import Llama, init_cache
 from btx_jax.pretrained import Pretrained, load_pretrained, open_model
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -60,12 +60,10 @@ def length_bucket(n: int, max_len: int, smallest: int = MIN_BUCKET) -> int:
     return min(max(smallest, 1 << (int(n) - 1).bit_length()), max_len)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score(model: Llama, params, ids_BT, segment_ids_BT, at_BC, targets_BC, mask_BC):
+def _continuation_scores(h_BTD, head_DV, at_BC, targets_BC, mask_BC):
     """(sum of log p(target) over the masked continuation slots [B], every masked target is the argmax [B]).
     Only the C continuation positions `at_BC` of each row are projected to the vocabulary: the context needs
     no logits, and a [B, T, V] fp32 buffer would make a batch memory-bound."""
-    h_BTD, head_DV = model.apply({"params": params}, ids_BT, segment_ids_BT=segment_ids_BT, return_hidden=True)
     h_BCD = jnp.take_along_axis(h_BTD, at_BC[..., None], axis=1)
     logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, head_DV.astype(h_BCD.dtype), preferred_element_type=jnp.float32)
     # log-softmax at the target only: no second [B, C, V] buffer
@@ -73,6 +71,28 @@ def _score(model: Llama, params, ids_BT, segment_ids_BT, at_BC, targets_BC, mask
                       - jax.nn.logsumexp(logits_BCV, axis=-1))
     greedy_BC = jnp.argmax(logits_BCV, axis=-1) == targets_BC
     return jnp.sum(jnp.where(mask_BC, target_logp_BC, 0.0), axis=-1), jnp.all(greedy_BC | ~mask_BC, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(model: Llama, params, ids_BT, segment_ids_BT, at_BC, targets_BC, mask_BC):
+    """Rows scored independently (see `_continuation_scores`)."""
+    h_BTD, head_DV = model.apply({"params": params}, ids_BT, segment_ids_BT=segment_ids_BT, return_hidden=True)
+    return _continuation_scores(h_BTD, head_DV, at_BC, targets_BC, mask_BC)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_shared(model: Llama, params, prefix_1P, prefix_len, suffix_GS, targets_GS, mask_GS):
+    """Rows that share a prefix (the context of a multiple-choice question): the prefix runs once into a KV
+    cache ([1, P], right-padded beyond `prefix_len`), then every row's suffix (the last context token and the
+    continuation) runs against that cache from position `prefix_len`: one context pass instead of G."""
+    G, S = suffix_GS.shape
+    cache = init_cache(model.config, 1, prefix_1P.shape[1] + S, model.dtype)
+    _, cache = model.apply({"params": params}, prefix_1P, cache=cache, cache_index=0, return_hidden=True)
+    cache = jax.tree_util.tree_map(lambda c: jnp.broadcast_to(c, (c.shape[0], G) + c.shape[2:]), cache)
+    (h_GSD, head_DV), _ = model.apply({"params": params}, suffix_GS, cache=cache, cache_index=prefix_len,
+                                      return_hidden=True)
+    at_GS = jnp.broadcast_to(jnp.arange(S), (G, S))
+    return _continuation_scores(h_GSD, head_DV, at_GS, targets_GS, mask_GS)
 
 
 def find_tokenizer(pretrained: str | Path | None, adapter: str | Path | None, tokenizer: str | Path | None):
@@ -148,27 +168,51 @@ class BtxLM(TemplateLM):
     # ---- scoring ----
     def score_rows(self, rows: list[list[int]], cont_lens: list[int],
                    disable_tqdm: bool = True) -> list[tuple[float, bool]]:
-        """(sum log p, is_greedy) of the last `cont_len` tokens of each token row (each row <= max_length + 1),
-        the rows batched longest first and padded to length buckets."""
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        """(sum log p, is_greedy) of the last `cont_len` tokens of each token row (each row <= max_length + 1).
+        With batch_size > 1, rows that share everything before their continuation (the choices of one
+        multiple-choice question) are scored together over one pass of that prefix (`_score_shared`); the
+        other rows are batched longest first and padded to length buckets (`_score`)."""
         out: list[tuple[float, bool] | None] = [None] * len(rows)
-        B = self.batch_size
-        for start in tqdm(range(0, len(order), B), disable=disable_tqdm, desc="btx loglikelihood batches"):
-            idx = order[start:start + B]
-            T = length_bucket(len(rows[idx[0]]) - 1, self.max_length)
-            C = length_bucket(max(cont_lens[i] for i in idx), T, smallest=MIN_CONT_BUCKET)
-            R = min(B, 1 << (len(idx) - 1).bit_length())      # a last, partial batch: rows to a power of two
-            ids, segs = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
-            at, targets, mask = np.zeros((R, C), np.int32), np.zeros((R, C), np.int32), np.zeros((R, C), bool)
-            for r, i in enumerate(idx):
-                row, k = rows[i], cont_lens[i]
-                n = len(row) - 1
-                ids[r, :n], segs[r, :n] = row[:-1], 1
-                at[r, :k], targets[r, :k], mask[r, :k] = np.arange(n - k, n), row[n - k + 1:], True
-            logp, greedy = jax.device_get(_score(self.model, self.pre.params, ids, segs, at, targets, mask))
-            for r, i in enumerate(idx):
-                out[i] = (float(logp[r]), bool(greedy[r]))
+        groups: dict[tuple, list[int]] = {}
+        for i, (row, k) in enumerate(zip(rows, cont_lens)):
+            groups.setdefault(tuple(row[:len(row) - 1 - k]) if self.batch_size > 1 else (i,), []).append(i)
+        shared = [g[j:j + self.batch_size] for key, g in groups.items() if len(g) > 1 and key
+                  for j in range(0, len(g), self.batch_size)]
+        alone = sorted((i for key, g in groups.items() if len(g) == 1 or not key for i in g),
+                       key=lambda i: -len(rows[i]))
+        batches = [("alone", alone[j:j + self.batch_size]) for j in range(0, len(alone), self.batch_size)]
+        for kind, idx in tqdm(batches + [("shared", g) for g in shared], disable=disable_tqdm,
+                              desc="btx loglikelihood batches"):
+            score = self._rows_alone if kind == "alone" else self._rows_shared
+            for i, result in zip(idx, score([rows[i] for i in idx], [cont_lens[i] for i in idx])):
+                out[i] = result
         return out
+
+    def _rows_alone(self, rows: list[list[int]], cont_lens: list[int]) -> list[tuple[float, bool]]:
+        T = length_bucket(max(len(r) for r in rows) - 1, self.max_length)
+        C = length_bucket(max(cont_lens), T, smallest=MIN_CONT_BUCKET)
+        R = 1 << (len(rows) - 1).bit_length()          # a last, partial batch: rows to a power of two
+        ids, segs = np.zeros((R, T), np.int32), np.zeros((R, T), np.int32)
+        at, targets, mask = np.zeros((R, C), np.int32), np.zeros((R, C), np.int32), np.zeros((R, C), bool)
+        for r, (row, k) in enumerate(zip(rows, cont_lens)):
+            n = len(row) - 1
+            ids[r, :n], segs[r, :n] = row[:-1], 1
+            at[r, :k], targets[r, :k], mask[r, :k] = np.arange(n - k, n), row[n - k + 1:], True
+        logp, greedy = jax.device_get(_score(self.model, self.pre.params, ids, segs, at, targets, mask))
+        return [(float(logp[r]), bool(greedy[r])) for r in range(len(rows))]
+
+    def _rows_shared(self, rows: list[list[int]], cont_lens: list[int]) -> list[tuple[float, bool]]:
+        P = len(rows[0]) - 1 - cont_lens[0]                # the shared prefix: inputs before the continuation
+        prefix = np.zeros((1, length_bucket(P, self.max_length)), np.int32)
+        prefix[0, :P] = rows[0][:P]
+        S = length_bucket(max(cont_lens), self.max_length, smallest=MIN_CONT_BUCKET)
+        G = 1 << (len(rows) - 1).bit_length()
+        suffix, targets, mask = np.zeros((G, S), np.int32), np.zeros((G, S), np.int32), np.zeros((G, S), bool)
+        for r, (row, k) in enumerate(zip(rows, cont_lens)):
+            suffix[r, :k], targets[r, :k], mask[r, :k] = row[P:P + k], row[P + 1:P + k + 1], True
+        logp, greedy = jax.device_get(_score_shared(self.model, self.pre.params, prefix, np.int32(P), suffix,
+                                                    targets, mask))
+        return [(float(logp[r]), bool(greedy[r])) for r in range(len(rows))]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         rows, cont_lens = [], []

@@ -156,7 +156,7 @@ class Llama(nn.Module):
             head_DV = self.param("lm_head", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size),
                                  self.param_dtype)
         if return_hidden:
-            return x_BTD, head_DV
+            return (x_BTD, head_DV) if cache is None else ((x_BTD, head_DV), new_cache)
         # tokens as 2-D rows: the lm_head weight gradient is then a plain [D, N] x [N, V] matmul (a 3-D
         # contraction made XLA:CPU transpose the [N, V] logits gradient first)
         logits_BTV = jnp.dot(x_BTD.reshape(B * T, -1), head_DV.astype(self.dtype),

@@ -29,10 +29,10 @@ def test_demo_quick_writes_report_models_and_exports(tmp_path):
     for png in ("loss_curves.png", "routing_moe_router.png", "routing_moe_before_router.png"):
         assert (out / png).stat().st_size > 1000 and png in report
     results = json.loads((out / "results.json").read_text())
-    # downstream tasks through lm-evaluation-harness: every model scored, table + chart in the report
+    # downstream tasks through lm-evaluation-harness: one model of each kind scored, table + chart in the report
     assert "## Downstream tasks" in report and "near chance" in report
     assert (out / "downstream.png").stat().st_size > 1000
-    assert set(results["downstream"]) == models
+    assert set(results["downstream"]) == {"seed", "expert_wiki", "moe_router", "sft", "ffn_moe_router"}  # --quick
     for model, tasks in results["downstream"].items():
         assert set(tasks) == {"btx_jcommonsenseqa", "btx_jsquad"}, model
         assert 0.0 <= tasks["btx_jcommonsenseqa"]["value"] <= 1.0 and tasks["btx_jcommonsenseqa"]["n"] == 20

@@ -173,17 +173,17 @@ class BtxLM(TemplateLM):
         multiple-choice question) are scored together over one pass of that prefix (`_score_shared`); the
         other rows are batched longest first and padded to length buckets (`_score`)."""
         out: list[tuple[float, bool] | None] = [None] * len(rows)
+        B = self.batch_size
         groups: dict[tuple, list[int]] = {}
         for i, (row, k) in enumerate(zip(rows, cont_lens)):
-            groups.setdefault(tuple(row[:len(row) - 1 - k]) if self.batch_size > 1 else (i,), []).append(i)
-        shared = [g[j:j + self.batch_size] for key, g in groups.items() if len(g) > 1 and key
-                  for j in range(0, len(g), self.batch_size)]
-        alone = sorted((i for key, g in groups.items() if len(g) == 1 or not key for i in g),
+            groups.setdefault(tuple(row[:len(row) - 1 - k]), []).append(i)
+        share = lambda prefix, g: B > 1 and len(prefix) > 0 and len(g) > 1  # noqa: E731
+        alone = sorted((i for prefix, g in groups.items() if not share(prefix, g) for i in g),
                        key=lambda i: -len(rows[i]))
-        batches = [("alone", alone[j:j + self.batch_size]) for j in range(0, len(alone), self.batch_size)]
-        for kind, idx in tqdm(batches + [("shared", g) for g in shared], disable=disable_tqdm,
-                              desc="btx loglikelihood batches"):
-            score = self._rows_alone if kind == "alone" else self._rows_shared
+        calls = [(self._rows_alone, alone[j:j + B]) for j in range(0, len(alone), B)]
+        calls += [(self._rows_shared, g[j:j + B]) for prefix, g in groups.items() if share(prefix, g)
+                  for j in range(0, len(g), B)]
+        for score, idx in tqdm(calls, disable=disable_tqdm, desc="btx loglikelihood batches"):
             for i, result in zip(idx, score([rows[i] for i in idx], [cont_lens[i] for i in idx])):
                 out[i] = result
         return out

@@ -48,10 +48,10 @@ def test_checkpoints_and_final_hold_only_what_trained(trained):
     model_bytes = du(base)
     steps = [p for p in (root / "expert" / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(steps) == 2
-    # trainable 3,840 parameters + Adam state + orbax's metadata (~120 KB, varying run to run) of a 159,808
-    # parameter model: the frozen weights, even in bf16, would add half the model's bytes
+    # trainable 3,840 parameters + Adam state + orbax's files (120-240 KB, varying with write timing) of a
+    # 159,808-parameter model: the frozen weights (fp32 here) would add the whole model's bytes
     for step in steps:
-        assert du(step) < model_bytes / 3, (du(step), model_bytes)
+        assert du(step) < model_bytes / 2, (du(step), model_bytes)
         saved = (step / "state" / "_METADATA").read_text()
         assert "lora_a" in saved and "embed_tokens" not in saved and "kernel" not in saved
     final = root / "expert" / "final"

@@ -92,9 +92,14 @@ def gathered_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rul
     batch_axes = set(dict(rules)["batch"])
     spec = []
     for entry in spec_for(axes, shape, mesh, rules):
-        kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in batch_axes)
+        kept = tuple(a for a in entry_axes(entry) if a not in batch_axes)
         spec.append(None if not kept else kept[0] if len(kept) == 1 else kept)
     return P(*spec)
+
+
+def entry_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, an axis name or a tuple of them)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:

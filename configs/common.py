@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="float32", frozen_dtype="float32", remat="none",
         attention="auto", attention_block=64,   # btx_jax/model/attention.py; "xla" = reference
         loss_chunk=512,                  # lm_head + cross-entropy 512 positions at a time; 0 = full logits
+        loss_layout="auto",              # chunked loss sharding: batch | vocab (parallel) | auto (fewer bytes)
         skip_nonfinite=False, max_consecutive_nonfinite=5,
         seed=0, log_every=10, ckpt_every=50, keep_checkpoints=2,
     ))

@@ -68,7 +68,8 @@ def run_expert(repo: Path, model: Path, workdir: Path) -> dict:
     argv = [str(repo / "scripts" / "train.py"), "--config=configs/expert.py:synthetic", f"--workdir={workdir}",
             f"--config.model.init={model}", "--config.train.steps=2", "--config.train.ckpt_every=1",
             "--config.train.keep_checkpoints=2", "--config.train.frozen_dtype=bfloat16"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(repo)}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(repo),
+           "JAX_PLATFORMS": "cpu"}     # a CPU run: an installed libtpu would otherwise be initialised (~0.1 GiB)
     proc = subprocess.run([sys.executable, "-c", CHILD.format(argv=argv)], cwd=repo, env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:

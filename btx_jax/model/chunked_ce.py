@@ -7,6 +7,11 @@ of the batch at once, so a batch-sharded input stays batch-sharded): the forward
 log-sum-exp; the backward (a custom VJP) recomputes each slice's logits and forms the softmax gradient there.
 The live logits buffer is [B, chunk, V] instead of [B, T, V], in both passes.
 
+`layout` (optional) is a pair of shardings (one slice of hidden states [B, chunk, D], the head [D, V]) that
+every slice is computed in, forward and backward: btx_jax/train/step.py picks batch-sharded slices with a
+gathered head, or (vocab parallel) gathered slices with a vocab-sharded head, where the head would be the
+bigger thing to gather.
+
 Gradients go to the hidden states and to the head (the router and SFT phases train lm_head).  The head's
 gradient is only computed when the head is being differentiated (`symbolic_zeros`): a frozen head (the
 expert phase) costs no weight-gradient matmul.  Matmuls run in the inputs' dtype with fp32 accumulation;
@@ -32,10 +37,16 @@ def _logits(h_BCD, head_DV):
     return jnp.einsum("bcd,dv->bcv", h_BCD, head_DV.astype(h_BCD.dtype), preferred_element_type=jnp.float32)
 
 
-def _forward(h_BTD, head_DV, targets_BT, mask_BT, chunk):
+def _constrain(x, layout, which: int):
+    return x if layout is None else jax.lax.with_sharding_constraint(x, layout[which])
+
+
+def _forward(h_BTD, head_DV, targets_BT, mask_BT, chunk, layout):
+    head_DV = _constrain(head_DV, layout, 1)
+
     def body(total, xs):
         h, t, m = xs
-        logits = _logits(h, head_DV)
+        logits = _logits(_constrain(h, layout, 0), head_DV)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return total + jnp.sum((lse - picked) * m), lse
@@ -45,24 +56,26 @@ def _forward(h_BTD, head_DV, targets_BT, mask_BT, chunk):
     return total, lse
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked(h_BTD, head_DV, targets_BT, mask_BT, chunk):
-    return _forward(h_BTD, head_DV, targets_BT, mask_BT, chunk)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(h_BTD, head_DV, targets_BT, mask_BT, chunk, layout):
+    return _forward(h_BTD, head_DV, targets_BT, mask_BT, chunk, layout)[0]
 
 
-def _chunked_fwd(h, head, targets, mask, chunk):
-    total, lse = _forward(h.value, head.value, targets.value, mask.value, chunk)
+def _chunked_fwd(h, head, targets, mask, chunk, layout):
+    total, lse = _forward(h.value, head.value, targets.value, mask.value, chunk, layout)
     # the pytree structure (not a value) records whether the head needs a gradient
     return total, (h.value, head.value, targets.value, mask.value, lse, () if head.perturbed else None)
 
 
-def _chunked_bwd(chunk, res, g):
+def _chunked_bwd(chunk, layout, res, g):
     h_BTD, head_DV, targets_BT, mask_BT, lse_NBC, head_grad = res
     want_head = head_grad is not None
+    head_DV = _constrain(head_DV, layout, 1)
     w = head_DV.astype(h_BTD.dtype)
 
     def body(dw_DV, xs):
         h, t, m, lse_c = xs
+        h = _constrain(h, layout, 0)
         p = jnp.exp(_logits(h, head_DV) - lse_c[..., None])
         dlogits = (p - jax.nn.one_hot(t, p.shape[-1], dtype=p.dtype)) * (m * g)[..., None]
         dlogits = dlogits.astype(h.dtype)
@@ -82,11 +95,12 @@ def _chunked_bwd(chunk, res, g):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd, symbolic_zeros=True)
 
 
-def chunked_cross_entropy(h_BTD, head_DV, targets_BT, mask_BT, chunk: int = DEFAULT_CHUNK):
+def chunked_cross_entropy(h_BTD, head_DV, targets_BT, mask_BT, chunk: int = DEFAULT_CHUNK, layout=None):
     """Sum over tokens of mask * cross-entropy(h @ head, target), fp32; `chunk` positions per slice (a chunk
-    that does not divide T falls back to the largest divisor of T not above it)."""
+    that does not divide T falls back to the largest divisor of T not above it); `layout`: (slice sharding,
+    head sharding) or None (left to XLA)."""
     T = h_BTD.shape[1]
     chunk = max(1, min(int(chunk), T))
     while T % chunk:
         chunk -= 1
-    return _chunked(h_BTD, head_DV, targets_BT.astype(jnp.int32), mask_BT.astype(jnp.float32), chunk)
+    return _chunked(h_BTD, head_DV, targets_BT.astype(jnp.int32), mask_BT.astype(jnp.float32), chunk, layout)

@@ -150,6 +150,18 @@ def _size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS.get(m.group(2), 1)) if m else 0
 
 
+# XLA:CPU's while-loop-invariant code motion hoists the per-layer casts of stacked weights (bf16 frozen weights,
+# fp32 compute) out of the layer scan, so every device holds an fp32 copy of all its weight shards for the
+# whole step; without the pass each layer's weights are cast when the layer runs.  271M-parameter expert step
+# on 8 virtual devices: 238 -> 139 MiB of temporaries per device, step time no slower (interleaved runs).
+CPU_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def compiler_options(platform: str) -> dict | None:
+    """Compiler options the train step is compiled with on `platform` (jax.jit(compiler_options=...))."""
+    return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
+
+
 def compile_lowered(lowered, label: str = "step", log=print, every_s: float = 30.0):
     """(compiled, seconds) of `lowered.compile()`, logging a line every `every_s` seconds while it runs.
     Raises DoesNotFit when the compiler reports that the program exceeds the device's memory."""

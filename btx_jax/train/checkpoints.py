@@ -31,7 +31,8 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"     # orbax's in-progress step directories
 
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-                     "train.remat", "train.attention", "train.attention_block", "mesh", "distributed", "export", "eval")
+                     "train.remat", "train.attention", "train.attention_block",
+                     "train.loss_layout", "mesh", "distributed", "export", "eval")
 
 
 class Checkpointer:

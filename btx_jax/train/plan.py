@@ -53,6 +53,7 @@ from btx_jax.pretrained import random_source
 from btx_jax.train import aot
 from btx_jax.train.model_init import lora_spec
 from btx_jax.train.phases import merge
+from btx_jax.train.step import LOSS_LAYOUTS, resolve_layout
 from btx_jax.train.trainer import abstract_batch, resolved, wire
 
 
@@ -128,6 +129,8 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
         "flops_xla_raw": float(cost.get("flops", 0.0)),
         "compile_s": round(seconds, 2), "target": target.text, "fits": True,
         "loss_chunk": int(t.get("loss_chunk", 0)), "attention": t["attention"],
+        "loss_layout": resolve_layout(t["loss_layout"], gb // int(t["microbatches"]) * seq,
+                                      (config.hidden_size, config.vocab_size), mesh, phase.rules),
         "cost": aot.cost_model(compiled, target),
     }
     b = out["bytes"]
@@ -239,6 +242,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--target", default=None, help="cpu:N | tpu:v5p-8 | tpu:v5e-16 | tpu:v4-8 | tpu:v6e-8 | "
                    "tpu:<libtpu topology> (default cpu:--devices)")
     p.add_argument("--loss-chunk", type=int, default=None, help="cross-entropy chunk (positions); 0 = full logits")
+    p.add_argument("--loss-layout", default=None, choices=LOSS_LAYOUTS,
+                   help="train.loss_layout: sharding of the chunked loss (batch | vocab | auto)")
     p.add_argument("--attention", default=None, help="train.attention (btx_jax/model/attention.py IMPLS)")
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
@@ -262,6 +267,7 @@ def apply_flags(cfg: dict, args) -> None:
     for key, val in (("global_batch_size", args.batch), ("seq_len", args.seq_len), ("remat", args.remat),
                      ("dtype", args.dtype), ("frozen_dtype", args.frozen_dtype),
                      ("microbatches", args.microbatches), ("loss_chunk", args.loss_chunk),
+                     ("loss_layout", args.loss_layout),
                      ("attention", args.attention)):
         if val is not None:
             t[key] = val
@@ -294,8 +300,9 @@ def run(args) -> int:
     tic = time.perf_counter()
     for phase in (args.phase or cfg["phase"]).split(","):
         r = plan(cfg, phase=phase, experts=args.experts, top_k=args.top_k, mesh=mesh, target=target)
-        if args.search and memory:
-            best, runs = max_batch(cfg, memory, phase=phase, experts=args.experts,
+        if args.search and memory:    # one loss layout for every batch tried, so the peak stays affine in it
+            fixed = {**cfg, "train": {**t, "loss_layout": r["loss_layout"]}} if r["fits"] else cfg
+            best, runs = max_batch(fixed, memory, phase=phase, experts=args.experts,
                                    top_k=args.top_k, mesh=mesh, headroom=args.headroom, target=target)
             r["max_batch"] = best
             r["search"] = [{"batch": x["global_batch"], "peak": x["bytes"]["peak"]} for x in runs]

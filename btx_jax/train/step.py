@@ -8,6 +8,8 @@ State is a plain dict pytree {step, trainable, frozen, opt_state, rng} (what orb
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -36,32 +38,65 @@ def token_losses(logits_BTV, batch):
     return jnp.sum(ce_BT * mask), jnp.sum(mask)
 
 
+LOSS_LAYOUTS = ("auto", "batch", "vocab")
+
+
+def resolve_layout(layout: str, tokens: int, head_DV: tuple[int, int], mesh, rules=mesh_lib.DEFAULT_RULES) -> str:
+    """"batch" or "vocab": how the chunked loss over `tokens` (global batch x seq of one microbatch) with an
+    lm_head of shape `head_DV` is sharded.  "batch": hidden states stay batch-sharded and every device gathers lm_head ([D, V], gathered in the forward and again in the backward: 2 D V elements moved);
+    "vocab": every device keeps its vocab shard of lm_head and gathers each slice of hidden states ([B, chunk, D]
+    from all devices, forward and backward, plus the reduce-scatter of their gradient: 3 B T D elements).
+    "auto" takes the one that moves fewer bytes, vocab parallel when 3 B T < 2 V (small batches of tokens
+    against a large vocabulary, where it also holds less: a [B, chunk, D] slice instead of the whole head).
+    Vocab parallel needs V divisible by the devices it is split over; otherwise "batch"."""
+    vocab = head_DV[1]
+    wanted = layout == "vocab" or (layout == "auto" and 3 * tokens < 2 * vocab)
+    split = math.prod(mesh.shape[a] for a in _vocab_axes(head_DV, mesh, rules))
+    return "vocab" if wanted and vocab % split == 0 else "batch"
+
+
+def _head_spec(head_DV: tuple[int, int], mesh, rules):
+    """The spec a batch-layout loss computes lm_head in (gathered over the batch's mesh axes)."""
+    return mesh_lib.gathered_spec(param_paths.rule_for("lm_head").axes, tuple(head_DV), mesh, rules)
+
+
+def _vocab_axes(head_DV: tuple[int, int], mesh, rules) -> tuple[str, ...]:
+    """Mesh axes a vocab-parallel head is split over: its own (tensor) ones, then the batch's."""
+    return (mesh_lib.entry_axes(_head_spec(head_DV, mesh, rules)[1])
+            + mesh_lib.entry_axes(mesh_lib.batch_sharding(mesh, rules).spec[0]))
+
+
 def ce_sum(model: Llama, params, batch, rng=None, loss_chunk: int = DEFAULT_CHUNK, mesh=None,
-           rules=mesh_lib.DEFAULT_RULES):
+           rules=mesh_lib.DEFAULT_RULES, loss_layout: str = "auto"):
     """(sum of masked token cross-entropies, aux dict): chunked when loss_chunk > 0, else from full logits.
-    With a `mesh`, the chunked loss runs on batch-sharded hidden states and a gathered lm_head (left to
-    itself, XLA may instead gather the [batch, chunk, vocab] logits onto every device)."""
+    With a `mesh`, the chunked loss runs in a fixed layout (`resolve_layout`): batch-sharded hidden states and
+    a gathered lm_head, or gathered slices of hidden states and a vocab-sharded lm_head (left to itself, XLA
+    may instead gather the [batch, chunk, vocab] logits onto every device)."""
     if loss_chunk <= 0:
         logits, aux = forward(model, params, batch, rng)
         return token_losses(logits, batch)[0], aux
     (h_BTD, head_DV), aux = forward(model, params, batch, rng, return_hidden=True)
+    layout = None
     if mesh is not None:
-        batch_spec = mesh_lib.batch_sharding(mesh, rules).spec
-        h_BTD = jax.lax.with_sharding_constraint(
-            h_BTD, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*batch_spec, None)))
-        head_spec = mesh_lib.gathered_spec(param_paths.rule_for("lm_head").axes, head_DV.shape, mesh, rules)
-        head_DV = jax.lax.with_sharding_constraint(head_DV, jax.sharding.NamedSharding(mesh, head_spec))
-    return chunked_cross_entropy(h_BTD, head_DV, batch["targets"], batch["loss_mask"], loss_chunk), aux
+        named = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+        B, T, _ = h_BTD.shape
+        if resolve_layout(loss_layout, B * T, head_DV.shape, mesh, rules) == "vocab":
+            layout = (named(), named(None, _vocab_axes(head_DV.shape, mesh, rules) or None))
+        else:
+            h_BTD = jax.lax.with_sharding_constraint(h_BTD, named(mesh_lib.batch_sharding(mesh, rules).spec[0], None))
+            head_DV = jax.lax.with_sharding_constraint(head_DV, named(*_head_spec(head_DV.shape, mesh, rules)))
+    return chunked_cross_entropy(h_BTD, head_DV, batch["targets"], batch["loss_mask"], loss_chunk, layout), aux
 
 
 def make_train_step(model: Llama, tx: optax.GradientTransformation, *, microbatches: int, lb_alpha: float,
-                    z_alpha: float, loss_chunk: int = DEFAULT_CHUNK, mesh=None, rules=mesh_lib.DEFAULT_RULES):
+                    z_alpha: float, loss_chunk: int = DEFAULT_CHUNK, mesh=None, rules=mesh_lib.DEFAULT_RULES,
+                    loss_layout: str = "auto"):
     """step(state, batch) -> (state, metrics).  `batch` arrays are [global_batch, seq].  `mesh` is put in
     context while tracing (kernels that run per shard, such as the TPU attention, read it) and, with `rules`,
     fixes the loss's shardings."""
 
     def loss_fn(trainable, frozen, micro, rng, total_tokens):
-        ce, aux = ce_sum(model, merge(trainable, frozen), micro, rng, loss_chunk, mesh, rules)
+        ce, aux = ce_sum(model, merge(trainable, frozen), micro, rng, loss_chunk, mesh, rules, loss_layout)
         loss = ce / total_tokens
         if aux:
             loss = loss + (lb_alpha * aux["lb_loss"] + z_alpha * aux["z_loss"]) / microbatches

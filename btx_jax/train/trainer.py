@@ -9,6 +9,7 @@ good checkpoint (or is skipped with `train.skip_nonfinite`).  The final paramete
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from btx_jax.errors import UserError
 from btx_jax.model import Llama, attention
 from btx_jax.pretrained import ModelSource
 from btx_jax import mesh as mesh_lib
-from btx_jax.train import checkpoints, phases
+from btx_jax.train import aot, checkpoints, phases
 from btx_jax.train.health import TrainingHealth
 from btx_jax.train.metrics_log import MetricsLog
 from btx_jax.train.model_init import initial_source
@@ -116,12 +117,14 @@ def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
                                                           transform_non_params=lambda _: replicated),
                        "rng": replicated}
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
-    model = model.clone(attention=attention.resolve(model.attention, mesh.devices.flat[0].platform))
+    platform = mesh.devices.flat[0].platform
+    model = model.clone(attention=attention.resolve(model.attention, platform))
     step_fn = jax.jit(make_train_step(model, tx, microbatches=int(t["microbatches"]), lb_alpha=float(t["lb_alpha"]),
                                       z_alpha=float(t["z_alpha"]), loss_chunk=int(t.get("loss_chunk", 0)), mesh=mesh,
-                                      rules=rules),
+                                      rules=rules, loss_layout=t["loss_layout"]),
                       in_shardings=(state_shardings, {k: batch_sharding for k in FIELDS}),
-                      out_shardings=(state_shardings, None), donate_argnums=0)
+                      out_shardings=(state_shardings, None), donate_argnums=0,
+                      compiler_options=aot.compiler_options(platform))
     abstract = jax.eval_shape(lambda tr, fr: init_state(tr, fr, tx, int(t["seed"])), trainable, frozen)
     abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                       abstract, state_shardings)
@@ -267,12 +270,23 @@ def compile_step(step_fn, state: dict, batch: dict, verbose: bool):
     accelerator that is device memory; on virtual CPU devices every device's share is host RAM)."""
     tic = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
+    release_freed_memory()
     mem = compiled.memory_analysis()
     if verbose and mem is not None:
         print(f"[btx] step compiled in {time.perf_counter() - tic:.1f}s: per device "
               f"{mem.argument_size_in_bytes / 2**30:.3f} GiB state+batch, {mem.temp_size_in_bytes / 2**30:.3f} GiB "
               "temporaries", flush=True)
     return compiled
+
+
+def release_freed_memory() -> None:
+    """Hand the memory the compiler freed back to the OS: glibc keeps it in per-thread arenas that the model's
+    weights, read next by other threads, do not reuse, so the process's peak would hold both.  No-op where the
+    C library has no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def save_final(dst: Path, phase: Phase, state: dict) -> None:

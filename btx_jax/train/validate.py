@@ -22,6 +22,7 @@ from btx_jax.model import attention
 from btx_jax.model.llama import REMAT_POLICIES
 from btx_jax import mesh as mesh_lib
 from btx_jax.train import phases
+from btx_jax.train.step import LOSS_LAYOUTS
 
 DTYPES = ("float32", "bfloat16", "float16")
 SECTIONS = {
@@ -56,6 +57,7 @@ TRAIN = {
     "attention_block": _int(1), "skip_nonfinite": ("bool", None, "True or False"),
     "max_consecutive_nonfinite": _int(1), "seed": _int(0), "log_every": _int(1), "ckpt_every": _int(1),
     "keep_checkpoints": _int(1), "loss_chunk": _int(0),
+    "loss_layout": ("choice", LOSS_LAYOUTS, f"one of {', '.join(LOSS_LAYOUTS)}"),
 }
 
 

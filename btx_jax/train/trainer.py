@@ -168,6 +168,7 @@ def initial_state(phase: Phase, seed: int) -> tuple[dict, str]:
     trainable = param_paths.unflatten({p: params.pop(p) for p in phase.trainable})
     frozen = {p: params.pop(p) for p in phase.frozen}
     digest = btx.digest(frozen)
+    release_freed_memory()           # the reads' host slices and the digest's temporaries
     init = jax.jit(lambda tr, fr: init_state(tr, fr, phase.built.tx, seed), out_shardings=phase.built.state_shardings,
                    donate_argnums=(0, 1))
     return init(trainable, param_paths.unflatten(frozen)), digest
@@ -177,6 +178,7 @@ def frozen_weights(phase: Phase, saved_digest: str, step: int) -> dict:
     """The frozen weights (from their source) for a resume at `step`, checked against the digest it saved."""
     frozen = phase.source.fill(phase.frozen)
     found = btx.digest(frozen)
+    release_freed_memory()
     if found != saved_digest:
         raise ConfigError(f"cannot resume: the frozen weights (model.init={phase.source.reference}) changed since "
                           f"step {step} was saved (digest {saved_digest}, now {found})")
@@ -280,9 +282,9 @@ def compile_step(step_fn, state: dict, batch: dict, verbose: bool):
 
 
 def release_freed_memory() -> None:
-    """Hand the memory the compiler freed back to the OS: glibc keeps it in per-thread arenas that the model's
-    weights, read next by other threads, do not reuse, so the process's peak would hold both.  No-op where the
-    C library has no malloc_trim."""
+    """Hand freed host memory back to the OS (after compiling, reading the weights, digesting them): glibc
+    keeps it in per-thread arenas that the next stage, run by other threads, does not reuse, so the process's
+    peak would hold every stage's leftovers.  No-op where the C library has no malloc_trim."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):

@@ -248,7 +248,7 @@ def train(config, workdir: str | Path) -> dict:
             print(f"[btx] {workdir} already finished (step {start} of train.steps={start}); {final} is up to date",
                   flush=True)
         else:
-            save_final(final, phase, state)
+            save_final(final, phase, state, digest)
         last["data_stats"] = data.stats()
         metrics_log.footer(last)
         return last
@@ -291,19 +291,22 @@ def release_freed_memory() -> None:
         pass
 
 
-def save_final(dst: Path, phase: Phase, state: dict) -> None:
+def save_final(dst: Path, phase: Phase, state: dict, frozen_digest: str | None = None) -> None:
     """Write the phase's result as a btx checkpoint, every process writing its shards (orbax), atomically.
 
     Lean: it stores the trained leaves (and any frozen leaf its source does not provide, such as fresh
     routers) and names the source of the other frozen weights with their digest (btx_jax/checkpoint/btx.py);
-    a model made from nothing (pretraining) is stored whole."""
+    a model made from nothing (pretraining) is stored whole.  `frozen_digest` is the digest of all frozen
+    weights taken at the start (they do not change), reused when every frozen leaf comes from the source."""
     from jax.experimental import multihost_utils
     trainable, frozen = param_paths.flatten(state["trainable"]), param_paths.flatten(state["frozen"])
     reference = phase.source.reference
     linked = {p: v for p, v in frozen.items() if p in phase.source.covered} if reference is not None else {}
     stored = {**{p: v for p, v in frozen.items() if p not in linked}, **trainable}
     if linked:
-        reference = {**reference, "digest": btx.digest(linked), "digest_paths": sorted(linked)}
+        same = frozen_digest is not None and set(linked) == set(frozen)
+        reference = {**reference, "digest": frozen_digest if same else btx.digest(linked),
+                     "digest_paths": sorted(linked)}
     tmp = dst.with_name(f".{dst.name}.tmp")
     if jax.process_index() == 0 and tmp.exists():
         shutil.rmtree(tmp)

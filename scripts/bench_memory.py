@@ -7,11 +7,12 @@ For each size it writes a random bf16 HF Llama (safetensors) once, then runs `sc
 checkpoint every step; the preset's batch 8 x 64 tokens) in a
 fresh process, and reports that process's peak RSS, the size of each checkpoint
 step and of `final`.  `--repo DIR` runs another checkout's scripts/train.py (e.g. an older commit, for a
-before/after table in one run).
+before/after table in one run); `--remat none,full` runs each remat policy.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -64,10 +65,12 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def run_expert(repo: Path, model: Path, workdir: Path) -> dict:
+def run_expert(repo: Path, model: Path, workdir: Path, remat: str | None = None) -> dict:
     argv = [str(repo / "scripts" / "train.py"), "--config=configs/expert.py:synthetic", f"--workdir={workdir}",
             f"--config.model.init={model}", "--config.train.steps=2", "--config.train.ckpt_every=1",
             "--config.train.keep_checkpoints=2", "--config.train.frozen_dtype=bfloat16"]
+    if remat:
+        argv.append(f"--config.train.remat={remat}")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(repo),
            "JAX_PLATFORMS": "cpu"}     # a CPU run: an installed libtpu would otherwise be initialised (~0.1 GiB)
     proc = subprocess.run([sys.executable, "-c", CHILD.format(argv=argv)], cwd=repo, env=env, capture_output=True,
@@ -90,6 +93,7 @@ def main() -> None:
     p.add_argument("--sizes", default="68M,271M", help=f"comma-separated, from {', '.join(SIZES)}")
     p.add_argument("--repo", action="append", default=None,
                    help="checkout whose scripts/train.py runs (repeat to compare; default: this one)")
+    p.add_argument("--remat", default="", help="comma-separated train.remat values to run (default: the preset's)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     repos = [Path(r).resolve() for r in (args.repo or [REPO])]
@@ -100,12 +104,12 @@ def main() -> None:
                 raise SystemExit(f"error: unknown size {size!r} (choose from {', '.join(SIZES)})")
             model = Path(tmp) / f"llama_{size}"
             model_bytes = write_model(size, model)
-            for i, repo in enumerate(repos):
-                r = {"size": size, "repo": str(repo), "model_bytes": model_bytes,
-                     **run_expert(repo, model, Path(tmp) / f"run_{size}_{i}")}
+            for (i, repo), remat in itertools.product(enumerate(repos), args.remat.split(",")):
+                r = {"size": size, "repo": str(repo), "remat": remat or "preset", "model_bytes": model_bytes,
+                     **run_expert(repo, model, Path(tmp) / f"run_{size}_{i}_{remat}", remat or None)}
                 results.append(r)
                 gib = 2 ** 30
-                print(f"{size:>5} {repo.name:>12}: model {model_bytes / gib:.2f} GiB  peak RSS "
+                print(f"{size:>5} {repo.name:>12} remat {r['remat']:>6}: model {model_bytes / gib:.2f} GiB  peak RSS "
                       f"{r['peak_rss_bytes'] / gib:.2f} GiB (before the first step "
                       f"{(r['peak_rss_before_step_bytes'] or 0) / gib:.2f} GiB; step temporaries "
                       f"{(r['step_temp_bytes_per_device'] or 0) / 2**20:.0f} MiB/device)  checkpoint steps "

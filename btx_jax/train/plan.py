@@ -179,10 +179,11 @@ def layer_train_flops(config, t: dict, trainable: dict, frozen: dict, batch: int
 
 
 def max_batch(cfg: dict, memory: int, *, phase: str, experts: int, top_k: int, mesh=None, headroom=0.1,
-              limit: int = 4096, log=print, target=None) -> tuple[int, list[dict]]:
+              limit: int = 4096, log=print, target=None, known: tuple[dict, ...] = ()) -> tuple[int, list[dict]]:
     """Largest global batch (a multiple of the data-parallel size) whose compiled peak fits `memory`
     (1 - headroom) per device.  Peak bytes are affine in the batch, so two compiles give the line, one more
-    checks the predicted size (and steps down until a compile agrees)."""
+    checks the predicted size (and steps down until a compile agrees).  `known`: plans already compiled
+    (e.g. at the config's batch), reused for the same batch."""
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg["mesh"])
     rules = tuple((k, tuple(v)) for k, v in (cfg.get("mesh_rules") or mesh_lib.DEFAULT_RULES))
     dp = mesh_lib.data_parallel_size(mesh, rules) * int(cfg["train"]["microbatches"])
@@ -190,7 +191,8 @@ def max_batch(cfg: dict, memory: int, *, phase: str, experts: int, top_k: int, m
     runs = []
 
     def at(b):
-        r = plan(cfg, phase=phase, batch=b, experts=experts, top_k=top_k, mesh=mesh, target=target, log=log)
+        r = next((k for k in known if k["global_batch"] == b), None) or plan(
+            cfg, phase=phase, batch=b, experts=experts, top_k=top_k, mesh=mesh, target=target, log=log)
         runs.append(r)
         log(f"  [search] {phase} batch {b}: peak {r['bytes']['peak'] / 2**30:.2f} GiB/device "
             + (f"(compile {r['compile_s']:.1f}s)" if r["fits"] else f"(does not fit: {r['error']})"))
@@ -303,7 +305,8 @@ def run(args) -> int:
         if args.search and memory:    # one loss layout for every batch tried, so the peak stays affine in it
             fixed = {**cfg, "train": {**t, "loss_layout": r["loss_layout"]}} if r["fits"] else cfg
             best, runs = max_batch(fixed, memory, phase=phase, experts=args.experts,
-                                   top_k=args.top_k, mesh=mesh, headroom=args.headroom, target=target)
+                                   top_k=args.top_k, mesh=mesh, headroom=args.headroom, target=target,
+                                   known=(r,))
             r["max_batch"] = best
             r["search"] = [{"batch": x["global_batch"], "peak": x["bytes"]["peak"]} for x in runs]
         rows.append(r)

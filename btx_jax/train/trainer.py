@@ -233,6 +233,7 @@ def train(config, workdir: str | Path) -> dict:
                 last = _check(pending, metrics_log, lr_at, t, health, ckpt)
                 pending = None
                 ckpt.save(step + 1, state, data.get_state(), cfg, digest, force=True)
+                release_freed_memory()
             if stop["signal"]:
                 name = signal.Signals(stop["signal"]).name
                 saved = ckpt.saved_step()

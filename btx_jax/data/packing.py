@@ -132,7 +132,8 @@ class PackedExamples:
     """SFT examples packed whole into padded rows (see module docstring)."""
 
     def __init__(
-        self, docs: TokenizedDocs, *, name: str, seq_len: int, seed: int, shuffle: bool, pad_id: int, overlong: str
+        self, docs: TokenizedDocs, *, name: str, seq_len: int, seed: int, shuffle: bool, pad_id: int, overlong: str,
+        allow_empty: bool = False,
     ):
         if overlong not in ("truncate", "drop"):
             raise DataError(f"overlong must be 'truncate' or 'drop', not {overlong!r}")
@@ -147,7 +148,7 @@ class PackedExamples:
             "truncated": int((too_long & keep).sum()),
             "dropped": int((~keep).sum()),
         }
-        if not keep.any():
+        if not keep.any() and not allow_empty:  # allow_empty: a streamed block (btx_jax.data.streaming)
             raise DataError(
                 f"source {name!r}: every example was dropped (too long for seq_len={seq_len} or no response tokens)"
             )
@@ -168,8 +169,13 @@ class PackedExamples:
                 row, used, seg = row + 1, 0, 0
             row_of[i], offset_in_row[i], seg_of[i] = row, used, seg + 1
             used, seg = used + n, seg + 1
-        fill = np.bincount(row_of, weights=pairs, minlength=row + 1).astype(np.int64)
+        fill = np.bincount(row_of, weights=pairs, minlength=row + 1 if len(pairs) else 0).astype(np.int64)
         return row_of, offset_in_row, seg_of, fill
+
+    def row_spans(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(offset in the store, kept tokens) of each example of layout row `row`, in packing order."""
+        examples = slice(self._first[row], self._first[row + 1])
+        return self._starts[examples], self._pairs[examples] + 1
 
     def _materialise(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Rows `ids` of the layout, filled from the store."""

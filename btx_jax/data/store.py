@@ -80,10 +80,11 @@ def default_num_proc() -> int:
 
 
 class Encoder:
-    """Records (a batch of columns) -> token ids [+ response mask]; pickled into the map processes."""
+    """Records (a batch of columns) -> token ids [+ response mask]; pickled into the map processes.
+    `num_threads`: sentencepiece threads (1 in the store's map processes; streaming tokenises in one process)."""
 
-    def __init__(self, source: Source, tokenizer, options: dict):
-        self.source, self.tokenizer, self.options = source, tokenizer, options
+    def __init__(self, source: Source, tokenizer, options: dict, num_threads: int = 1):
+        self.source, self.tokenizer, self.options, self.num_threads = source, tokenizer, options, num_threads
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         tok, opt = self.tokenizer, self.options
@@ -91,14 +92,15 @@ class Encoder:
             n = len(next(iter(batch.values())))
             records = [{k: v[i] for k, v in batch.items()} for i in range(n)]
             ids, masks = encode_sft(
-                self.source, tok, records, add_bos=opt["add_bos"], use_tokenizer_template=opt["use_template"]
+                self.source, tok, records, add_bos=opt["add_bos"], use_tokenizer_template=opt["use_template"],
+                num_threads=self.num_threads,
             )
             first = [next((i for i, m in enumerate(mask) if m and i > 0), len(mask)) for mask in masks]
             return {"input_ids": ids, "response_mask": masks, "first_response": first}
         texts, _ = document_texts(self.source, batch)
         bos = [tok.bos_id] if opt["add_bos"] else []
         eos = [tok.eos_id] if opt["add_eos"] else []
-        return {"input_ids": [bos + x + eos for x in tok.encode_batch(texts, num_threads=1)]}
+        return {"input_ids": [bos + x + eos for x in tok.encode_batch(texts, num_threads=self.num_threads)]}
 
 
 def sft_options(tokenizer, *, add_bos: bool, chat_template: str) -> dict:
@@ -113,7 +115,7 @@ def pretrain_options(*, add_bos: bool, add_eos: bool) -> dict:
 def store_path(source: Source, options: dict, cache_dir: str | Path | None) -> Path:
     """The folder of the source's store (fingerprint: source stamp + options; see module docstring)."""
     fields = dataclasses.asdict(source)
-    for key in ("name", "ratio", "eval_path", "format_fn", "max_docs"):
+    for key in ("name", "ratio", "eval_path", "format_fn", "max_docs", "streaming"):
         fields.pop(key)
     if source.format_fn is not None:
         from datasets.fingerprint import Hasher
@@ -185,11 +187,12 @@ def _shard_plan(records, shard_mb: float) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + per_shard)) for lo in range(0, n, per_shard)]
 
 
-def _check_fields(source: Source, records, options: dict) -> None:
+def check_fields(source: Source, columns: list[str], options: dict) -> None:
+    """DataError when the records (with these column names) lack a field the formatting reads."""
     if options["kind"] == "sft":
-        require_fields(source, records, sft_fields(source, records.column_names))
+        require_fields(source, columns, sft_fields(source, columns))
     else:
-        require_fields(source, records, template_fields(source))
+        require_fields(source, columns, template_fields(source))
 
 
 def build_store(source: Source, tokenizer, options: dict, path: Path, *, num_proc=None, shard_mb=None,
@@ -200,7 +203,7 @@ def build_store(source: Source, tokenizer, options: dict, path: Path, *, num_pro
     num_proc = num_proc or default_num_proc()
     arrow_cache = path / "arrow" if local_files(source) is not None else None
     records = load_records(source, cache_dir=str(arrow_cache) if arrow_cache else None, num_proc=num_proc)
-    _check_fields(source, records, options)
+    check_fields(source, records.column_names, options)
     (path / "shards").mkdir(parents=True, exist_ok=True)
     if (path / "store.json").exists():
         plan = json.loads((path / "store.json").read_text())

@@ -263,7 +263,7 @@ def _load_hub(source: Source, streaming: bool = False):
         return datasets.load_dataset(name, source.subset, split=source.split, revision=source.revision,
                                      streaming=streaming)
     except Exception as e:  # datasets raises many types here (connection, not found, offline, bad config)
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        cause = (str(e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0]
         offline = " (not in the local datasets cache, and the hub is offline or does not have it)"
         local = Path(name).is_dir()
         raise DataError(

@@ -1,18 +1,29 @@
 """Streaming sources: the same rows as the stored path, mixtures, exact resume, disjoint processes, errors."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from data_checks import check_resume, same
 
-from btx_jax.data import BUNDLED_TOKENIZER, DataError, bundled_source, eval_batches, load_tokenizer, make_pipeline
-from btx_jax.data import prepare, prepare_config, streaming
+from btx_jax.data import (
+    BUNDLED_TOKENIZER,
+    DataError,
+    bundled_source,
+    eval_batches,
+    load_tokenizer,
+    make_pipeline,
+    prepare,
+    prepare_config,
+    streaming,
+)
 
 TOK = load_tokenizer(BUNDLED_TOKENIZER)
-REPO = Path(__file__).resolve().parents[1]
 
 
 def records(domain):
@@ -36,10 +47,6 @@ def hub_dir(root: Path, rows, n_files=3, fmt="jsonl"):
         else:
             path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
     return str(root)
-
-
-def same(a, b):
-    return all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def pipe(tmp_path, sources, *, kind="pretrain", seq_len=64, batch=8, **options):
@@ -99,16 +106,7 @@ def test_resume_continues_exactly(tmp_path, small_blocks, kind):
     mix = [src, dict(bundled_source("math", 0.3), path=bundled_source("math")["eval_path"])]
     make = lambda **o: pipe(tmp_path, mix if kind == "pretrain" else [src], kind=kind, seed=7, seq_len=128, batch=16,
                             **o)
-    straight = make()
-    expected = [next(straight) for _ in range(60)]
-    first = make()
-    for _ in range(23):
-        next(first)
-    state = json.loads(json.dumps(first.get_state()))
-    resumed = make()
-    resumed.set_state(state)
-    assert all(same(next(resumed), b) for b in expected[23:])
-    assert resumed.stats() == straight.stats()
+    straight, expected, state = check_resume(make, total=60, at=23)
     assert straight.stats()["epochs"]["d"] >= 1  # crossed an epoch boundary
     assert len(json.dumps(state)) < 20_000  # positions, not data: under one row of carried tokens per source
     on_demand = make(read_ahead=0)
@@ -261,3 +259,41 @@ def test_evaluation_and_prepare_data_skip_the_streamed_training_data(tmp_path, c
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{wiki['path']}: streaming source, skipped (no store: it is read and tokenised while training)"
     assert out[1].startswith(f"{wiki['eval_path']}: 251 documents")
+
+
+_JAX_PROCESS = """
+import json, os, sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from btx_jax.data import BUNDLED_TOKENIZER, load_tokenizer, make_pipeline
+cfg = {"sources": [{"name": "d", "path": sys.argv[3], "streaming": True}]}
+p = make_pipeline(cfg, load_tokenizer(BUNDLED_TOKENIZER), seq_len=32, global_batch_size=4,
+                  process_index=jax.process_index(), process_count=2, seed=4)
+for _ in range(5):
+    next(p)
+state = p.get_state()  # every process calls it, as the trainer does before saving the checkpoint
+print(json.dumps({"state": state, "next": [next(p)["inputs"].tolist() for _ in range(3)]}))
+"""
+
+
+def test_get_state_gathers_every_process_position_under_multi_process_jax(tmp_path):
+    path = hub_dir(tmp_path / "ds", records("wiki")[::5])
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", _JAX_PROCESS, address, str(i), path], cwd=repo, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0]["state"] == results[1]["state"]  # one state, what the primary process checkpoints
+    assert sorted(results[0]["state"]["streaming"]["positions"]) == ["0", "1"]
+    for i, result in enumerate(results):
+        resumed = make_pipeline({"sources": [{"name": "d", "path": path, "streaming": True}]}, TOK, seq_len=32,
+                                global_batch_size=4, process_index=i, process_count=2, seed=4)
+        resumed.set_state(results[0]["state"])
+        assert [next(resumed)["inputs"].tolist() for _ in range(3)] == result["next"]

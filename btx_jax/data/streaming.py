@@ -180,7 +180,9 @@ class StreamingRows:
         n = len(encoded["input_ids"])
         if self.source.max_docs is not None:
             n = min(n, self.source.max_docs - pos["docs"])
-        order = source_rng(self.seed, self.name, pos["epoch"], pos["block"]).permutation(n) if self.shuffle else range(n)
+        order = range(n)
+        if self.shuffle:
+            order = source_rng(self.seed, self.name, pos["epoch"], pos["block"]).permutation(n)
         docs = [{k: v[i] for k, v in encoded.items()} for i in order]
         packed, rows, carry = self._pack(pos["carry"], docs, final=False)
         counts = dict(pos["counts"], documents=pos["counts"]["documents"] + n)
@@ -214,8 +216,9 @@ class StreamingRows:
             return packed, rows, {"tokens": [], "lengths": [], "mask": [], "first": []}
         starts, kept = packed.row_spans(rows - 1)  # the open row's examples go on into the next block
         take = np.concatenate([np.arange(s, s + k) for s, k in zip(starts, kept)])
-        return packed, rows - 1, {"tokens": tokens[take].tolist(), "lengths": kept.tolist(),
-                                  "mask": mask[take].tolist(), "first": first[np.searchsorted(offsets, starts)].tolist()}
+        carry = {"tokens": tokens[take].tolist(), "lengths": kept.tolist(), "mask": mask[take].tolist(),
+                 "first": first[np.searchsorted(offsets, starts)].tolist()}
+        return packed, rows - 1, carry
 
     def _pack_stream(self, tokens: np.ndarray, offsets: np.ndarray):
         row = self.seq_len + 1

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -52,20 +53,61 @@ _MAP_BATCH = 1000
 _BYTES_PER_PROC = 4 << 20
 
 
+class TokenFile:
+    """A flat array file (`tokens.bin`, `mask.bin`) indexed like a 1-D numpy array with an integer index array,
+    read with `os.preadv`, one call per run of consecutive indices (a row reads a few document pieces).
+
+    Not a memory map: the pages of a map that rows were read from stay mapped and count in the process's RSS,
+    each random read mapping up to 64 KB around it (the kernel's fault-around of cached pages; madvise(MADV_RANDOM)
+    stops only the read-around of uncached ones), so the batch-building process grew with the corpus and with the
+    batches read. Read pages stay in the page cache (reclaimable, shared by every process), out of RSS.
+    Thread-safe (positional reads); pickled with its TokenizedDocs as a path to reopen."""
+
+    def __init__(self, path: Path, dtype: str, size: int):
+        self.path, self.dtype, self.shape = Path(path), np.dtype(dtype), (int(size),)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index, np.int64)
+        flat = index.reshape(-1)
+        out = np.empty(flat.size, self.dtype)
+        if not flat.size:
+            return out.reshape(index.shape)
+        if flat.min() < 0 or flat.max() >= self.shape[0]:
+            raise IndexError(f"{self.path}: index out of range [0, {self.shape[0]})")
+        cuts = np.flatnonzero(np.diff(flat) != 1) + 1
+        size = self.dtype.itemsize
+        for lo, hi in zip(np.append(0, cuts).tolist(), np.append(cuts, flat.size).tolist()):
+            if os.preadv(self._fd, [memoryview(out[lo:hi]).cast("B")], int(flat[lo]) * size) != (hi - lo) * size:
+                raise DataError(f"store file {self.path} is shorter than its meta.json says; delete the store")
+        return out.reshape(index.shape)
+
+    def __reduce__(self):
+        return TokenFile, (self.path, self.dtype.str, self.shape[0])
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
 @dataclasses.dataclass
 class TokenizedDocs:
     """Documents of one source as one flat token array: doc i is tokens[offsets[i]:offsets[i+1]]."""
 
-    tokens: np.ndarray  # [total] uint16/int32, memory-mapped
-    offsets: np.ndarray  # [num_docs + 1] int64
-    response_mask: np.ndarray | None  # [total] uint8 memory-mapped, SFT only: 1 on tokens the loss counts
-    first_response: np.ndarray | None  # [num_docs] int64, SFT only: index of the first response token >= 1
+    tokens: np.ndarray | TokenFile  # [total] uint16/int32 (a store's: a TokenFile)
+    offsets: np.ndarray  # [num_docs + 1] int64 (the corpus may hold more than 2^31 tokens)
+    response_mask: np.ndarray | TokenFile | None  # [total] uint8, SFT only: 1 on tokens the loss counts
+    first_response: np.ndarray | None  # [num_docs] int32, SFT only: index of the first response token >= 1
     counts: dict[str, int]  # documents, filtered
     reopen: tuple = ()  # (store path, meta, max_docs): pickles as a reference, never as a copy of the tokens
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """[num_docs] int32 tokens per document (made on first use: pretraining does not keep it)."""
+        return np.diff(self.offsets).astype(np.int32)
 
     def __reduce__(self):
         return _read, self.reopen
@@ -170,13 +212,15 @@ def open_store(source: Source, tokenizer, options: dict, *, cache_dir=None, num_
 
 
 def _read(path: Path, meta: dict, max_docs: int | None) -> TokenizedDocs:
-    lengths = np.fromfile(path / "lengths.bin", np.int32)[:max_docs].astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
+    count = -1 if max_docs is None else max_docs
+    lengths = np.fromfile(path / "lengths.bin", np.int32, count=count)
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
+    tokens = TokenFile(path / "tokens.bin", meta["dtype"], meta["tokens"])
     mask = first = None
     if (path / "mask.bin").exists():
-        mask = np.memmap(path / "mask.bin", dtype=np.uint8, mode="r", shape=(meta["tokens"],))
-        first = np.fromfile(path / "first.bin", np.int32)[:max_docs].astype(np.int64)
+        mask = TokenFile(path / "mask.bin", "uint8", meta["tokens"])
+        first = np.fromfile(path / "first.bin", np.int32, count=count)
     counts = {"documents": len(lengths), "filtered": int(meta["filtered"] + meta["documents"] - len(lengths))}
     return TokenizedDocs(tokens, offsets, mask, first, counts, (path, meta, max_docs))
 

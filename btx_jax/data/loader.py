@@ -10,7 +10,7 @@ The global batch stream is a pure function of (stores, seed, ratios, global batc
             (one source: consecutive rows); process p builds only positions [p*B/P, (p+1)*B/P) of it
 The loader is `grain.MapDataset.range(...).map(batch)` turned into an iterator with `read_ahead` batches
 prefetched by a thread (`grain.ReadOptions`) and, with `workers` > 0, built in that many worker processes
-(`mp_prefetch`; workers reopen the memory-mapped stores, nothing is copied). Its state is grain's
+(`mp_prefetch`; workers reopen the stores, nothing is copied). Its state is grain's
 iterator state (JSON) plus the global batch index; since batches are indexed globally, a run restored with
 another process count or worker count continues the same global stream from that index.
 """

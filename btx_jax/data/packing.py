@@ -24,7 +24,7 @@ example that does not fit the current row opens the next one), then pads. An exa
 a row is truncated (its first seq_len + 1 tokens) or dropped, per `overlong`; one left with no
 response token is dropped; both are counted. The layout (row and offset of every example) is
 planned once from the example lengths (example order drawn from the seed); rows are filled from
-the memory-mapped store only when asked for; each epoch visits the rows in a new seeded order.
+the store only when asked for; each epoch visits the rows in a new seeded order.
 
 Both classes are random access (row number -> row), pure functions of (store, seed, options), so
 any process or loader worker can build any row; only the document/row orders of the epochs in use

@@ -24,7 +24,7 @@ CONFIG SCHEMA (`ml_collections.ConfigDict` or dict; every key but `sources` is o
 
 Each `next(pipeline)` returns this process's rows (global_batch_size // process_count) of the
 global batch, as the dict of numpy arrays described in btx_jax.data.packing. Sources are tokenised
-once into memory-mapped stores (btx_jax.data.store) and batches are built by grain
+once into stores on disk (btx_jax.data.store) and batches are built by grain
 (btx_jax.data.loader). The state is global (the same on every process) and JSON: grain's iterator
 state plus the global batch index, so restoring it with another process count continues the same
 global batch stream.

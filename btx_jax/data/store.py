@@ -1,4 +1,4 @@
-"""The tokenised store: every source tokenised once, in parallel, into memory-mapped files on disk.
+"""The tokenised store: every source tokenised once, in parallel, into flat files on disk.
 
 A store is one folder per (source, formatting options) under `cache_dir` (default `$BTX_DATA_CACHE`, else
 `~/.cache/btx_jax/data`), named `{source name}-{fingerprint}`. The fingerprint covers the source's files
@@ -6,7 +6,7 @@ A store is one folder per (source, formatting options) under `cache_dir` (defaul
 version; the tokenizer's content digest is recorded in the store and a store built with another tokenizer
 is refused with one line naming both digests. Every later run and every phase reuses it.
 
-Layout (all little-endian, flat, memory-mapped when read):
+Layout (all little-endian, flat; tokens and mask read with positional reads, `TokenFile`):
   store.json        fingerprint, tokenizer digest, shard plan; written first
   shards/NNNNN.json one completion marker per finished shard (records in, documents and tokens out)
   tokens.bin        every document's token ids back to back (uint16 when the vocabulary fits, else int32)

@@ -189,9 +189,10 @@ class StreamingRows:
         if self.kind == "pretrain":
             counts["filtered"] += read - n
             kept = n
-        else:
-            kept = packed.counts["examples"] - len(pos["carry"]["lengths"]) if packed else 0  # carried: kept before
-            counts.update({k: counts[k] + packed.counts[k] for k in ("truncated", "dropped")} if packed else {})
+        else:  # the carried examples were counted (kept, maybe truncated) in the block they came from
+            kept = packed.counts["examples"] - len(pos["carry"]["lengths"])
+            for key in ("truncated", "dropped"):
+                counts[key] += packed.counts[key]
             counts["examples"] += kept
         after = {**pos, "block": pos["block"] + 1, "dataset": self._live.state_dict(), "carry": carry, "taken": 0,
                  "read": pos["read"] + read, "docs": pos["docs"] + n, "kept": pos["kept"] + kept, "counts": counts}

@@ -11,17 +11,8 @@ import numpy as np
 import pytest
 from data_checks import check_resume, same
 
-from btx_jax.data import (
-    BUNDLED_TOKENIZER,
-    DataError,
-    bundled_source,
-    eval_batches,
-    load_tokenizer,
-    make_pipeline,
-    prepare,
-    prepare_config,
-    streaming,
-)
+from btx_jax.data import BUNDLED_TOKENIZER, DataError, bundled_source, eval_batches, load_tokenizer, make_pipeline
+from btx_jax.data import prepare, prepare_config, streaming
 
 TOK = load_tokenizer(BUNDLED_TOKENIZER)
 

@@ -145,3 +145,20 @@ def test_unresolvable_hub_name_offline(tmp_path, monkeypatch):
         make_pipeline({"sources": [{"path": "nosuch-org/nosuch:x"}], "cache_dir": str(tmp_path)}, TOK, seq_len=32,
                       global_batch_size=2)
     assert "\n" not in str(e.value)
+
+
+def test_token_file_reads_like_the_array(tmp_path):
+    """Stores are read with positional reads, not memory-mapped (mapped pages count in RSS)."""
+    import pickle
+
+    values = np.random.default_rng(0).integers(0, 4096, 10_000).astype(np.uint16)
+    values.tofile(tmp_path / "tokens.bin")
+    tokens = store_lib.TokenFile(tmp_path / "tokens.bin", "uint16", len(values))
+    runs = np.concatenate([np.arange(5, 300), np.arange(9_000, 9_999), [0, 7, 7, 3], np.arange(100, 40, -1)])
+    for index in (runs, runs[:1356].reshape(-1, 4), np.zeros(0, np.int64), np.arange(10_000)):
+        np.testing.assert_array_equal(tokens[index], values[index])
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(tokens))[runs], values[runs])
+    with pytest.raises(IndexError):
+        tokens[np.array([10_000])]
+    with pytest.raises(DataError, match=r"tokens\.bin is shorter than its meta\.json says"):
+        store_lib.TokenFile(tmp_path / "tokens.bin", "uint16", len(values) + 5)[np.array([10_002])]

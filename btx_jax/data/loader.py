@@ -10,7 +10,7 @@ The global batch stream is a pure function of (stores, seed, ratios, global batc
             (one source: consecutive rows); process p builds only positions [p*B/P, (p+1)*B/P) of it
 The loader is `grain.MapDataset.range(...).map(batch)` turned into an iterator with `read_ahead` batches
 prefetched by a thread (`grain.ReadOptions`) and, with `workers` > 0, built in that many worker processes
-(`mp_prefetch`; workers reopen the memory-mapped stores, nothing is copied). Its state is grain's
+(`mp_prefetch`; workers reopen the stores, nothing is copied). Its state is grain's
 iterator state (JSON) plus the global batch index; since batches are indexed globally, a run restored with
 another process count or worker count continues the same global stream from that index.
 """
@@ -62,8 +62,9 @@ class BatchBuilder:
             cursors[sources == k] = pairs[pairs[:, 0] == k, 1]
         return sources, cursors
 
-    def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
-        sources, cursors = self.global_rows(batch_index)
+    def local_batch(self, sources: np.ndarray, cursors: np.ndarray) -> dict[str, np.ndarray]:
+        """This process's slice of the global batch with these (source, row number) rows; each source is asked
+        for its rows once, in batch order."""
         hi = self._lo + self.local_batch_size
         local_src, local_cur = sources[self._lo : hi], cursors[self._lo : hi]
         batch = empty_rows(self.local_batch_size, self.seq_len, self.pad_id)
@@ -72,6 +73,11 @@ class BatchBuilder:
             rows = self.stores[k].rows(local_cur[sel])
             for f in FIELDS:
                 batch[f][sel] = rows[f]
+        return batch
+
+    def __call__(self, batch_index: int) -> dict[str, np.ndarray]:
+        sources, cursors = self.global_rows(batch_index)
+        batch = self.local_batch(sources, cursors)
         batch["_rows"] = np.bincount(sources, minlength=len(self.stores))
         batch["_non_pad"] = np.int64(sum(self.stores[k].non_pad(cursors[sources == k]) for k in np.unique(sources)))
         return batch

@@ -24,11 +24,11 @@ example that does not fit the current row opens the next one), then pads. An exa
 a row is truncated (its first seq_len + 1 tokens) or dropped, per `overlong`; one left with no
 response token is dropped; both are counted. The layout (row and offset of every example) is
 planned once from the example lengths (example order drawn from the seed); rows are filled from
-the memory-mapped store only when asked for; each epoch visits the rows in a new seeded order.
+the store only when asked for; each epoch visits the rows in a new seeded order.
 
 Both classes are random access (row number -> row), pure functions of (store, seed, options), so
 any process or loader worker can build any row; only the document/row orders of the epochs in use
-are kept in memory (int64 per document or row).
+are kept in memory (int32 per document or row, int64 for token positions).
 """
 
 from __future__ import annotations
@@ -42,11 +42,21 @@ from btx_jax.data.errors import DataError
 from btx_jax.data.store import TokenizedDocs
 
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+_CHUNK = 1 << 18  # documents per step when an epoch's document starts are summed
 
 
 def source_rng(seed: int, name: str, *salt: int) -> np.random.Generator:
     """A generator fixed by (seed, source name, salt): adding a source never changes another's."""
     return np.random.default_rng([seed, zlib.crc32(name.encode()), *salt])
+
+
+def _order(n: int, shuffle: bool, seed: int, name: str, *salt: int) -> np.ndarray:
+    """0 .. n-1 (int32: documents and examples number under 2^31), shuffled in place by (seed, name, salt) if
+    shuffle: the same order as `permutation(n)`, without its int64 array and copy."""
+    order = np.arange(n, dtype=np.int32)
+    if shuffle:
+        source_rng(seed, name, *salt).shuffle(order)
+    return order
 
 
 def empty_rows(n: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -82,12 +92,19 @@ class PackedStream:
         row = seq_len + 1
         self.rows_per_epoch = self.tokens_per_epoch / row if wrap else -(-self.tokens_per_epoch // row)
 
-    @functools.lru_cache(maxsize=4)
+    @functools.lru_cache(maxsize=2)  # a batch's rows are in one epoch, or two at an epoch's end
     def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(document order, start of each document in the epoch's stream + total)."""
-        n = len(self.docs.offsets) - 1
-        order = source_rng(self.seed, self.name, epoch).permutation(n) if self.shuffle else np.arange(n)
-        return order, np.concatenate([[0], np.cumsum(self.docs.lengths[order])])
+        """(document order, int32; start of each document in the epoch's stream + total, int64), built in
+        chunks so that the temporaries stay small."""
+        offsets = self.docs.offsets
+        order = _order(len(offsets) - 1, self.shuffle, self.seed, self.name, epoch)
+        starts = np.zeros(len(order) + 1, np.int64)
+        for lo in range(0, len(order), _CHUNK):
+            doc = order[lo : lo + _CHUNK]
+            piece = starts[lo + 1 : lo + 1 + len(doc)]
+            np.cumsum(offsets[doc + 1] - offsets[doc], out=piece)
+            piece += starts[lo]
+        return order, starts
 
     def epochs_done(self, rows: int) -> float:
         return rows / self.rows_per_epoch
@@ -132,7 +149,8 @@ class PackedExamples:
     """SFT examples packed whole into padded rows (see module docstring)."""
 
     def __init__(
-        self, docs: TokenizedDocs, *, name: str, seq_len: int, seed: int, shuffle: bool, pad_id: int, overlong: str
+        self, docs: TokenizedDocs, *, name: str, seq_len: int, seed: int, shuffle: bool, pad_id: int, overlong: str,
+        allow_empty: bool = False,
     ):
         if overlong not in ("truncate", "drop"):
             raise DataError(f"overlong must be 'truncate' or 'drop', not {overlong!r}")
@@ -147,11 +165,11 @@ class PackedExamples:
             "truncated": int((too_long & keep).sum()),
             "dropped": int((~keep).sum()),
         }
-        if not keep.any():
+        if not keep.any() and not allow_empty:  # allow_empty: a streamed block (btx_jax.data.streaming)
             raise DataError(
                 f"source {name!r}: every example was dropped (too long for seq_len={seq_len} or no response tokens)"
             )
-        order = source_rng(seed, name).permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+        order = _order(len(lengths), shuffle, seed, name)
         order = order[keep[order]]
         self.docs, self.pad_id = docs, pad_id
         self._starts, self._pairs = starts[order], keep_len[order] - 1
@@ -161,15 +179,20 @@ class PackedExamples:
 
     def _plan(self, pairs: np.ndarray):
         """Greedy in-order packing: each example goes to the current row if it fits, else a new one."""
-        row_of, offset_in_row, seg_of = (np.empty(len(pairs), np.int64) for _ in range(3))
+        row_of, offset_in_row, seg_of = (np.empty(len(pairs), np.int32) for _ in range(3))
         row, used, seg = 0, 0, 0
         for i, n in enumerate(pairs.tolist()):
             if used + n > self.seq_len:
                 row, used, seg = row + 1, 0, 0
             row_of[i], offset_in_row[i], seg_of[i] = row, used, seg + 1
             used, seg = used + n, seg + 1
-        fill = np.bincount(row_of, weights=pairs, minlength=row + 1).astype(np.int64)
+        fill = np.bincount(row_of, weights=pairs, minlength=row + 1 if len(pairs) else 0).astype(np.int64)
         return row_of, offset_in_row, seg_of, fill
+
+    def row_spans(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(offset in the store, kept tokens) of each example of layout row `row`, in packing order."""
+        examples = slice(self._first[row], self._first[row + 1])
+        return self._starts[examples], self._pairs[examples] + 1
 
     def _materialise(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Rows `ids` of the layout, filled from the store."""
@@ -202,7 +225,7 @@ class PackedExamples:
 
     @functools.lru_cache(maxsize=2)
     def _row_order(self, epoch: int) -> np.ndarray:
-        return source_rng(self.seed, self.name, 1, epoch).permutation(self.rows_per_epoch)
+        return _order(self.rows_per_epoch, True, self.seed, self.name, 1, epoch)
 
     def epochs_done(self, rows: int) -> float:
         return rows / self.rows_per_epoch

@@ -17,16 +17,20 @@ CONFIG SCHEMA (`ml_collections.ConfigDict` or dict; every key but `sources` is o
                  ~/.cache/btx_jax/data. A shared filesystem path lets several hosts share one store.
   num_proc       processes tokenising a store (None: every core)
   shard_mb       store build shard size in MB of records (resume granularity; default 64)
-  workers        grain worker processes building batches (default 0: built by a read-ahead thread)
+  workers        grain worker processes building batches (default 0: built by a read-ahead thread);
+                 must be 0 with streaming sources
   read_ahead     batches prefetched ahead of the trainer (default 2; 0: built on demand)
   tokenizer      ignored here (the trainer and scripts/prepare_data.py load it)
 
 Each `next(pipeline)` returns this process's rows (global_batch_size // process_count) of the
 global batch, as the dict of numpy arrays described in btx_jax.data.packing. Sources are tokenised
-once into memory-mapped stores (btx_jax.data.store) and batches are built by grain
+once into stores on disk (btx_jax.data.store) and batches are built by grain
 (btx_jax.data.loader). The state is global (the same on every process) and JSON: grain's iterator
 state plus the global batch index, so restoring it with another process count continues the same
 global batch stream.
+
+Sources with `streaming=True` are read and tokenised while training (btx_jax.data.streaming): each process
+reads its own part of them, so a pipeline with one is a `StreamingPipeline`, whose state is per process.
 """
 
 from __future__ import annotations
@@ -81,14 +85,17 @@ def parse_config(cfg: Any) -> dict:
     return cfg
 
 
+def encoding_options(cfg: dict, tokenizer) -> dict:
+    """How the config's documents are tokenised (the store's options; also used by streaming sources)."""
+    if cfg["kind"] == "pretrain":
+        return pretrain_options(add_bos=cfg["add_bos"], add_eos=cfg["add_eos"])
+    return sft_options(tokenizer, add_bos=cfg["add_bos"], chat_template=cfg["chat_template"])
+
+
 def source_docs(cfg: dict, source: Source, tokenizer, progress: bool = True):
     """The source's tokenised documents from its store (built on first use)."""
-    if cfg["kind"] == "pretrain":
-        options = pretrain_options(add_bos=cfg["add_bos"], add_eos=cfg["add_eos"])
-    else:
-        options = sft_options(tokenizer, add_bos=cfg["add_bos"], chat_template=cfg["chat_template"])
-    return open_store(source, tokenizer, options, cache_dir=cfg["cache_dir"], num_proc=cfg["num_proc"],
-                      shard_mb=cfg["shard_mb"], progress=progress)
+    return open_store(source, tokenizer, encoding_options(cfg, tokenizer), cache_dir=cfg["cache_dir"],
+                      num_proc=cfg["num_proc"], shard_mb=cfg["shard_mb"], progress=progress)
 
 
 def packed_rows(cfg: dict, source: Source, tokenizer, *, seq_len: int, seed: int, training: bool):
@@ -121,13 +128,17 @@ def packed_rows(cfg: dict, source: Source, tokenizer, *, seq_len: int, seed: int
 
 
 def prepare(cfg: Any, tokenizer, *, held_out: bool = True, progress: bool = True) -> list[tuple[str, dict]]:
-    """Build every store the config's training (and evaluation) sources need; (source, store totals)."""
+    """Build every store the config's training (and evaluation) sources need; (source, store totals), or
+    (source, {"streaming": True}) for a streaming training source, which has no store."""
     cfg = parse_config(cfg)
     sources = list(cfg["sources"])
     if held_out:
         sources += [s.held_out() for s in cfg["sources"] if s.eval_path]
     out = []
     for source in sources:
+        if source.streaming:
+            out.append((", ".join(source.path), {"streaming": True}))
+            continue
         docs = source_docs(cfg, source, tokenizer, progress=progress)
         path, meta, _ = docs.reopen
         out.append((", ".join(source.path), {**docs.counts, "tokens": int(docs.offsets[-1]), "store": str(path),
@@ -148,12 +159,17 @@ def prepare_config(data_cfg: Any, *, num_proc: int | None = None) -> None:
     if num_proc is not None:
         d["num_proc"] = num_proc
     for path, info in prepare(d, tokenizer):
+        if info.get("streaming"):
+            print(f"{path}: streaming source, skipped (no store: it is read and tokenised while training)")
+            continue
         rate = f", {info['tokens'] / info['seconds']:,.0f} tokens/s" if info["seconds"] else ""
         print(f"{path}: {info['documents']:,} documents, {info['tokens']:,} tokens{rate} -> {info['store']}")
 
 
 class Pipeline:
     """Iterator of batches; see the module docstring. Build it with `make_pipeline`."""
+
+    streams = False  # True: some sources stream (btx_jax.data.streaming.StreamingPipeline)
 
     def __init__(self, kind: str, names: list[str], probs: np.ndarray, stores: list, builder: BatchBuilder, *,
                  workers: int, read_ahead: int):
@@ -202,12 +218,18 @@ class Pipeline:
             "grain": self._iterator().get_state(),
         }
 
-    def set_state(self, state: dict) -> None:
+    def _check_state(self, state: dict) -> None:
         for key, value in self._fixed().items():
             if state.get(key) != value:
                 raise DataError(f"data state: {key}={state.get(key)!r} does not match this pipeline's {value!r}")
         if sorted(state["rows"]) != sorted(self.names):
             raise DataError(f"data state: sources {sorted(state['rows'])} do not match {sorted(self.names)}")
+        if ("streaming" in state) != self.streams:
+            saved, here = ("with", "has none") if "streaming" in state else ("without", "has some")
+            raise DataError(f"data state: saved by a pipeline {saved} streaming sources, this one {here}")
+
+    def set_state(self, state: dict) -> None:
+        self._check_state(state)
         self._batch_index = int(state["batch_index"])
         self._rows = np.array([state["rows"][n] for n in self.names], np.int64)
         self._non_pad = int(state["non_pad_tokens"])
@@ -255,11 +277,30 @@ def make_pipeline(
     cfg = parse_config(cfg)
     names = [s.name for s in cfg["sources"]]
     probs = normalize_ratios(names, [s.ratio for s in cfg["sources"]])  # fail before tokenising
-    stores = [packed_rows(cfg, s, tokenizer, seq_len=seq_len, seed=seed, training=True) for s in cfg["sources"]]
+    streaming = [s.name for s in cfg["sources"] if s.streaming]
+    if streaming and int(cfg["workers"]):
+        raise DataError(f"data config: workers={cfg['workers']} with streaming sources {streaming}; use workers=0 "
+                        "(a read-ahead thread builds the batches)")
+
+    def rows(s: Source):
+        if not s.streaming:
+            return packed_rows(cfg, s, tokenizer, seq_len=seq_len, seed=seed, training=True)
+        return _streaming().StreamingRows(cfg, s, tokenizer, seq_len=seq_len, seed=seed,
+                                          process_index=process_index, process_count=process_count)
+
+    stores = [rows(s) for s in cfg["sources"]]
     builder = BatchBuilder(stores, probs, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
                            process_index=process_index, process_count=process_count, pad_id=tokenizer.pad_id)
-    return Pipeline(cfg["kind"], names, probs, stores, builder, workers=int(cfg["workers"]),
-                    read_ahead=int(cfg["read_ahead"]))
+    pipeline_class = _streaming().StreamingPipeline if streaming else Pipeline
+    return pipeline_class(cfg["kind"], names, probs, stores, builder, workers=int(cfg["workers"]),
+                          read_ahead=int(cfg["read_ahead"]))
+
+
+def _streaming():
+    from btx_jax.data import streaming  # imports this module
+
+    return streaming
+
 
 
 def eval_batches(

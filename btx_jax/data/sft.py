@@ -93,14 +93,15 @@ def chat_template_pieces(source: Source, record: dict, tokenizer) -> list[Piece]
     return pieces + [(full[done:], False)]
 
 
-def encode_sft(source: Source, tokenizer, records: list[dict], *, add_bos: bool, use_tokenizer_template: bool):
+def encode_sft(source: Source, tokenizer, records: list[dict], *, add_bos: bool, use_tokenizer_template: bool,
+               num_threads: int = 1):
     """Token ids and response masks (lists, one per record) of a batch of SFT records."""
     if use_tokenizer_template:
         examples = [chat_template_pieces(source, r, tokenizer) for r in records]
     else:
         examples = [default_template_pieces(source, r) for r in records]
     texts = [text for ex in examples for text, _ in ex if text]
-    piece_ids = iter(tokenizer.encode_batch(texts, num_threads=1))
+    piece_ids = iter(tokenizer.encode_batch(texts, num_threads=num_threads))
     bos = [tokenizer.bos_id] if add_bos and not use_tokenizer_template else []
     eos = [] if use_tokenizer_template else [tokenizer.eos_id]
     ids, masks = [], []

@@ -17,6 +17,9 @@ A source is a dict (or ConfigDict) with these keys (only `path` is required):
   min_chars       int   drop texts shorter than this (default 1: drops empty lines)
   max_chars       int   drop texts longer than this (default: no limit)
   max_docs        int   keep only the first max_docs texts/records after filtering
+  streaming       bool  False (default): tokenised once into a store; True: read with
+                        `datasets.load_dataset(..., streaming=True)` and tokenised while training, no
+                        store (btx_jax.data.streaming)
   instruction_field / input_field / output_field / messages_field / system        [sft]
                         column names (defaults instruction/input/output/messages) and an
                         optional system prompt prepended to every example
@@ -26,7 +29,8 @@ Hub datasets: `path="wikimedia/wikipedia", subset="20231101.ja"` or the shorthan
 local directory is read the same way (`datasets.load_dataset(dir, subset)`), so a copy of a hub dataset
 (its README.md `configs:` and data files) works offline.
 
-Sources are tokenised once into a store on disk (btx_jax.data.store); this module only reads records and
+Sources are tokenised once into a store on disk (btx_jax.data.store), or with `streaming=True` read as an
+`IterableDataset` and tokenised while training (btx_jax.data.streaming); this module only reads records and
 formats them into document texts, one batch of records at a time.
 """
 
@@ -78,6 +82,7 @@ class Source:
     output_field: str = "output"
     messages_field: str = "messages"
     system: str | None = None
+    streaming: bool = False
 
     @classmethod
     def from_dict(cls, spec: Any) -> "Source":
@@ -105,11 +110,19 @@ class Source:
         spec.setdefault("name", f"{default_name}_{spec['subset']}" if spec.get("subset") else default_name)
         if spec.get("format") is not None and spec["format"] not in _FORMATS:
             raise DataError(f"source {spec['name']!r}: format {spec['format']!r} not one of {sorted(_FORMATS)}")
+        if not isinstance(spec.get("streaming", False), bool):
+            raise DataError(f"source {spec['name']!r}: streaming must be True or False, not {spec['streaming']!r}")
         return cls(**spec)
 
     def held_out(self) -> "Source":
-        """The same source reading `eval_path` (or `path` when there is none)."""
-        return dataclasses.replace(self, path=self.eval_path or self.path, eval_path=None)
+        """The same source reading `eval_path` (or `path` when there is none). Held-out files of a streaming
+        source are small: they go through a store."""
+        if self.streaming and not self.eval_path:
+            raise DataError(
+                f"source {self.name!r}: streams its training data and has no eval_path; set eval_path to "
+                "held-out files (they are tokenised into a store)"
+            )
+        return dataclasses.replace(self, path=self.eval_path or self.path, eval_path=None, streaming=False)
 
 
 def local_files(source: Source) -> list[Path] | None:
@@ -187,47 +200,58 @@ def _first_bad_json_line(path: Path) -> str | None:
     return None
 
 
-def load_records(source: Source, cache_dir: str | None = None, num_proc: int | None = None):
+def load_records(source: Source, cache_dir: str | None = None, num_proc: int | None = None, *,
+                 streaming: bool = False):
     """The source's rows as a memory-mapped `datasets.Dataset` (Arrow files under `cache_dir`, else
-    the datasets cache). Local files are checked to be UTF-8 text first."""
+    the datasets cache; local files are checked to be UTF-8 text first), or with `streaming` as a
+    `datasets.IterableDataset` that reads the files (or the hub) as it is iterated (a bad file is then found
+    when it is read: `read_error`)."""
     import datasets
 
     files = local_files(source)
     if files is None:
-        return _load_hub(source)
+        return _load_hub(source, streaming=streaming)
     builder = _builder(source, files)
     for f in files:
         if f.stat().st_size == 0:
             raise DataError(f"source {source.name!r}: {f} is empty")
-        if builder != "parquet":
+        if builder != "parquet" and not streaming:
             _check_utf8(source, f)
     kwargs = {"sample_by": source.sample_by} if builder == "text" else {}
+    if not streaming:
+        kwargs.update(cache_dir=cache_dir, num_proc=num_proc if num_proc and len(files) > 1 else None)
     try:
-        ds = datasets.load_dataset(
-            builder,
-            data_files=[str(f) for f in files],
-            split="train",
-            cache_dir=cache_dir,
-            num_proc=num_proc if num_proc and len(files) > 1 else None,
-            **kwargs,
-        )
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming,
+                                   **kwargs)
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
-        if isinstance(e, DataError):
-            raise
-        if builder == "json":
-            for f in files:
-                if (bad := _first_bad_json_line(f)) is not None:
-                    raise DataError(f"source {source.name!r}: {f} {bad}") from None
-        cause = str(e.__cause__ or e).strip().splitlines()
-        raise DataError(
-            f"source {source.name!r}: cannot read {', '.join(source.path)} ({cause[0] if cause else type(e).__name__})"
-        ) from None
-    if len(ds) == 0:
+        raise read_error(source, e) from None
+    if not streaming and len(ds) == 0:
         raise DataError(f"source {source.name!r}: no records in {', '.join(source.path)}")
     return ds
 
 
-def _load_hub(source: Source):
+def read_error(source: Source, error: Exception) -> DataError:
+    """The one-line DataError for a failure to read the source's records: the first non-UTF-8 file or broken
+    jsonl line where there is one (local files), else the cause's first line."""
+    if isinstance(error, DataError):
+        return error
+    files = local_files(source)
+    builder = _builder(source, files) if files else None
+    for f in files or []:
+        if builder != "parquet":
+            try:
+                _check_utf8(source, f)
+            except DataError as e:
+                return e
+        if builder == "json" and (bad := _first_bad_json_line(f)) is not None:
+            return DataError(f"source {source.name!r}: {f} {bad}")
+    cause = str(error.__cause__ or error).strip().splitlines()
+    return DataError(
+        f"source {source.name!r}: cannot read {', '.join(source.path)} ({cause[0] if cause else type(error).__name__})"
+    )
+
+
+def _load_hub(source: Source, streaming: bool = False):
     """A hub dataset (or a local directory laid out like one); one line when it cannot be resolved."""
     import datasets
 
@@ -236,9 +260,10 @@ def _load_hub(source: Source):
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # no retry warnings: the failure is reported below in one line
     try:
-        return datasets.load_dataset(name, source.subset, split=source.split, revision=source.revision)
+        return datasets.load_dataset(name, source.subset, split=source.split, revision=source.revision,
+                                     streaming=streaming)
     except Exception as e:  # datasets raises many types here (connection, not found, offline, bad config)
-        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        cause = (str(e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0]
         offline = " (not in the local datasets cache, and the hub is offline or does not have it)"
         local = Path(name).is_dir()
         raise DataError(
@@ -250,12 +275,13 @@ def _load_hub(source: Source):
         hub_log.setLevel(level)
 
 
-def require_fields(source: Source, dataset, fields: list[str]) -> None:
-    missing = [f for f in fields if f not in dataset.column_names]
+def require_fields(source: Source, columns: list[str], fields: list[str]) -> None:
+    """DataError naming the first of `fields` that is not among the records' `columns`."""
+    missing = [f for f in fields if f not in columns]
     if missing:
         raise DataError(
             f"source {source.name!r}: field {missing[0]!r} not in {', '.join(source.path)} "
-            f"(columns: {', '.join(dataset.column_names)})"
+            f"(columns: {', '.join(columns)})"
         )
 
 

@@ -1,4 +1,4 @@
-"""The tokenised store: every source tokenised once, in parallel, into memory-mapped files on disk.
+"""The tokenised store: every source tokenised once, in parallel, into flat files on disk.
 
 A store is one folder per (source, formatting options) under `cache_dir` (default `$BTX_DATA_CACHE`, else
 `~/.cache/btx_jax/data`), named `{source name}-{fingerprint}`. The fingerprint covers the source's files
@@ -6,7 +6,7 @@ A store is one folder per (source, formatting options) under `cache_dir` (defaul
 version; the tokenizer's content digest is recorded in the store and a store built with another tokenizer
 is refused with one line naming both digests. Every later run and every phase reuses it.
 
-Layout (all little-endian, flat, memory-mapped when read):
+Layout (all little-endian, flat; tokens and mask read with positional reads, `TokenFile`):
   store.json        fingerprint, tokenizer digest, shard plan; written first
   shards/NNNNN.json one completion marker per finished shard (records in, documents and tokens out)
   tokens.bin        every document's token ids back to back (uint16 when the vocabulary fits, else int32)
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -52,20 +53,61 @@ _MAP_BATCH = 1000
 _BYTES_PER_PROC = 4 << 20
 
 
+class TokenFile:
+    """A flat array file (`tokens.bin`, `mask.bin`) indexed like a 1-D numpy array with an integer index array,
+    read with `os.preadv`, one call per run of consecutive indices (a row reads a few document pieces).
+
+    Not a memory map: the pages of a map that rows were read from stay mapped and count in the process's RSS,
+    each random read mapping up to 64 KB around it (the kernel's fault-around of cached pages; madvise(MADV_RANDOM)
+    stops only the read-around of uncached ones), so the batch-building process grew with the corpus and with the
+    batches read. Read pages stay in the page cache (reclaimable, shared by every process), out of RSS.
+    Thread-safe (positional reads); pickled with its TokenizedDocs as a path to reopen."""
+
+    def __init__(self, path: Path, dtype: str, size: int):
+        self.path, self.dtype, self.shape = Path(path), np.dtype(dtype), (int(size),)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index, np.int64)
+        flat = index.reshape(-1)
+        out = np.empty(flat.size, self.dtype)
+        if not flat.size:
+            return out.reshape(index.shape)
+        if flat.min() < 0 or flat.max() >= self.shape[0]:
+            raise IndexError(f"{self.path}: index out of range [0, {self.shape[0]})")
+        cuts = np.flatnonzero(np.diff(flat) != 1) + 1
+        size = self.dtype.itemsize
+        for lo, hi in zip(np.append(0, cuts).tolist(), np.append(cuts, flat.size).tolist()):
+            if os.preadv(self._fd, [memoryview(out[lo:hi]).cast("B")], int(flat[lo]) * size) != (hi - lo) * size:
+                raise DataError(f"store file {self.path} is shorter than its meta.json says; delete the store")
+        return out.reshape(index.shape)
+
+    def __reduce__(self):
+        return TokenFile, (self.path, self.dtype.str, self.shape[0])
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
 @dataclasses.dataclass
 class TokenizedDocs:
     """Documents of one source as one flat token array: doc i is tokens[offsets[i]:offsets[i+1]]."""
 
-    tokens: np.ndarray  # [total] uint16/int32, memory-mapped
-    offsets: np.ndarray  # [num_docs + 1] int64
-    response_mask: np.ndarray | None  # [total] uint8 memory-mapped, SFT only: 1 on tokens the loss counts
-    first_response: np.ndarray | None  # [num_docs] int64, SFT only: index of the first response token >= 1
+    tokens: np.ndarray | TokenFile  # [total] uint16/int32 (a store's: a TokenFile)
+    offsets: np.ndarray  # [num_docs + 1] int64 (the corpus may hold more than 2^31 tokens)
+    response_mask: np.ndarray | TokenFile | None  # [total] uint8, SFT only: 1 on tokens the loss counts
+    first_response: np.ndarray | None  # [num_docs] int32, SFT only: index of the first response token >= 1
     counts: dict[str, int]  # documents, filtered
     reopen: tuple = ()  # (store path, meta, max_docs): pickles as a reference, never as a copy of the tokens
 
-    @property
+    @functools.cached_property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """[num_docs] int32 tokens per document (made on first use: pretraining does not keep it)."""
+        return np.diff(self.offsets).astype(np.int32)
 
     def __reduce__(self):
         return _read, self.reopen
@@ -80,10 +122,11 @@ def default_num_proc() -> int:
 
 
 class Encoder:
-    """Records (a batch of columns) -> token ids [+ response mask]; pickled into the map processes."""
+    """Records (a batch of columns) -> token ids [+ response mask]; pickled into the map processes.
+    `num_threads`: sentencepiece threads (1 in the store's map processes; streaming tokenises in one process)."""
 
-    def __init__(self, source: Source, tokenizer, options: dict):
-        self.source, self.tokenizer, self.options = source, tokenizer, options
+    def __init__(self, source: Source, tokenizer, options: dict, num_threads: int = 1):
+        self.source, self.tokenizer, self.options, self.num_threads = source, tokenizer, options, num_threads
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         tok, opt = self.tokenizer, self.options
@@ -91,14 +134,15 @@ class Encoder:
             n = len(next(iter(batch.values())))
             records = [{k: v[i] for k, v in batch.items()} for i in range(n)]
             ids, masks = encode_sft(
-                self.source, tok, records, add_bos=opt["add_bos"], use_tokenizer_template=opt["use_template"]
+                self.source, tok, records, add_bos=opt["add_bos"], use_tokenizer_template=opt["use_template"],
+                num_threads=self.num_threads,
             )
             first = [next((i for i, m in enumerate(mask) if m and i > 0), len(mask)) for mask in masks]
             return {"input_ids": ids, "response_mask": masks, "first_response": first}
         texts, _ = document_texts(self.source, batch)
         bos = [tok.bos_id] if opt["add_bos"] else []
         eos = [tok.eos_id] if opt["add_eos"] else []
-        return {"input_ids": [bos + x + eos for x in tok.encode_batch(texts, num_threads=1)]}
+        return {"input_ids": [bos + x + eos for x in tok.encode_batch(texts, num_threads=self.num_threads)]}
 
 
 def sft_options(tokenizer, *, add_bos: bool, chat_template: str) -> dict:
@@ -113,7 +157,7 @@ def pretrain_options(*, add_bos: bool, add_eos: bool) -> dict:
 def store_path(source: Source, options: dict, cache_dir: str | Path | None) -> Path:
     """The folder of the source's store (fingerprint: source stamp + options; see module docstring)."""
     fields = dataclasses.asdict(source)
-    for key in ("name", "ratio", "eval_path", "format_fn", "max_docs"):
+    for key in ("name", "ratio", "eval_path", "format_fn", "max_docs", "streaming"):
         fields.pop(key)
     if source.format_fn is not None:
         from datasets.fingerprint import Hasher
@@ -168,13 +212,15 @@ def open_store(source: Source, tokenizer, options: dict, *, cache_dir=None, num_
 
 
 def _read(path: Path, meta: dict, max_docs: int | None) -> TokenizedDocs:
-    lengths = np.fromfile(path / "lengths.bin", np.int32)[:max_docs].astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
+    count = -1 if max_docs is None else max_docs
+    lengths = np.fromfile(path / "lengths.bin", np.int32, count=count)
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, dtype=np.int64, out=offsets[1:])
+    tokens = TokenFile(path / "tokens.bin", meta["dtype"], meta["tokens"])
     mask = first = None
     if (path / "mask.bin").exists():
-        mask = np.memmap(path / "mask.bin", dtype=np.uint8, mode="r", shape=(meta["tokens"],))
-        first = np.fromfile(path / "first.bin", np.int32)[:max_docs].astype(np.int64)
+        mask = TokenFile(path / "mask.bin", "uint8", meta["tokens"])
+        first = np.fromfile(path / "first.bin", np.int32, count=count)
     counts = {"documents": len(lengths), "filtered": int(meta["filtered"] + meta["documents"] - len(lengths))}
     return TokenizedDocs(tokens, offsets, mask, first, counts, (path, meta, max_docs))
 
@@ -185,11 +231,12 @@ def _shard_plan(records, shard_mb: float) -> list[tuple[int, int]]:
     return [(lo, min(n, lo + per_shard)) for lo in range(0, n, per_shard)]
 
 
-def _check_fields(source: Source, records, options: dict) -> None:
+def check_fields(source: Source, columns: list[str], options: dict) -> None:
+    """DataError when the records (with these column names) lack a field the formatting reads."""
     if options["kind"] == "sft":
-        require_fields(source, records, sft_fields(source, records.column_names))
+        require_fields(source, columns, sft_fields(source, columns))
     else:
-        require_fields(source, records, template_fields(source))
+        require_fields(source, columns, template_fields(source))
 
 
 def build_store(source: Source, tokenizer, options: dict, path: Path, *, num_proc=None, shard_mb=None,
@@ -200,7 +247,7 @@ def build_store(source: Source, tokenizer, options: dict, path: Path, *, num_pro
     num_proc = num_proc or default_num_proc()
     arrow_cache = path / "arrow" if local_files(source) is not None else None
     records = load_records(source, cache_dir=str(arrow_cache) if arrow_cache else None, num_proc=num_proc)
-    _check_fields(source, records, options)
+    check_fields(source, records.column_names, options)
     (path / "shards").mkdir(parents=True, exist_ok=True)
     if (path / "store.json").exists():
         plan = json.loads((path / "store.json").read_text())

@@ -49,3 +49,26 @@ def test_compiler_out_of_memory_becomes_does_not_fit():
         aot.compile_lowered(Lowered(), log=lambda _: None)
     assert info.value.needed == int(16.40 * 2**30) and info.value.available == int(15.75 * 2**30)
 
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason='libtpu is not installed (pip install -e ".[tpu]"): no TPU compiler to compile for')
+def test_cost_model_prices_v5p_and_reports_the_v5e_lora_b_matmul_unpriced():
+    """The LoRA B projection at r=640 ([N, 640] x [640, M], M sharded over 16 chips): v5p's cost model prices it,
+    libtpu 0.0.42's v5e model returns exactly -1 s for it, which plan reports as unpriced instead of an MFU."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    got = {}
+    for name in ("tpu:v5e-16", "tpu:v5p-8"):
+        target = aot.parse_target(name)
+        aot.prepare(target)
+        mesh = Mesh(np.asarray(aot.target_devices(target)), ("fsdp",))
+        h = jax.ShapeDtypeStruct((16384, 640), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+        b = jax.ShapeDtypeStruct((640, 2816), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
+        compiled = jax.jit(lambda h, b: (h @ b.astype(h.dtype)).astype(jnp.float32).sum()).lower(h, b).compile()
+        got[name] = aot.cost_model(compiled, target)
+    assert got["tpu:v5p-8"]["step_s"] > 0 and 0 < got["tpu:v5p-8"]["mfu"] < 1
+    assert set(got["tpu:v5e-16"]) == {"unpriced_s"} and got["tpu:v5e-16"]["unpriced_s"] == pytest.approx(-1, abs=1e-3)

@@ -17,11 +17,15 @@ another process count or worker count continues the same global stream from that
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 
+from btx_jax.data.errors import DataError
 from btx_jax.data.packing import FIELDS, empty_rows
 
 _ENDLESS = 1 << 62
+_STATE_VERSION = 2
 
 
 class _Tag:
@@ -97,3 +101,96 @@ def batch_iterator(builder: BatchBuilder, start: int, *, workers: int, read_ahea
             flags.FLAGS.mark_as_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(dataset)
+
+
+class Pipeline:
+    """Iterator of this process's batches with resumable state (the global batch index and grain's
+    iterator state); see btx_jax.data.pipeline. Build it with `make_pipeline`."""
+
+    streams = False  # True: some sources stream (btx_jax.data.streaming.StreamingPipeline)
+
+    def __init__(self, kind: str, names: list[str], probs: np.ndarray, stores: list, builder: BatchBuilder, *,
+                 workers: int, read_ahead: int):
+        self.kind, self.names, self.probs, self.stores = kind, names, probs, stores
+        self.builder, self.workers, self.read_ahead = builder, workers, read_ahead
+        self.seq_len, self.seed = builder.seq_len, builder.seed
+        self.global_batch_size, self.local_batch_size = builder.global_batch_size, builder.local_batch_size
+        self._batch_index = 0
+        self._rows = np.zeros(len(stores), np.int64)  # global rows taken from each source so far
+        self._non_pad = 0  # global non-padding input positions so far
+        self._iter, self._start = None, 0  # the grain iterator over global batches _start, ...; made on first use
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def _iterator(self):
+        if self._iter is None:
+            self._iter = batch_iterator(self.builder, self._start, workers=self.workers, read_ahead=self.read_ahead)
+        return self._iter
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self._iterator()))
+        self._rows += batch.pop("_rows")
+        self._non_pad += int(batch.pop("_non_pad"))
+        self._batch_index += 1
+        return batch
+
+    def _fixed(self) -> dict:
+        return {
+            "version": _STATE_VERSION,
+            "kind": self.kind,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "global_batch_size": self.global_batch_size,
+        }
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position of the stream (identical on every process)."""
+        return {
+            **self._fixed(),
+            "batch_index": self._batch_index,
+            "rows": {n: int(r) for n, r in zip(self.names, self._rows)},
+            "non_pad_tokens": int(self._non_pad),
+            "workers": self.workers,
+            "start": self._start,
+            "grain": self._iterator().get_state(),
+        }
+
+    def _check_state(self, state: dict) -> None:
+        for key, value in self._fixed().items():
+            if state.get(key) != value:
+                raise DataError(f"data state: {key}={state.get(key)!r} does not match this pipeline's {value!r}")
+        if sorted(state["rows"]) != sorted(self.names):
+            raise DataError(f"data state: sources {sorted(state['rows'])} do not match {sorted(self.names)}")
+        if ("streaming" in state) != self.streams:
+            saved, here = ("with", "has none") if "streaming" in state else ("without", "has some")
+            raise DataError(f"data state: saved by a pipeline {saved} streaming sources, this one {here}")
+
+    def set_state(self, state: dict) -> None:
+        self._check_state(state)
+        self._batch_index = int(state["batch_index"])
+        self._rows = np.array([state["rows"][n] for n in self.names], np.int64)
+        self._non_pad = int(state["non_pad_tokens"])
+        self._iter, self._start = None, 0
+        if state.get("workers") == self.workers and state.get("start") == 0:
+            self._iterator().set_state(state["grain"])  # grain's own state
+        else:  # another worker layout: a fresh iterator from the global batch index
+            self._start = self._batch_index
+
+    def stats(self) -> dict:
+        """Realised mixture, packing efficiency, epochs, and per-source document counts."""
+        total = int(self._rows.sum())
+        per = lambda key: {n: int(s.counts[key]) for n, s in zip(self.names, self.stores)}
+        return {
+            "kind": self.kind,
+            "batches": self._batch_index,
+            "rows": {n: int(r) for n, r in zip(self.names, self._rows)},
+            "target_ratios": {n: float(p) for n, p in zip(self.names, self.probs)},
+            "realised_ratios": {n: (float(r) / total if total else 0.0) for n, r in zip(self.names, self._rows)},
+            "packing_efficiency": self._non_pad / (total * self.seq_len) if total else 0.0,
+            "epochs": {n: s.epochs_done(int(r)) for n, s, r in zip(self.names, self.stores, self._rows)},
+            "documents": per("documents"),
+            "filtered": per("filtered"),
+            "truncated": per("truncated"),
+            "dropped": per("dropped"),
+        }

@@ -41,11 +41,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from btx_jax.data.errors import DataError
-from btx_jax.data.loader import BatchBuilder, batch_iterator
+from btx_jax.data.loader import BatchBuilder, Pipeline
 from btx_jax.data.mixture import normalize_ratios
 from btx_jax.data.packing import FIELDS, PackedExamples, PackedStream, empty_rows
 from btx_jax.data.sources import Source
-from btx_jax.data.store import open_store, pretrain_options, sft_options
+from btx_jax.data.store import encoding_options, open_store
+from btx_jax.data.streaming import StreamingPipeline, StreamingRows
 
 _DEFAULTS = {
     "kind": "pretrain",
@@ -63,7 +64,6 @@ _DEFAULTS = {
     "read_ahead": 2,
     "tokenizer": None,
 }
-_STATE_VERSION = 2
 
 
 def parse_config(cfg: Any) -> dict:
@@ -83,13 +83,6 @@ def parse_config(cfg: Any) -> dict:
     if len(set(names)) != len(names):
         raise DataError(f"data config: source names must be unique, got {names}")
     return cfg
-
-
-def encoding_options(cfg: dict, tokenizer) -> dict:
-    """How the config's documents are tokenised (the store's options; also used by streaming sources)."""
-    if cfg["kind"] == "pretrain":
-        return pretrain_options(add_bos=cfg["add_bos"], add_eos=cfg["add_eos"])
-    return sft_options(tokenizer, add_bos=cfg["add_bos"], chat_template=cfg["chat_template"])
 
 
 def source_docs(cfg: dict, source: Source, tokenizer, progress: bool = True):
@@ -166,97 +159,6 @@ def prepare_config(data_cfg: Any, *, num_proc: int | None = None) -> None:
         print(f"{path}: {info['documents']:,} documents, {info['tokens']:,} tokens{rate} -> {info['store']}")
 
 
-class Pipeline:
-    """Iterator of batches; see the module docstring. Build it with `make_pipeline`."""
-
-    streams = False  # True: some sources stream (btx_jax.data.streaming.StreamingPipeline)
-
-    def __init__(self, kind: str, names: list[str], probs: np.ndarray, stores: list, builder: BatchBuilder, *,
-                 workers: int, read_ahead: int):
-        self.kind, self.names, self.probs, self.stores = kind, names, probs, stores
-        self.builder, self.workers, self.read_ahead = builder, workers, read_ahead
-        self.seq_len, self.seed = builder.seq_len, builder.seed
-        self.global_batch_size, self.local_batch_size = builder.global_batch_size, builder.local_batch_size
-        self._batch_index = 0
-        self._rows = np.zeros(len(stores), np.int64)  # global rows taken from each source so far
-        self._non_pad = 0  # global non-padding input positions so far
-        self._iter, self._start = None, 0  # the grain iterator over global batches _start, ...; made on first use
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def _iterator(self):
-        if self._iter is None:
-            self._iter = batch_iterator(self.builder, self._start, workers=self.workers, read_ahead=self.read_ahead)
-        return self._iter
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = dict(next(self._iterator()))
-        self._rows += batch.pop("_rows")
-        self._non_pad += int(batch.pop("_non_pad"))
-        self._batch_index += 1
-        return batch
-
-    def _fixed(self) -> dict:
-        return {
-            "version": _STATE_VERSION,
-            "kind": self.kind,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "global_batch_size": self.global_batch_size,
-        }
-
-    def get_state(self) -> dict:
-        """JSON-serialisable position of the stream (identical on every process)."""
-        return {
-            **self._fixed(),
-            "batch_index": self._batch_index,
-            "rows": {n: int(r) for n, r in zip(self.names, self._rows)},
-            "non_pad_tokens": int(self._non_pad),
-            "workers": self.workers,
-            "start": self._start,
-            "grain": self._iterator().get_state(),
-        }
-
-    def _check_state(self, state: dict) -> None:
-        for key, value in self._fixed().items():
-            if state.get(key) != value:
-                raise DataError(f"data state: {key}={state.get(key)!r} does not match this pipeline's {value!r}")
-        if sorted(state["rows"]) != sorted(self.names):
-            raise DataError(f"data state: sources {sorted(state['rows'])} do not match {sorted(self.names)}")
-        if ("streaming" in state) != self.streams:
-            saved, here = ("with", "has none") if "streaming" in state else ("without", "has some")
-            raise DataError(f"data state: saved by a pipeline {saved} streaming sources, this one {here}")
-
-    def set_state(self, state: dict) -> None:
-        self._check_state(state)
-        self._batch_index = int(state["batch_index"])
-        self._rows = np.array([state["rows"][n] for n in self.names], np.int64)
-        self._non_pad = int(state["non_pad_tokens"])
-        self._iter, self._start = None, 0
-        if state.get("workers") == self.workers and state.get("start") == 0:
-            self._iterator().set_state(state["grain"])  # grain's own state
-        else:  # another worker layout: a fresh iterator from the global batch index
-            self._start = self._batch_index
-
-    def stats(self) -> dict:
-        """Realised mixture, packing efficiency, epochs, and per-source document counts."""
-        total = int(self._rows.sum())
-        per = lambda key: {n: int(s.counts[key]) for n, s in zip(self.names, self.stores)}
-        return {
-            "kind": self.kind,
-            "batches": self._batch_index,
-            "rows": {n: int(r) for n, r in zip(self.names, self._rows)},
-            "target_ratios": {n: float(p) for n, p in zip(self.names, self.probs)},
-            "realised_ratios": {n: (float(r) / total if total else 0.0) for n, r in zip(self.names, self._rows)},
-            "packing_efficiency": self._non_pad / (total * self.seq_len) if total else 0.0,
-            "epochs": {n: s.epochs_done(int(r)) for n, s, r in zip(self.names, self.stores, self._rows)},
-            "documents": per("documents"),
-            "filtered": per("filtered"),
-            "truncated": per("truncated"),
-            "dropped": per("dropped"),
-        }
-
 def make_pipeline(
     cfg: Any,
     tokenizer,
@@ -285,21 +187,15 @@ def make_pipeline(
     def rows(s: Source):
         if not s.streaming:
             return packed_rows(cfg, s, tokenizer, seq_len=seq_len, seed=seed, training=True)
-        return _streaming().StreamingRows(cfg, s, tokenizer, seq_len=seq_len, seed=seed,
+        return StreamingRows(cfg, s, tokenizer, seq_len=seq_len, seed=seed,
                                           process_index=process_index, process_count=process_count)
 
     stores = [rows(s) for s in cfg["sources"]]
     builder = BatchBuilder(stores, probs, seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
                            process_index=process_index, process_count=process_count, pad_id=tokenizer.pad_id)
-    pipeline_class = _streaming().StreamingPipeline if streaming else Pipeline
+    pipeline_class = StreamingPipeline if streaming else Pipeline
     return pipeline_class(cfg["kind"], names, probs, stores, builder, workers=int(cfg["workers"]),
                           read_ahead=int(cfg["read_ahead"]))
-
-
-def _streaming():
-    from btx_jax.data import streaming  # imports this module
-
-    return streaming
 
 
 

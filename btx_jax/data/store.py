@@ -154,6 +154,13 @@ def pretrain_options(*, add_bos: bool, add_eos: bool) -> dict:
     return {"kind": "pretrain", "add_bos": add_bos, "add_eos": add_eos}
 
 
+def encoding_options(cfg: dict, tokenizer) -> dict:
+    """How a data config's documents are tokenised: the options of its stores (and of its streaming sources)."""
+    if cfg["kind"] == "pretrain":
+        return pretrain_options(add_bos=cfg["add_bos"], add_eos=cfg["add_eos"])
+    return sft_options(tokenizer, add_bos=cfg["add_bos"], chat_template=cfg["chat_template"])
+
+
 def store_path(source: Source, options: dict, cache_dir: str | Path | None) -> Path:
     """The folder of the source's store (fingerprint: source stamp + options; see module docstring)."""
     fields = dataclasses.asdict(source)

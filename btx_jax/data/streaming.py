@@ -53,9 +53,9 @@ import numpy as np
 
 from btx_jax.data.errors import DataError
 from btx_jax.data.packing import FIELDS, PackedExamples, PackedStream, source_rng
-from btx_jax.data.pipeline import Pipeline, encoding_options
+from btx_jax.data.loader import Pipeline
 from btx_jax.data.sources import Source, load_records, read_error
-from btx_jax.data.store import Encoder, TokenizedDocs, check_fields
+from btx_jax.data.store import Encoder, TokenizedDocs, check_fields, encoding_options
 
 BLOCK_RECORDS = 1000  # records read, tokenised and (shuffle=True) permuted together
 

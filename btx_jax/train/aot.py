@@ -198,12 +198,17 @@ def counts_loop_trips(platform: str) -> bool:
 
 def cost_model(compiled, target: Target) -> dict:
     """{"step_s": XLA's optimal seconds per step (TPU cost model), "flops": per-chip FLOPs it counted,
-    "mfu": flops / (step_s * published bf16 peak)}; empty where the backend has no cost model."""
+    "mfu": flops / (step_s * published bf16 peak)}; empty where the backend has no cost model, and
+    {"unpriced_s": the value} where it returns no positive time.  (libtpu 0.0.42's v5e model prices some ops at
+    exactly -1 s: a [N, 512 or 640] x [512 or 640, M] matmul, the LoRA B projection at r=640, found by bisection;
+    768 or 1024 and every v5p shape are priced.  docs/performance.md section 4.)"""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     seconds = float(cost.get("optimal_seconds", 0.0) or 0.0)
-    if target.platform != "tpu" or seconds <= 0:
+    if target.platform != "tpu":
         return {}
+    if seconds <= 0:
+        return {"unpriced_s": seconds}
     out = {"step_s": seconds, "flops": float(cost.get("flops", 0.0))}
     if target.peak_flops:
         out["mfu"] = out["flops"] / (seconds * target.peak_flops)

@@ -146,7 +146,7 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     once = not aot.counts_loop_trips(target.platform) or out["flops_xla_raw"] < 2 * layer * micro
     out["flops_per_device"] = (out["flops_xla_raw"] + (config.num_layers - 1) * layer * once) * (micro if once else 1)
     out["flops_global"] = out["flops_per_device"] * out["devices"]
-    if out["cost"] and once:     # the cost model's time covers the counted FLOPs: scale it like them (MFU stays)
+    if "step_s" in out["cost"] and once:   # the cost model's time covers the counted FLOPs: scale it like them
         out["cost"]["step_s"] *= out["flops_per_device"] / max(out["flops_xla_raw"], 1.0)
     return out
 
@@ -229,7 +229,8 @@ def table(rows: list[dict], memory: int | None) -> str:
         lines.append("| " + " | ".join([
             r["phase"], str(r["global_batch"]), f"{r['params_trainable'] / 1e6:.1f}M", _fmt_gb(b["params"]),
             _fmt_gb(b["optimizer"]), _fmt_gb(b["gradients"]), _fmt_gb(b["temp"]), _fmt_gb(b["peak"]),
-            f"{r['flops_per_device'] / 1e12:.1f}", f"{cost['step_s']:.2f}" if cost else "-",
+            f"{r['flops_per_device'] / 1e12:.1f}",
+            f"{cost['step_s']:.2f}" if "step_s" in cost else f"unpriced ({cost['unpriced_s']:.1f})" if cost else "-",
             f"{cost['mfu']:.1%}" if "mfu" in cost else "-", fits, str(r.get("max_batch", "-")),
             f"{r['compile_s']:.1f}",
         ]) + " |")

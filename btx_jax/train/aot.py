@@ -201,7 +201,7 @@ def cost_model(compiled, target: Target) -> dict:
     "mfu": flops / (step_s * published bf16 peak)}; empty where the backend has no cost model, and
     {"unpriced_s": the value} where it returns no positive time.  (libtpu 0.0.42's v5e model prices some ops at
     exactly -1 s: a [N, 512 or 640] x [512 or 640, M] matmul, the LoRA B projection at r=640, found by bisection;
-    768 or 1024 and every v5p shape are priced.  docs/performance.md section 4.)"""
+    768 or 1024 and every v5p shape are priced.  docs/performance.md section 5.)"""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     seconds = float(cost.get("optimal_seconds", 0.0) or 0.0)

@@ -215,3 +215,24 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] < bad_step
     assert not (tmp_path / "final").exists()
+
+
+def test_cpu_step_casts_frozen_weights_per_layer():
+    """fp32 compute over bf16 frozen weights on XLA:CPU: the step is compiled without while-loop-invariant code
+    motion (btx_jax/train/aot.py), so no fp32 copy of the stacked weight shards lives for the whole step; with
+    the pass back on, the temporaries grow by about that copy."""
+    import math
+
+    from btx_jax.train import trainer
+
+    c = expert.get_config("synthetic")
+    c.train.frozen_dtype = "bfloat16"
+    c.model.arch.update(num_layers=4, hidden_size=256, intermediate_size=512)
+    cfg = trainer.resolved(c)
+    phase = trainer.wire(cfg)
+    lowered = phase.built.step_fn.lower(phase.built.abstract_state, trainer.abstract_batch(phase.built, cfg["train"]))
+    ours = lowered.compile().memory_analysis().temp_size_in_bytes
+    hoisted = lowered.compile(compiler_options={"xla_disable_hlo_passes": ""}).memory_analysis().temp_size_in_bytes
+    fp32_copy = sum(math.prod(s.sharding.shard_shape(s.shape)) * 4 for p, s in phase.frozen.items()
+                    if p.startswith("layers/") and s.ndim == 3)
+    assert hoisted - ours >= 0.75 * fp32_copy, (ours, hoisted, fp32_copy)

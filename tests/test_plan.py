@@ -86,3 +86,26 @@ def test_plan_cli_cpu_target_and_bad_target(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == "error: --mesh 'fsdp8': expected axis=size pairs separated by commas, e.g. data=1,fsdp=8,tensor=1\n"
     assert plan_mod.mesh_axes("data=1, fsdp=8,tensor=-1") == {"data": 1, "fsdp": 8, "tensor": -1}
+
+
+def test_max_batch_secant_search_finds_the_largest_fitting_multiple(monkeypatch):
+    """The search ends with adjacent batches on both sides of the budget (peak bytes superlinear in the batch,
+    as the TPU compiler reports at large batches), reusing a known plan and compiling few others."""
+    from btx_jax import mesh as mesh_lib
+
+    peak = lambda b: int((10 + 0.5 * b + 0.004 * b * b) * 2**30)
+    compiled = []
+
+    def fake_plan(cfg, *, batch, **_):
+        compiled.append(batch)
+        return {"global_batch": batch, "fits": True, "bytes": {"peak": peak(batch)}, "compile_s": 0.0}
+
+    monkeypatch.setattr(plan_mod, "plan", fake_plan)
+    mesh = mesh_lib.make_mesh({"fsdp": 4, "num_devices": 4})
+    cfg = {"mesh": {"fsdp": 4}, "mesh_rules": (), "train": {"microbatches": 1}}
+    known = ({"global_batch": 64, "fits": True, "bytes": {"peak": peak(64)}, "compile_s": 0.0},)
+    best, runs = plan_mod.max_batch(cfg, 95 * 2**30, phase="expert", experts=3, top_k=2, mesh=mesh, known=known,
+                                    log=lambda _: None)
+    budget = 0.9 * 95 * 2**30
+    assert best % 4 == 0 and peak(best) <= budget < peak(best + 4)
+    assert 64 not in compiled and len(compiled) <= 5, compiled

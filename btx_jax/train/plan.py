@@ -179,35 +179,46 @@ def layer_train_flops(config, t: dict, trainable: dict, frozen: dict, batch: int
 
 
 def max_batch(cfg: dict, memory: int, *, phase: str, experts: int, top_k: int, mesh=None, headroom=0.1,
-              limit: int = 4096, log=print, target=None, known: tuple[dict, ...] = ()) -> tuple[int, list[dict]]:
+              limit: int = 4096, log=print, target=None, known: tuple[dict, ...] = (),
+              max_compiles: int = 8) -> tuple[int, list[dict]]:
     """Largest global batch (a multiple of the data-parallel size) whose compiled peak fits `memory`
-    (1 - headroom) per device.  Peak bytes are affine in the batch, so two compiles give the line, one more
-    checks the predicted size (and steps down until a compile agrees).  `known`: plans already compiled
-    (e.g. at the config's batch), reused for the same batch."""
+    (1 - headroom) per device, and the plans compiled on the way.  A secant search: each next batch is where
+    the line through the two compiled batches nearest the budget meets it (peak bytes grow about linearly,
+    faster at large batches), kept strictly between the largest batch known to fit and the smallest known not
+    to, until those two are one step apart (or `max_compiles` compiles were spent: the largest fitting batch
+    found is returned).  `known`: plans already compiled (e.g. at the config's batch), reused."""
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg["mesh"])
     rules = tuple((k, tuple(v)) for k, v in (cfg.get("mesh_rules") or mesh_lib.DEFAULT_RULES))
     dp = mesh_lib.data_parallel_size(mesh, rules) * int(cfg["train"]["microbatches"])
     budget = memory * (1 - headroom)
-    runs = []
+    runs, peaks = [], {}
 
     def at(b):
         r = next((k for k in known if k["global_batch"] == b), None) or plan(
             cfg, phase=phase, batch=b, experts=experts, top_k=top_k, mesh=mesh, target=target, log=log)
         runs.append(r)
+        peaks[b] = r["bytes"]["peak"] if r["fits"] else max(r["bytes"]["peak"], budget + 1)
         log(f"  [search] {phase} batch {b}: peak {r['bytes']['peak'] / 2**30:.2f} GiB/device "
             + (f"(compile {r['compile_s']:.1f}s)" if r["fits"] else f"(does not fit: {r['error']})"))
-        return r["bytes"]["peak"]
 
-    p1, p2 = at(dp), at(2 * dp)
-    slope = max(p2 - p1, 1) / dp
-    if p1 > budget:
-        return 0, runs
-    guess = min(int((budget - p1) / slope) + dp, limit)
-    guess = max(dp, guess // dp * dp)
-    while guess > 2 * dp and at(guess) > budget:
-        guess = max(2 * dp, int(guess * 0.9) // dp * dp)
-    best = guess if guess > 2 * dp else (2 * dp if p2 <= budget else dp)
-    return best, runs
+    for r in known:
+        if r["global_batch"] % dp == 0:
+            at(r["global_batch"])
+    if not peaks or min(peaks) != dp:
+        at(dp)
+    for _ in range(max_compiles):
+        fit = [b for b, p in peaks.items() if p <= budget]
+        over = [b for b, p in peaks.items() if p > budget]
+        lo, hi = max(fit, default=0), min(over, default=limit + dp)
+        if not fit or hi - lo <= dp or lo >= limit:
+            break
+        (b1, p1), (b2, p2) = sorted(peaks.items(), key=lambda bp: abs(bp[1] - budget))[:2] if len(peaks) > 1 \
+            else ((lo, peaks[lo]), (2 * lo, 2 * peaks[lo]))
+        slope = max((p2 - p1) / (b2 - b1), 1.0) if b1 != b2 else max(p1 / b1, 1.0)
+        guess = int(b1 + (budget - p1) / slope) // dp * dp
+        at(min(max(guess, lo + dp), hi - dp, limit))
+    fit = [b for b, p in peaks.items() if p <= budget]
+    return max(fit, default=0), runs
 
 
 def _fmt_gb(n: float) -> str:

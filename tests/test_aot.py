@@ -51,11 +51,27 @@ def test_compiler_out_of_memory_becomes_does_not_fit():
 
 
 
+def test_cost_model_reports_a_non_positive_time_as_unpriced():
+    class Compiled:
+        def __init__(self, seconds):
+            self.seconds = seconds
+
+        def cost_analysis(self):
+            return {"optimal_seconds": self.seconds, "flops": 4.59e14}
+
+    target = aot.parse_target("tpu:v5p-8")
+    assert aot.cost_model(Compiled(-29.9), target) == {"unpriced_s": -29.9}
+    priced = aot.cost_model(Compiled(2.0), target)
+    assert priced["step_s"] == 2.0 and priced["mfu"] == pytest.approx(0.5)
+    assert aot.cost_model(Compiled(2.0), aot.parse_target("cpu:8")) == {}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason='libtpu is not installed (pip install -e ".[tpu]"): no TPU compiler to compile for')
-def test_cost_model_prices_v5p_and_reports_the_v5e_lora_b_matmul_unpriced():
-    """The LoRA B projection at r=640 ([N, 640] x [640, M], M sharded over 16 chips): v5p's cost model prices it,
-    libtpu 0.0.42's v5e model returns exactly -1 s for it, which plan reports as unpriced instead of an MFU."""
+def test_cost_model_on_the_lora_b_matmul():
+    """The LoRA B projection at r=640 ([N, 640] x [640, M], M sharded over the chips): v5p's cost model prices
+    it; libtpu 0.0.42's v5e model returns exactly -1 s for it (docs/performance.md section 5), which plan reports
+    as unpriced.  A libtpu that prices it turns the v5e figure into a step time."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -71,4 +87,5 @@ def test_cost_model_prices_v5p_and_reports_the_v5e_lora_b_matmul_unpriced():
         compiled = jax.jit(lambda h, b: (h @ b.astype(h.dtype)).astype(jnp.float32).sum()).lower(h, b).compile()
         got[name] = aot.cost_model(compiled, target)
     assert got["tpu:v5p-8"]["step_s"] > 0 and 0 < got["tpu:v5p-8"]["mfu"] < 1
-    assert set(got["tpu:v5e-16"]) == {"unpriced_s"} and got["tpu:v5e-16"]["unpriced_s"] == pytest.approx(-1, abs=1e-3)
+    v5e = got["tpu:v5e-16"]
+    assert v5e.get("step_s", 0) > 0 or v5e == {"unpriced_s": pytest.approx(-1, abs=1e-3)}, v5e

@@ -236,3 +236,26 @@ def test_cpu_step_casts_frozen_weights_per_layer():
     fp32_copy = sum(math.prod(s.sharding.shard_shape(s.shape)) * 4 for p, s in phase.frozen.items()
                     if p.startswith("layers/") and s.ndim == 3)
     assert hoisted - ours >= 0.75 * fp32_copy, (ours, hoisted, fp32_copy)
+
+
+def test_streaming_source_resumes_in_the_trainer(tmp_path):
+    """A run over a streaming source mixed with a stored one, stopped after 3 steps and resumed to 6 (its data
+    state in the orbax checkpoint), gives the losses of a straight 6-step run."""
+    from btx_jax.data import bundled_source
+    from configs import pretrain
+
+    def config(steps):
+        c = pretrain.get_config("tiny")
+        wiki = bundled_source("wiki")
+        c.data.sources = [dict(name="wiki", path=wiki["path"], text_field="text", streaming=True, ratio=0.5),
+                          dict(bundled="math", ratio=0.5)]
+        c.data.cache_dir = str(tmp_path / "cache")
+        c.train.update(steps=steps, ckpt_every=3, log_every=1, seq_len=64, global_batch_size=8)
+        c.model.arch.num_layers = 2
+        return c
+
+    train(config(6), tmp_path / "straight")
+    train(config(3), tmp_path / "resumed")
+    train(config(6), tmp_path / "resumed")
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert [straight[s] for s in range(1, 7)] == [resumed[s] for s in range(1, 7)]

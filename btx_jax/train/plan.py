@@ -212,9 +212,9 @@ def max_batch(cfg: dict, memory: int, *, phase: str, experts: int, top_k: int, m
         lo, hi = max(fit, default=0), min(over, default=limit + dp)
         if not fit or hi - lo <= dp or lo >= limit:
             break
-        (b1, p1), (b2, p2) = sorted(peaks.items(), key=lambda bp: abs(bp[1] - budget))[:2] if len(peaks) > 1 \
-            else ((lo, peaks[lo]), (2 * lo, 2 * peaks[lo]))
-        slope = max((p2 - p1) / (b2 - b1), 1.0) if b1 != b2 else max(p1 / b1, 1.0)
+        nearest = sorted(peaks.items(), key=lambda bp: abs(bp[1] - budget))[:2]
+        (b1, p1), (b2, p2) = nearest if len(nearest) == 2 else (nearest[0], (0, 0))   # one point: through 0
+        slope = max((p2 - p1) / (b2 - b1), 1.0)
         guess = int(b1 + (budget - p1) / slope) // dp * dp
         at(min(max(guess, lo + dp), hi - dp, limit))
     fit = [b for b, p in peaks.items() if p <= budget]

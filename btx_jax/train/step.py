@@ -43,11 +43,13 @@ LOSS_LAYOUTS = ("auto", "batch", "vocab")
 
 def resolve_layout(layout: str, tokens: int, head_DV: tuple[int, int], mesh, rules=mesh_lib.DEFAULT_RULES) -> str:
     """"batch" or "vocab": how the chunked loss over `tokens` (global batch x seq of one microbatch) with an
-    lm_head of shape `head_DV` is sharded.  "batch": hidden states stay batch-sharded and every device gathers lm_head ([D, V], gathered in the forward and again in the backward: 2 D V elements moved);
-    "vocab": every device keeps its vocab shard of lm_head and gathers each slice of hidden states ([B, chunk, D]
-    from all devices, forward and backward, plus the reduce-scatter of their gradient: 3 B T D elements).
-    "auto" takes the one that moves fewer bytes, vocab parallel when 3 B T < 2 V (small batches of tokens
-    against a large vocabulary, where it also holds less: a [B, chunk, D] slice instead of the whole head).
+    lm_head of shape `head_DV` is sharded.
+      batch  hidden states stay batch-sharded and every device gathers lm_head ([D, V], in the forward and
+             again in the backward: 2 D V elements moved)
+      vocab  every device keeps its vocab shard of lm_head and gathers each [B, chunk, D] slice of hidden
+             states (forward, backward, and the reduce-scatter of their gradient: 3 B T D elements)
+      auto   the one that moves fewer bytes: vocab parallel when 3 B T < 2 V (small token batches against a
+             large vocabulary, where it also holds less: a slice instead of the whole head)
     Vocab parallel needs V divisible by the devices it is split over; otherwise "batch"."""
     vocab = head_DV[1]
     wanted = layout == "vocab" or (layout == "auto" and 3 * tokens < 2 * vocab)

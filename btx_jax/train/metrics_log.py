@@ -1,5 +1,6 @@
 """Training output: a start-up summary, a tqdm bar with tokens/s and ETA, `metrics.jsonl` (one JSON object
-per logged step), and TensorBoard event files in the work directory."""
+per logged step), and TensorBoard event files in the work directory (written with tensorboard's own event
+writer: tensorboardX would import torch where it is installed, ~0.2 GiB of host RAM in every training run)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 from flax import traverse_util
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tqdm import tqdm
 
 
@@ -32,8 +35,7 @@ class MetricsLog:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
-        from tensorboardX import SummaryWriter
-        self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        self.tb = EventFileWriter(str(self.workdir / "tensorboard"))
         import sys
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         mininterval=0.1 if sys.stderr.isatty() else 30.0)   # logs: a line every 30 s
@@ -62,9 +64,8 @@ class MetricsLog:
         self.tokens, self.t0 = 0.0, time.perf_counter()
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
-        for k, v in row.items():
-            if k != "step":
-                self.tb.add_scalar(k, v, step)
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in row.items() if k != "step"]
+        self.tb.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
     def footer(self, last: dict) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 
 from btx_jax import param_paths
 from btx_jax.config import ATTN_TARGETS, MLP_TARGETS, LlamaConfig
+from btx_jax.model import abstract_params, routed_layers
 
 ADAPTER_LEAF = re.compile(r"layers/\w+/\w+/(lora_a|lora_b|router)")
 FFN_EXPERT_LEAF = re.compile(r"layers/moe/\w+_proj")
@@ -34,7 +35,6 @@ FFN_EXPERT_LEAF = re.compile(r"layers/moe/\w+_proj")
 
 def leaf_counts(config: LlamaConfig) -> dict[str, int]:
     """{path: number of parameters that exist in the model}, adapter leaves counted on routed layers only."""
-    from btx_jax.model import abstract_params, routed_layers
     shapes = abstract_params(config)
     n_routed = int(routed_layers(config).sum())
     out = {}

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from btx_jax.data.sft import instruction_prompt
 from btx_jax.pretrained import Pretrained
 
 
 def complete(pre: Pretrained, tokenizer, prompts: list[str], *, max_new_tokens: int = 48, chat: bool = False,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
     """One completion per prompt (each generated on its own: prompts have different lengths)."""
-    from btx_jax.data.sft import instruction_prompt
     outs = []
     for prompt in prompts:
         text = instruction_prompt(prompt) if chat else prompt

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from btx_jax.data.errors import DataError
+
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "corpora"
 BUNDLED_TOKENIZER = BUNDLED_DATA_DIR / "tokenizer" / "tokenizer.model"
 PREFIX = "bundled:"          # configs name bundled files as "bundled:tokenizer/tokenizer.model" (literals)
@@ -38,7 +40,6 @@ DOMAINS = tuple(_DOMAINS)
 def bundled_source(domain: str, ratio: float = 1.0) -> dict:
     """Source dict of one bundled domain (absolute paths), usable in any pipeline config."""
     if domain not in _DOMAINS:
-        from btx_jax.data.errors import DataError
         raise DataError(f"unknown bundled domain {domain!r}; choose from {DOMAINS}")
     spec = dict(_DOMAINS[domain], name=domain, ratio=ratio)
     for key in ("path", "eval_path"):

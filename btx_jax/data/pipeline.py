@@ -47,6 +47,7 @@ from btx_jax.data.packing import FIELDS, PackedExamples, PackedStream, empty_row
 from btx_jax.data.sources import Source
 from btx_jax.data.store import encoding_options, open_store
 from btx_jax.data.streaming import StreamingPipeline, StreamingRows
+from btx_jax.data.tokenizer import load_tokenizer
 
 _DEFAULTS = {
     "kind": "pretrain",
@@ -141,8 +142,6 @@ def prepare(cfg: Any, tokenizer, *, held_out: bool = True, progress: bool = True
 
 def prepare_config(data_cfg: Any, *, num_proc: int | None = None) -> None:
     """`scripts/prepare_data.py`: load the config's tokenizer, build every store, print one line per store."""
-    from btx_jax.data.tokenizer import load_tokenizer
-
     d = dict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg)
     if d.get("kind") == "synthetic":
         raise DataError("data config: kind='synthetic' has no sources to prepare")

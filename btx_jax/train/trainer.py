@@ -27,7 +27,9 @@ import optax
 from btx_jax import disk, param_paths
 from btx_jax.checkpoint import btx
 from btx_jax.config import ConfigError, LlamaConfig
+from btx_jax.data import load_tokenizer, make_pipeline
 from btx_jax.data.packing import FIELDS
+from btx_jax.data.synthetic import SyntheticPipeline
 from btx_jax.errors import UserError
 from btx_jax.model import Llama, attention
 from btx_jax.pretrained import ModelSource
@@ -71,9 +73,7 @@ def make_data(cfg: dict, vocab_size: int):
     kw = dict(seq_len=int(t["seq_len"]), global_batch_size=int(t["global_batch_size"]),
               process_index=jax.process_index(), process_count=jax.process_count(), seed=int(t["seed"]))
     if d.get("kind") == "synthetic":
-        from btx_jax.data.synthetic import SyntheticPipeline
         return SyntheticPipeline(vocab_size=vocab_size, **kw)
-    from btx_jax.data import load_tokenizer, make_pipeline
     tokenizer = load_tokenizer(d.pop("tokenizer"))
     tokenizer.check_fits(vocab_size)
     return make_pipeline(d, tokenizer, **kw)

@@ -19,6 +19,7 @@ from btx_jax import mesh as mesh_lib
 from btx_jax.train.model_init import initial_source
 from btx_jax.train.trainer import train
 from configs import expert
+from conftest import build_hf_llama
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -141,12 +142,20 @@ def _cli(workdir, *overrides):
             "--config.model.arch.num_layers=2", *overrides]
 
 
-def test_resume_after_sigkill_replays_the_same_losses(tmp_path):
-    _run(_cli(tmp_path / "straight"))
-    killed = _run_killed_at(5, _cli(tmp_path / "killed"))
+@pytest.mark.parametrize("init", ["random", "hf"])
+def test_resume_after_sigkill_replays_the_same_losses(tmp_path, init):
+    """Also from an HF base in bf16: the lean checkpoints hold no frozen weight, so the resume reads the base
+    again from its safetensors and checks it against the digest saved with the step."""
+    extra = []
+    if init == "hf":
+        import torch
+        base = build_hf_llama(tmp_path / "base", torch_dtype=torch.bfloat16, num_hidden_layers=2)
+        extra = [f"--config.model.init={base}", "--config.train.frozen_dtype=bfloat16"]
+    _run(_cli(tmp_path / "straight", *extra))
+    killed = _run_killed_at(5, _cli(tmp_path / "killed", *extra))
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "killed" / "final").exists()
-    _run(_cli(tmp_path / "killed"))           # the same command resumes from step 3
+    _run(_cli(tmp_path / "killed", *extra))   # the same command resumes from step 3
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
     assert sorted(resumed) == list(range(1, 9))
     assert [straight[s] for s in range(1, 9)] == [resumed[s] for s in range(1, 9)]   # bitwise on CPU

@@ -18,6 +18,7 @@ from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL, cached_attentio
 from btx_jax.model.lora import Linear
 from btx_jax.model.moe_ffn import MoEFFN
 from btx_jax.model.rope import apply_rope, inv_frequencies
+from btx_jax.model.swiglu import swiglu
 
 def _save_all_but_casts(prim, *_, **__) -> bool:
     """Keep every intermediate for the backward pass except dtype casts (a bf16 frozen weight cast to an fp32
@@ -91,7 +92,7 @@ class MLP(_Sub):
         mask_BT = (segment_ids_BT > 0).astype(jnp.float32)
         gate_BTM = self.linear(c.intermediate_size, "gate_proj")(x_BTD, routed, mask_BT)
         up_BTM = self.linear(c.intermediate_size, "up_proj")(x_BTD, routed, mask_BT)
-        h_BTM = nn.silu(gate_BTM.astype(jnp.float32)).astype(self.dtype) * up_BTM
+        h_BTM = swiglu(gate_BTM, up_BTM, self.dtype)
         return self.linear(c.hidden_size, "down_proj")(h_BTM, routed, mask_BT)
 
 

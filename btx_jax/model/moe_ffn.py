@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from btx_jax.config import LlamaConfig
 from btx_jax.model.lora import dense_gates, router_aux, top_k_softmax
+from btx_jax.model.swiglu import swiglu
 
 MAX_TILE = 512
 
@@ -45,7 +46,7 @@ def tile_rows(slots: int, num_experts: int) -> int:
 
 
 def _swiglu(x, gate, up, down, matmul):
-    h = nn.silu(matmul(x, gate).astype(jnp.float32)).astype(x.dtype) * matmul(x, up)
+    h = swiglu(matmul(x, gate), matmul(x, up), x.dtype)
     return matmul(h, down)
 
 

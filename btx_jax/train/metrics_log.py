@@ -4,6 +4,7 @@ writer: tensorboardX would import torch where it is installed, ~0.2 GiB of host 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,6 @@ class MetricsLog:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
         self.tb = EventFileWriter(str(self.workdir / "tensorboard"))
-        import sys
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         mininterval=0.1 if sys.stderr.isatty() else 30.0)   # logs: a line every 30 s
 

@@ -45,7 +45,7 @@ def tile_rows(slots: int, num_experts: int) -> int:
     return min(1 << (target.bit_length() - 1), MAX_TILE)
 
 
-def _swiglu(x, gate, up, down, matmul):
+def _ffn(x, gate, up, down, matmul):
     h = swiglu(matmul(x, gate), matmul(x, up), x.dtype)
     return matmul(h, down)
 
@@ -69,7 +69,7 @@ def _combine(y_sorted_SD, inverse_S, weights_NK):
 def ragged_ffn(x_ND, gate_EDM, up_EDM, down_EMD, weights_NK, idx_NK):
     order_S, inverse_S, sizes_E = _sort_slots(idx_NK, gate_EDM.shape[0])
     x_SD = x_ND[order_S // idx_NK.shape[1]]
-    y_SD = _swiglu(x_SD, gate_EDM, up_EDM, down_EMD, lambda a, w: jax.lax.ragged_dot(a, w, sizes_E))
+    y_SD = _ffn(x_SD, gate_EDM, up_EDM, down_EMD, lambda a, w: jax.lax.ragged_dot(a, w, sizes_E))
     return _combine(y_SD, inverse_S, weights_NK)
 
 
@@ -88,7 +88,7 @@ def segment_ffn(x_ND, gate_EDM, up_EDM, down_EMD, weights_NK, idx_NK, tile: int 
     tile_expert = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(n_tiles) * tile, side="right"),
                               E - 1)
     x_GTD = x_ND[token_R].reshape(n_tiles, tile, -1)                    # pad rows read token 0, then are dropped
-    y_GTD = _swiglu(x_GTD, gate_EDM[tile_expert], up_EDM[tile_expert], down_EMD[tile_expert],
+    y_GTD = _ffn(x_GTD, gate_EDM[tile_expert], up_EDM[tile_expert], down_EMD[tile_expert],
                     lambda a, w: jnp.einsum("gti,gio->gto", a, w))
     return _combine(y_GTD.reshape(n_tiles * tile, -1)[row_S], inverse_S, weights_NK)
 
@@ -97,7 +97,7 @@ def dense_ffn(x_ND, gate_EDM, up_EDM, down_EMD, weights_NK, idx_NK):
     """Reference: all experts on all tokens, mixed by the dense gates (zero for unselected experts)."""
     gates_NE = dense_gates(weights_NK, idx_NK, gate_EDM.shape[0])
     x_END = jnp.broadcast_to(x_ND, (gate_EDM.shape[0], *x_ND.shape))
-    y_END = _swiglu(x_END, gate_EDM, up_EDM, down_EMD, lambda a, w: jnp.einsum("eni,eio->eno", a, w))
+    y_END = _ffn(x_END, gate_EDM, up_EDM, down_EMD, lambda a, w: jnp.einsum("eni,eio->eno", a, w))
     return jnp.einsum("end,ne->nd", y_END.astype(jnp.float32), gates_NE)
 
 

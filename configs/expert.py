@@ -2,26 +2,26 @@
 
 Presets (`--config=configs/expert.py:DOMAIN[,tiny]`), DOMAIN in wiki | math | novel:
   DOMAIN        the seed recipe: Llama-2-7B, LoRA r=640 alpha=32 dropout 0.1 on gate/up/down_proj, the seed's
-                data mixture for the domain: hub datasets as (path, subset) (point non-hub names at your copies;
-                tokenise ahead with `python scripts/prepare_data.py --config=configs/expert.py:DOMAIN`)
+                data mixture for the domain (configs/common.py SEED_SOURCES: hub datasets read through their own
+                columns; news_ja / novels_ja are placeholders for your jsonl copies) and token budget (wiki 5B,
+                math 1.6B, novel 9B tokens: train.steps = tokens // (global_batch_size * seq_len), recomputed
+                when either changes); tokenise ahead with
+                `python scripts/prepare_data.py --config=configs/expert.py:DOMAIN`
   DOMAIN,tiny   the CPU demo: the tiny seed from configs/pretrain.py, the bundled domain corpus
   DOMAIN,tiny,ffn   a full-FFN expert instead (phase `ffn`: the MLP kernels train, no LoRA) for the paper's BTX
   synthetic     engine tests: a random tiny model, LoRA r=8, random tokens
 """
 from configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, SEED_LORA, base_config, bundled, parse_preset,
-                            seed_scale, tiny_scale)
+                            seed_scale, seed_sources, tiny_scale, token_budget)
 
 DOMAINS = ("wiki", "math", "novel")
-# The seed's expert mixtures (share of tokens): (name, hub path, subset, ratio).
+# The seed's expert mixtures: {source (configs/common.py SEED_SOURCES): share of tokens}, and token budgets.
 SEED_MIXTURES = {
-    "wiki": [("wikipedia_ja", "wikimedia/wikipedia", "20231101.ja", 0.36),
-             ("wikipedia_en", "wikimedia/wikipedia", "20231101.en", 0.20),
-             ("news_ja", "news_ja", None, 0.43)],
-    "math": [("atlas_math_sets", "AtlasUnified/atlas-math-sets", None, 0.43),
-             ("open_math_instruct", "nvidia/OpenMathInstruct-1", None, 0.37),
-             ("basic_math", "basicMath", None, 0.17), ("gsm8k", "openai/gsm8k", "main", 0.01)],
-    "novel": [("aozora_bunko", "globis-university/aozorabunko-clean", None, 0.10), ("novels", "novels_ja", None, 0.90)],
+    "wiki": {"wikipedia_ja": 0.36, "wikipedia_en": 0.20, "news_ja": 0.43},
+    "math": {"atlas_math_sets": 0.43, "open_math_instruct": 0.37, "basic_math": 0.17, "gsm8k": 0.01},
+    "novel": {"aozora_bunko": 0.10, "novels_ja": 0.90},
 }
+SEED_TOKENS = {"wiki": 5_000_000_000, "math": 1_600_000_000, "novel": 9_000_000_000}
 
 
 def get_config(preset: str = "wiki,tiny"):
@@ -45,6 +45,7 @@ def get_config(preset: str = "wiki,tiny"):
             c.train.update(steps=100, lr=1e-3)
         return c
     seed_scale(c)
-    c.train.update(steps=10000, lr=1e-4, warmup_steps=100)
-    c.data.sources = [dict(name=n, path=p, subset=s, format="hub", ratio=r) for n, p, s, r in SEED_MIXTURES[domain]]
+    c.train.update(lr=1e-4, warmup_steps=100)
+    token_budget(c, SEED_TOKENS[domain])
+    c.data.sources = seed_sources(SEED_MIXTURES[domain])
     return c

@@ -1,10 +1,17 @@
 """Phase 2: compose the seed + three LoRA experts into a LoRA-MoE (top-2 of 3 on gate/up/down_proj, base
 always on) and train only the routers and lm_head on the mixed corpus.
 
-Presets: `` (seed scale, expert dirs under runs/btx/) | `tiny` (the CPU demo, runs/demo/) | `tiny,ffn` (the
-paper's BTX: the demo's full-FFN experts mixed into an FFN-MoE, top-2 of 3, routers + lm_head train)."""
-from configs.common import BUNDLED_TOKENIZER, DEMO_DIR, base_config, bundled, parse_preset, seed_scale, tiny_scale
-from configs.expert import DOMAINS, SEED_MIXTURES
+Presets: `` (seed scale, expert dirs under runs/btx/: the seed's router data, mC4 ja, Wikipedia ja, Aozora Bunko
+and OpenMathInstruct (configs/common.py SEED_SOURCES), 1B tokens: train.steps = tokens // (global_batch_size *
+seq_len), recomputed when either changes) | `tiny` (the CPU demo, runs/demo/) | `tiny,ffn` (the paper's BTX: the
+demo's full-FFN experts mixed into an FFN-MoE, top-2 of 3, routers + lm_head train)."""
+from configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, base_config, bundled, parse_preset, seed_scale,
+                            seed_sources, tiny_scale, token_budget)
+from configs.expert import DOMAINS
+
+# The seed's router data. Its shares are not known: equal shares of tokens, one per source.
+SEED_ROUTER_MIXTURE = {"mc4_ja": 0.25, "wikipedia_ja": 0.25, "aozora_bunko": 0.25, "open_math_instruct": 0.25}
+SEED_ROUTER_TOKENS = 1_000_000_000
 
 
 def get_config(preset: str = "tiny"):
@@ -26,7 +33,7 @@ def get_config(preset: str = "tiny"):
     seed_scale(c)
     c.model.compose = dict(experts=[f"runs/btx/expert_{d}/final" for d in DOMAINS], top_k=2,
                            seed_expert=False, router_init="normal")
-    c.train.update(steps=2000, lr=1e-4, warmup_steps=50)
-    c.data.sources = [dict(name=n, path=p, subset=s, format="hub", ratio=r / 3)
-                      for d in DOMAINS for n, p, s, r in SEED_MIXTURES[d]]
+    c.train.update(lr=1e-4, warmup_steps=50)
+    token_budget(c, SEED_ROUTER_TOKENS)
+    c.data.sources = seed_sources(SEED_ROUTER_MIXTURE)
     return c

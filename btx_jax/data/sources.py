@@ -17,6 +17,8 @@ A source is a dict (or ConfigDict) with these keys (only `path` is required):
   min_chars       int   drop texts shorter than this (default 1: drops empty lines)
   max_chars       int   drop texts longer than this (default: no limit)
   max_docs        int   keep only the first max_docs texts/records after filtering
+  where           dict  keep only the records whose columns equal these values, e.g. {"is_correct": True}
+                        (str, int, float or bool values; read before formatting, not counted as filtered)
   streaming       bool  False (default): tokenised once into a store; True: read with
                         `datasets.load_dataset(..., streaming=True)` and tokenised while training, no
                         store (btx_jax.data.streaming)
@@ -77,6 +79,7 @@ class Source:
     min_chars: int = 1
     max_chars: int | None = None
     max_docs: int | None = None
+    where: dict[str, Any] | None = None
     instruction_field: str = "instruction"
     input_field: str = "input"
     output_field: str = "output"
@@ -110,6 +113,11 @@ class Source:
         spec.setdefault("name", f"{default_name}_{spec['subset']}" if spec.get("subset") else default_name)
         if spec.get("format") is not None and spec["format"] not in _FORMATS:
             raise DataError(f"source {spec['name']!r}: format {spec['format']!r} not one of {sorted(_FORMATS)}")
+        where = spec.get("where")
+        if where is not None and (not isinstance(where, dict) or not where or not all(
+                isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in where.items())):
+            raise DataError(f"source {spec['name']!r}: where must map column names to str/int/float/bool values, "
+                            f"not {where!r}")
         if not isinstance(spec.get("streaming", False), bool):
             raise DataError(f"source {spec['name']!r}: streaming must be True or False, not {spec['streaming']!r}")
         return cls(**spec)
@@ -217,7 +225,7 @@ def load_records(source: Source, cache_dir: str | None = None, num_proc: int | N
 
     files = local_files(source)
     if files is None:
-        return _load_hub(source, streaming=streaming)
+        return _where(source, _load_hub(source, streaming=streaming))
     builder = _builder(source, files)
     for f in files:
         if f.stat().st_size == 0:
@@ -235,7 +243,18 @@ def load_records(source: Source, cache_dir: str | None = None, num_proc: int | N
         raise read_error(source, e) from None
     if not streaming and len(ds) == 0:
         raise DataError(f"source {source.name!r}: no records in {', '.join(source.path)}")
-    return ds
+    return _where(source, ds)
+
+
+def _where(source: Source, ds):
+    """The records of `ds` that match the source's `where` (all of them when it has none)."""
+    if not source.where:
+        return ds
+    if ds.column_names is not None:  # a streaming json source may not know its columns before reading
+        require_fields(source, list(ds.column_names), list(source.where))
+    where = dict(source.where)
+    return ds.filter(lambda batch: [all(row) for row in zip(*([x == v for x in batch[k]] for k, v in where.items()))],
+                     batched=True)
 
 
 def read_error(source: Source, error: Exception) -> DataError:

@@ -116,7 +116,7 @@ def _cotangent(tmp):
 
 
 def _auto_wiki_qa(tmp):
-    rows = [{"passage_id": i, "query": f"質問 {i}？", "answer": f"答え {i}", "text": f"本文 {i}", "title": "DECOY"}
+    rows = [{"query": f"質問 {i}？", "answer": f"答え {i}", "text": f"本文 {i}", "title": "DECOY"}
             for i in range(3)]
     return str(write_parquet(tmp / "auto_wiki_qa.parquet", rows)), [(r["query"], r["text"], r["answer"]) for r in rows]
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from btx_jax.data import BUNDLED_TOKENIZER, DataError, load_tokenizer, prepare
+from btx_jax.data.sources import Source, load_records
 from configs import expert, router, sft
 
 TOK = load_tokenizer(BUNDLED_TOKENIZER)
@@ -188,6 +189,13 @@ def test_steps_follow_the_token_budget(preset):
     c.train.steps = 3                                    # an explicit step count replaces the budget
     c.train.global_batch_size = 4
     assert c.train.steps == 3
+
+
+def test_where_keeps_matching_records_stored_and_streaming(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"q": f"q{i}", "is_correct": i % 2 == 0} for i in range(5)])
+    source = Source.from_dict({"path": str(path), "where": {"is_correct": True}})
+    assert list(load_records(source, cache_dir=str(tmp_path / "arrow"))["q"]) == ["q0", "q2", "q4"]
+    assert [r["q"] for r in load_records(source, streaming=True)] == ["q0", "q2", "q4"]
 
 
 def test_where_is_validated_and_names_a_missing_column(tmp_path):

@@ -69,7 +69,7 @@ def _atlas_math_sets(tmp):
 def _open_math_instruct(tmp):
     """nvidia/OpenMathInstruct-1's layout: correct_solutions/ and incorrect_solutions/; only correct ones read."""
     def rows(correct):
-        return [{"question": f"Q{i} {correct}", "generated_solution": f"Let's solve {i}. <llm-code>print({i})</llm-code>",
+        return [{"question": f"Q{i} {correct}", "generated_solution": f"Solve {i}. <llm-code>print({i})</llm-code>",
                  "expected_answer": str(i), "predicted_answer": str(i if correct else -i), "error_message": "",
                  "is_correct": correct, "dataset": "gsm8k"} for i in range(3)]
     root = tmp / "OpenMathInstruct-1"
@@ -105,7 +105,7 @@ def _mc4_ja(tmp):
 def _llm_japanese(tmp):
     rows = [{"instruction": "次の質問に答えてください。", "input": "日本の首都は？", "output": "東京です。"},
             {"instruction": "挨拶をしてください。", "input": "", "output": "こんにちは。"}]
-    return str(write_jsonl(tmp / "llm_japanese.jsonl", rows)), [(r["instruction"], r["input"], r["output"]) for r in rows]
+    return str(write_jsonl(tmp / "llm.jsonl", rows)), [(r["instruction"], r["input"], r["output"]) for r in rows]
 
 
 def _cotangent(tmp):

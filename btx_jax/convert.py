@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.cli import parse_bytes, run_cli
 from btx_jax.config import ConfigError
-from btx_jax.pretrained import detect_format, load_pretrained
+from btx_jax.pretrained import check_savable, detect_format, open_model
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -132,16 +132,23 @@ def convert(args: argparse.Namespace) -> Path:
     show = not args.no_progress
     progress = _Progress(f"reading {load_dir.name}", _checkpoint_bytes(load_dir), show)
     try:
-        pre = load_pretrained(load_dir, allow_pickle=args.allow_pickle, progress=progress, **kwargs)
+        source = open_model(load_dir, adapter=kwargs.pop("adapter", None), allow_pickle=args.allow_pickle,
+                            progress=progress)                  # configs and tensor headers only
+        merge = getattr(args, "merge_lora", False)
+        if conv.save_format == "hf" and source.config.adapter is not None and not merge:
+            raise CheckpointError(f"{src}: has LoRA adapters; pass --merge-lora to fold them into the base "
+                                  "weights, or use btx-to-peft / btx-to-mergoo")
+        try:
+            check_savable(source.config, conv.save_format, merge_lora=merge)     # before any weight is read
+        except CheckpointError as e:
+            raise CheckpointError(f"{src}: {e}") from None
+        pre = source.load(**kwargs)
     finally:
         progress.close()
     save_kwargs = {"format": conv.save_format, "overwrite": args.overwrite}
     if max_shard is not None:
         save_kwargs["max_shard_bytes"] = max_shard
     if conv.save_format == "hf":
-        if pre.config.adapter is not None and not args.merge_lora:
-            raise CheckpointError(f"{src}: has LoRA adapters; pass --merge-lora to fold them into the base "
-                                  "weights, or use btx-to-peft / btx-to-mergoo")
         save_kwargs["merge_lora"] = args.merge_lora
         import jax
         total = sum(int(leaf.size) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(pre.params))

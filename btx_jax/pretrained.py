@@ -143,8 +143,7 @@ class Pretrained:
                         progress: Callable[[int], None] | None = None) -> Path:
         """Write the model as `format` into `dst` (atomically: nothing is left at dst on error); `btx` is
         self-contained (every leaf).  `progress(nbytes)` is called per tensor written (format 'hf')."""
-        if format not in FORMATS:
-            raise ValueError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
+        check_savable(self.config, format, merge_lora=merge_lora)
         dst = Path(dst)
         nbytes = (sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.params))
                   if format in ("btx", "mergoo") else None)     # every tensor is written (hf/peft: a subset)
@@ -167,16 +166,28 @@ def _logits(model: Llama, params, ids_BT):
     return model.apply({"params": params}, ids_BT)
 
 
-def save_hf(directory: Path, pre: Pretrained, *, merge_lora: bool = False,
-            max_shard_bytes: int = 5 * 2**30, progress: Callable[[int], None] | None = None) -> None:
-    flat = pre.flat_numpy()
-    config = pre.config
-    if config.moe is not None:
-        raise CheckpointError("this model is an FFN-MoE: save it with format='mixtral' (or 'btx')")
-    if config.adapter is not None:
-        if not merge_lora:
+def check_savable(config: LlamaConfig, format: str, *, merge_lora: bool = False) -> None:
+    """CheckpointError (ValueError for an unknown format) unless a model of `config` can be saved as `format`:
+    checked from the config alone, so a conversion refuses before it reads any weight."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
+    if format == "hf":
+        if config.moe is not None:
+            raise CheckpointError("this model is an FFN-MoE: save it with format='mixtral' (or 'btx')")
+        if config.adapter is not None and not merge_lora:
             raise CheckpointError("this model has LoRA adapters: save with merge_lora=True (fold them into the "
                                   "base weights), format='peft' (adapter only) or format='mergoo' (LoRA-MoE)")
+        peft.check_mergeable(config)
+    elif format in ("mixtral", "peft", "mergoo"):
+        {"mixtral": mixtral, "peft": peft, "mergoo": mergoo}[format].check_savable(config)
+
+
+def save_hf(directory: Path, pre: Pretrained, *, merge_lora: bool = False,
+            max_shard_bytes: int = 5 * 2**30, progress: Callable[[int], None] | None = None) -> None:
+    """`pre` as a Hugging Face Llama in `directory` (after `check_savable`: LoRA folded in when it has any)."""
+    flat = pre.flat_numpy()
+    config = pre.config
+    if config.adapter is not None:
         flat = peft.merged_kernels(flat, config)
         config = config.replace(adapter=None)
     (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2))

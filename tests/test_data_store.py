@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from btx_jax.data import BUNDLED_TOKENIZER, DataError, bundled_source, load_tokenizer, make_pipeline, prepare
+from btx_jax.data import (BUNDLED_TOKENIZER, DataError, bundled_source, eval_batches, load_tokenizer, make_pipeline,
+                          prepare)
 from btx_jax.data import store as store_lib
 
 TOK = load_tokenizer(BUNDLED_TOKENIZER)
@@ -99,14 +100,19 @@ def test_killed_build_resumes_without_redoing_finished_shards(tmp_path, monkeypa
         assert all(np.array_equal(x[k], y[k]) for k in x)
 
 
-def test_store_of_another_tokenizer_is_refused(tmp_path):
+def test_stores_are_keyed_by_tokenizer(tmp_path):
+    """Training and evaluation stores of the same source: another tokenizer builds its own store beside the
+    first (not refused), and each records the tokenizer that built it."""
     path, _ = wiki_copy(tmp_path, 50)
     cfg = {"sources": [{"path": str(path)}], "cache_dir": str(tmp_path / "cache")}
-    make_pipeline(cfg, TOK, seq_len=32, global_batch_size=2)
     other = copy.copy(TOK)
     other.fingerprint = "0123456789abcdef"
-    with pytest.raises(DataError, match=rf"built with tokenizer digest {TOK.fingerprint}.* digest 0123456789abcdef"):
-        make_pipeline(cfg, other, seq_len=32, global_batch_size=2)
+    for tok in (TOK, other, TOK):
+        make_pipeline(cfg, tok, seq_len=32, global_batch_size=2)
+        next(eval_batches({"path": str(path)}, tok, 32, 2, 1, cache_dir=tmp_path / "eval"))
+    for cache in ("cache", "eval"):
+        built = sorted(json.loads(m.read_text())["tokenizer"] for m in (tmp_path / cache).glob("*/store.json"))
+        assert built == sorted([TOK.fingerprint, "0123456789abcdef"]), cache
 
 
 def hub_layout(tmp_path, texts):

@@ -54,3 +54,27 @@ def test_tokenizer_larger_than_model_vocab():
 def test_missing_tokenizer(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_tokenizer(tmp_path / "nope.model")
+
+
+def test_fingerprint_covers_the_tokenizer_files_only(tmp_path):
+    """A model directory's weights and model config do not enter the fingerprint (they are not read: a 7B
+    directory would be hashed whole); a directory holding only tokenizer.model and that file (under any name)
+    have one fingerprint; a change to a tokenizer file changes it."""
+    from transformers import LlamaTokenizer
+
+    sp_dir, hf_dir = tmp_path / "sp", tmp_path / "hf"
+    sp_dir.mkdir()
+    shutil.copy(BUNDLED_TOKENIZER, sp_dir / "tokenizer.model")
+    shutil.copy(BUNDLED_TOKENIZER, tmp_path / "renamed.model")
+    LlamaTokenizer.from_pretrained(str(sp_dir)).save_pretrained(str(hf_dir))
+    bare, hf = load_tokenizer(sp_dir).fingerprint, load_tokenizer(hf_dir).fingerprint
+    assert bare == load_tokenizer(BUNDLED_TOKENIZER).fingerprint == load_tokenizer(tmp_path / "renamed.model").fingerprint
+    for d in (sp_dir, hf_dir):
+        (d / "config.json").write_text('{"vocab_size": 4096}')
+        (d / "model.safetensors").write_bytes(b"\0" * 1_000_000)
+    assert (load_tokenizer(sp_dir).fingerprint, load_tokenizer(hf_dir).fingerprint) == (bare, hf)
+    (hf_dir / "model.safetensors").write_bytes(b"\1" * 1_000_000)
+    assert load_tokenizer(hf_dir).fingerprint == hf
+    config = hf_dir / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("{", '{"model_max_length": 77, ', 1))
+    assert load_tokenizer(hf_dir).fingerprint != hf

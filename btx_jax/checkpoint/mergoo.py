@@ -214,9 +214,8 @@ def config_dict(config: LlamaConfig) -> dict:
     return hf
 
 
-def save(directory: Path, config: LlamaConfig, flat: dict[str, np.ndarray],
-         max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write (`config`, {path: array}) of a LoRA-MoE model as a mergoo checkpoint directory."""
+def check_savable(config: LlamaConfig) -> None:
+    """CheckpointError unless the model is a LoRA-MoE mergoo can hold (before anything is read)."""
     spec = config.adapter
     if spec is None or not spec.router:
         raise CheckpointError("the mergoo format holds a LoRA-MoE (several experts + router); this model has "
@@ -224,6 +223,13 @@ def save(directory: Path, config: LlamaConfig, flat: dict[str, np.ndarray],
     if spec.seed_expert:
         raise CheckpointError("mergoo has no seed (LoRA-free) expert: a seed_expert=True LoRA-MoE cannot be "
                               "written as mergoo (save with format='btx')")
+
+
+def save(directory: Path, config: LlamaConfig, flat: dict[str, np.ndarray],
+         max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write (`config`, {path: array}) of a LoRA-MoE model as a mergoo checkpoint directory."""
+    check_savable(config)
+    spec = config.adapter
     routed = routed_layers(config)
     (directory / "config.json").write_text(json.dumps(config_dict(config), indent=2))
 

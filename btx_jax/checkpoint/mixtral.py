@@ -74,12 +74,17 @@ def load(directory: str | Path, dtype=None, allow_pickle: bool = False,
     return config, load_leaves(reader, config, lambda path: True, dtype=dtype, progress=progress)
 
 
-def save(directory: Path, config: LlamaConfig, flat: dict[str, np.ndarray], max_shard_bytes: int = 5 * 2**30,
-         progress: Callable[[int], None] | None = None) -> None:
-    """Write an FFN-MoE model ({path: array}) as a Mixtral directory."""
+def check_savable(config: LlamaConfig) -> None:
+    """CheckpointError unless the model is an FFN-MoE (before anything is read)."""
     if config.moe is None:
         raise CheckpointError("the mixtral format holds an FFN-MoE model (compose(mode='ffn')); this model has a "
                               "dense FFN: use format='hf'")
+
+
+def save(directory: Path, config: LlamaConfig, flat: dict[str, np.ndarray], max_shard_bytes: int = 5 * 2**30,
+         progress: Callable[[int], None] | None = None) -> None:
+    """Write an FFN-MoE model ({path: array}) as a Mixtral directory."""
+    check_savable(config)
     (directory / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
     write_tensors(directory, export_tensors(flat, config, lambda path: True), max_shard_bytes=max_shard_bytes,
                   progress=progress)

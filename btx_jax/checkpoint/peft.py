@@ -244,8 +244,8 @@ def adapter_config_dict(spec: AdapterSpec) -> dict:
     }
 
 
-def save(directory: Path, config: LlamaConfig, flat: dict[str, np.ndarray]) -> None:
-    """Write the plain LoRA adapter of (`config`, {path: array}) as a PEFT adapter directory."""
+def check_savable(config: LlamaConfig) -> None:
+    """CheckpointError unless the model's adapter can be written as one PEFT adapter (before anything is read)."""
     spec = config.adapter
     if spec is None:
         raise CheckpointError("this model has no LoRA adapter to save in the PEFT format (use format='hf')")
@@ -255,10 +255,23 @@ def save(directory: Path, config: LlamaConfig, flat: dict[str, np.ndarray]) -> N
     if spec.router_layers is not None:
         raise CheckpointError("LoRA on a subset of layers (router_layers) cannot be written as a PEFT adapter "
                               "(btx_jax does not write layers_to_transform): use format='btx'")
+
+
+def save(directory: Path, config: LlamaConfig, flat: dict[str, np.ndarray]) -> None:
+    """Write the plain LoRA adapter of (`config`, {path: array}) as a PEFT adapter directory."""
+    check_savable(config)
+    spec = config.adapter
     (directory / ADAPTER_CONFIG).write_text(json.dumps(adapter_config_dict(spec), indent=2))
     write_tensors(directory, export_tensors(flat, config, lambda p: bool(LORA_LEAF.fullmatch(p)),
                                             key_of=lambda path, key: PREFIX + key),
                   prefix=ADAPTER_WEIGHTS)
+
+
+def check_mergeable(config: LlamaConfig) -> None:
+    """CheckpointError unless the model's adapter folds linearly into the base kernels (a plain LoRA)."""
+    if config.adapter is not None and config.adapter.router:
+        raise CheckpointError("cannot merge a LoRA-MoE into the base weights: the router's top-k mixture depends "
+                              "on each token, so it is not a linear fold (save with format='mergoo' or 'btx')")
 
 
 def merged_kernels(flat: dict[str, np.ndarray], config: LlamaConfig) -> dict[str, np.ndarray]:
@@ -266,17 +279,16 @@ def merged_kernels(flat: dict[str, np.ndarray], config: LlamaConfig) -> dict[str
     spec = config.adapter
     if spec is None:
         return dict(flat)
-    if spec.router:
-        raise CheckpointError("cannot merge a LoRA-MoE into the base weights: the router's top-k mixture depends "
-                              "on each token, so it is not a linear fold (save with format='mergoo' or 'btx')")
+    check_mergeable(config)
     routed = routed_layers(config)
     out = {k: v for k, v in flat.items() if not LORA_LEAF.fullmatch(k)}
     for target in spec.targets:
         prefix = f"layers/{param_paths.BLOCK_OF[_BLOCK[target]]}/{target}"
         _, scale_R = expert_columns(spec, target)
-        a = np.asarray(flat[f"{prefix}/lora_a"], np.float32)
+        a = np.asarray(flat[f"{prefix}/lora_a"], np.float32) * (routed[:, None, None] * scale_R).astype(np.float32)
         b = np.asarray(flat[f"{prefix}/lora_b"], np.float32)
         kernel = flat[f"{prefix}/kernel"]
-        delta = np.einsum("lir,r,lro->lio", a, scale_R, b) * routed[:, None, None]
-        out[f"{prefix}/kernel"] = (np.asarray(kernel, np.float32) + delta).astype(kernel.dtype)
+        merged = np.matmul(a, b)           # one [in, r] @ [r, out] matmul per layer (BLAS), then W added in place
+        merged += kernel
+        out[f"{prefix}/kernel"] = merged.astype(kernel.dtype, copy=False)
     return out

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -203,7 +203,8 @@ def atomic_directory(dst: str | Path, overwrite: bool = False, nbytes: int | Non
         dst.parent.mkdir(parents=True, exist_ok=True)
         if nbytes:
             disk.require(dst.parent, nbytes)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+        tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+        tmp.mkdir()                  # the mode the umask gives (mkdtemp's 0700 would lock others out of dst)
     try:
         with disk.writing(dst, nbytes):
             yield tmp

@@ -36,6 +36,7 @@ reads its own part of them, so a pipeline with one is a `StreamingPipeline`, who
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -206,14 +207,18 @@ def eval_batches(
     max_batches: int | None = None,
     *,
     kind: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Deterministic held-out batches (no shuffling), each source's `eval_path` (else `path`) in file
     order, packed with segment ids; the last batch is padded with empty rows (loss_mask 0).
 
     `cfg_or_source` is a pipeline config (all its sources, one after another) or one source dict
-    (one domain, for per-domain perplexity; `kind` says pretrain/sft, default pretrain)."""
+    (one domain, for per-domain perplexity; `kind` says pretrain/sft, default pretrain; `cache_dir`: where its
+    store goes, default the config's `cache_dir`)."""
     raw = dict(cfg_or_source.to_dict() if hasattr(cfg_or_source, "to_dict") else cfg_or_source)
     cfg = parse_config(raw if "sources" in raw else {"kind": kind or "pretrain", "sources": [raw]})
+    if cache_dir is not None:
+        cfg = {**cfg, "cache_dir": str(cache_dir)}
     stores = [
         packed_rows(cfg, s.held_out(), tokenizer, seq_len=seq_len, seed=0, training=False) for s in cfg["sources"]
     ]

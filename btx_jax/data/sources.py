@@ -43,6 +43,7 @@ import dataclasses
 import glob
 import json
 import logging
+import re
 import string
 from pathlib import Path
 from typing import Any, Callable
@@ -259,7 +260,7 @@ def _where(source: Source, ds):
 
 def read_error(source: Source, error: Exception) -> DataError:
     """The one-line DataError for a failure to read the source's records: the first non-UTF-8 file or broken
-    jsonl line where there is one (local files), else the cause's first line."""
+    jsonl line where there is one (local files), else the cause (`cause_of`)."""
     if isinstance(error, DataError):
         return error
     files = local_files(source)
@@ -272,10 +273,18 @@ def read_error(source: Source, error: Exception) -> DataError:
                 return e
         if builder == "json" and (bad := _first_bad_json_line(f)) is not None:
             return DataError(f"source {source.name!r}: {f} {bad}")
-    cause = str(error.__cause__ or error).strip().splitlines()
-    return DataError(
-        f"source {source.name!r}: cannot read {', '.join(source.path)} ({cause[0] if cause else type(error).__name__})"
-    )
+    return DataError(f"source {source.name!r}: cannot read {', '.join(source.path)} ({cause_of(error)})")
+
+
+def cause_of(error: Exception) -> str:
+    """The cause of a datasets error as one line: its cause's message, lines joined; for a worker's traceback
+    (datasets with num_proc > 1 re-raises it as a quoted text), the first exception in it: the root cause."""
+    text = str(error.__cause__ or error).strip()
+    if text.startswith('"""'):
+        lines = text.strip('"').strip().splitlines() + [""]
+        first = next((i for i, line in enumerate(lines) if re.match(r"(\w+\.)*\w*(Error|Exception): ", line)), 0)
+        text = "\n".join(lines[first:lines.index("", first)])
+    return " ".join(text.split()) or type(error).__name__
 
 
 def _load_hub(source: Source, streaming: bool = False):
@@ -290,13 +299,12 @@ def _load_hub(source: Source, streaming: bool = False):
         return datasets.load_dataset(name, source.subset, split=source.split, revision=source.revision,
                                      streaming=streaming)
     except Exception as e:  # datasets raises many types here (connection, not found, offline, bad config)
-        cause = (str(e.__cause__ or e).strip().splitlines() or [type(e).__name__])[0]
         offline = " (not in the local datasets cache, and the hub is offline or does not have it)"
         local = Path(name).is_dir()
         raise DataError(
             f"source {source.name!r}: cannot load {'dataset directory' if local else 'hub dataset'} {name!r}"
             f"{f' subset {source.subset!r}' if source.subset else ''} split {source.split!r}"
-            f"{'' if local else offline}: {cause}"
+            f"{'' if local else offline}: {cause_of(e)}"
         ) from None
     finally:
         hub_log.setLevel(level)

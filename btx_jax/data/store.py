@@ -2,9 +2,9 @@
 
 A store is one folder per (source, formatting options) under `cache_dir` (default `$BTX_DATA_CACHE`, else
 `~/.cache/btx_jax/data`), named `{source name}-{fingerprint}`. The fingerprint covers the source's files
-(path, size, mtime) or hub name/subset/split/revision, every formatting option and the store layout
-version; the tokenizer's content digest is recorded in the store and a store built with another tokenizer
-is refused with one line naming both digests. Every later run and every phase reuses it.
+(path, size, mtime) or hub name/subset/split/revision, every formatting option, the tokenizer's content
+digest (another tokenizer gets its own store) and the store layout version. Every later run and every phase
+reuses it.
 
 Layout (all little-endian, flat; tokens and mask read with positional reads, `TokenFile`):
   store.json        fingerprint, tokenizer digest, shard plan; written first
@@ -161,8 +161,8 @@ def encoding_options(cfg: dict, tokenizer) -> dict:
     return sft_options(tokenizer, add_bos=cfg["add_bos"], chat_template=cfg["chat_template"])
 
 
-def store_path(source: Source, options: dict, cache_dir: str | Path | None) -> Path:
-    """The folder of the source's store (fingerprint: source stamp + options; see module docstring)."""
+def store_path(source: Source, tokenizer, options: dict, cache_dir: str | Path | None) -> Path:
+    """The folder of the source's store (fingerprint: source stamp + tokenizer + options; see module docstring)."""
     fields = dataclasses.asdict(source)
     for key in ("name", "ratio", "eval_path", "format_fn", "max_docs", "streaming"):
         fields.pop(key)
@@ -170,17 +170,10 @@ def store_path(source: Source, options: dict, cache_dir: str | Path | None) -> P
         from datasets.fingerprint import Hasher
 
         fields["format_fn"] = Hasher.hash(source.format_fn)
-    blob = json.dumps([STORE_VERSION, source_stamp(source), fields, options], sort_keys=True, default=str)
+    blob = json.dumps([STORE_VERSION, source_stamp(source), fields, options, tokenizer.fingerprint], sort_keys=True,
+                      default=str)
     name = re.sub(r"[^\w.-]", "_", source.name)
     return Path(cache_dir or default_cache_dir()) / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
-
-
-def _check_tokenizer(path: Path, recorded: str, tokenizer) -> None:
-    if recorded != tokenizer.fingerprint:
-        raise DataError(
-            f"store {path} was built with tokenizer digest {recorded}, but this run's tokenizer "
-            f"{tokenizer.path} has digest {tokenizer.fingerprint}; use that tokenizer or another cache_dir"
-        )
 
 
 @contextlib.contextmanager
@@ -203,13 +196,12 @@ def _write_json(path: Path, obj: dict) -> None:
 def open_store(source: Source, tokenizer, options: dict, *, cache_dir=None, num_proc=None, shard_mb=None,
                progress: bool = True) -> TokenizedDocs:
     """The source's tokenised documents, building the store first when it is missing or incomplete."""
-    path = store_path(source, options, cache_dir)
+    path = store_path(source, tokenizer, options, cache_dir)
     if not (path / "meta.json").exists():
         with _locked(path):
             if not (path / "meta.json").exists():
                 build_store(source, tokenizer, options, path, num_proc=num_proc, shard_mb=shard_mb, progress=progress)
     meta = json.loads((path / "meta.json").read_text())
-    _check_tokenizer(path, meta["tokenizer"], tokenizer)
     if meta["tokens"] == 0 or (source.max_docs is not None and source.max_docs <= 0):
         raise DataError(
             f"source {source.name!r}: no documents left after filtering {', '.join(source.path)} "
@@ -258,7 +250,6 @@ def build_store(source: Source, tokenizer, options: dict, path: Path, *, num_pro
     (path / "shards").mkdir(parents=True, exist_ok=True)
     if (path / "store.json").exists():
         plan = json.loads((path / "store.json").read_text())
-        _check_tokenizer(path, plan["tokenizer"], tokenizer)
     else:
         plan = {
             "version": STORE_VERSION,

@@ -8,6 +8,8 @@
 `encode` never adds BOS/EOS unless asked (`add_bos`/`add_eos`); the pipeline adds them per config.
 `pad_id` is the tokenizer's pad id, or its EOS id when it has none (pad positions are always masked
 by `loss_mask == 0` and `segment_ids == 0`, so the value only has to be a valid id).
+`fingerprint` hashes the tokenizer's own files only (`TOKENIZER_FILES`, streamed), never the weights of a model
+directory it is loaded from; a directory holding only `tokenizer.model` and that file have the same one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from btx_jax.data import bundled
 from btx_jax.data.errors import DataError
 
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json")
+# A transformers tokenizer's own files (model, vocabulary, merges, configuration): only these make its
+# fingerprint, never the model weights beside them.
+TOKENIZER_FILES = _HF_FILES + ("tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                               "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+_CHUNK = 1 << 20
 
 
 class Tokenizer:
@@ -91,11 +98,15 @@ def check_vocab_fits(tokenizer: Tokenizer, vocab_size: int) -> None:
     tokenizer.check_fits(vocab_size)
 
 
-def _digest(paths: Sequence[Path]) -> str:
+def _digest(files: dict[str, Path]) -> str:
+    """Content hash of {role: file}, read in 1 MiB chunks (a role is the file's name in a tokenizer directory,
+    so a sentencepiece model has one fingerprint whatever its file is called or where it lies)."""
     h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
+    for role, path in sorted(files.items()):
+        h.update(f"{role}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -106,7 +117,7 @@ def _load_sentencepiece(path: Path) -> Tokenizer:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
         raise DataError(f"tokenizer {path}: not a sentencepiece model ({str(e).splitlines()[0]})") from None
-    return Tokenizer(str(path), sp=sp, fingerprint=_digest([path]))
+    return Tokenizer(str(path), sp=sp, fingerprint=_digest({"tokenizer.model": path}))
 
 
 def _load_hf(path: Path) -> Tokenizer:
@@ -116,7 +127,7 @@ def _load_hf(path: Path) -> Tokenizer:
         hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise DataError(f"tokenizer {path}: transformers cannot load it ({str(e).splitlines()[0]})") from None
-    files = sorted(p for p in path.iterdir() if p.is_file())
+    files = {name: path / name for name in TOKENIZER_FILES if (path / name).is_file()}
     return Tokenizer(str(path), hf=hf, fingerprint=_digest(files))
 
 

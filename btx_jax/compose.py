@@ -100,7 +100,7 @@ def compose_source(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool
     on_disk = base.reference is not None and all(isinstance(e, (str, Path)) for e in experts)
     src = base.with_leaves(config, peft.concat_experts([lora for _, lora in loaded], flags), covered=on_disk)
     src = src.with_leaves(config, routers, covered=False)
-    reference = {**base.reference, "experts": [str(Path(e).absolute()) for e in experts]} if on_disk else None
+    reference = {**base.reference, "experts": [str(btx.resolve(e)) for e in experts]} if on_disk else None
     src = dataclasses.replace(src, reference=reference)
     return src if allow_other_base else _checking_base(src, experts, labels)
 

@@ -8,6 +8,7 @@
     python scripts/convert.py btx-to-mergoo SRC DST [--max-shard-size 5GB]
     python scripts/convert.py mixtral-to-btx SRC DST
     python scripts/convert.py btx-to-mixtral SRC DST [--max-shard-size 5GB]     (FFN-MoE <-> MixtralForCausalLM)
+    python scripts/convert.py btx-to-btx SRC DST --self-contained   (a lean final's chain in one directory)
 
 Every tensor's name and shape is checked against the config.  On bad input (missing directory or file,
 foreign architecture, missing / misshapen tensor, corrupt safetensors, pickle checkpoint without
@@ -47,6 +48,11 @@ def _add_base(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="Hugging Face Llama directory the adapter was trained on")
 
 
+def _add_self_contained(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--self-contained", action="store_true", required=True,
+                        help="store every leaf: DST needs none of the directories SRC's chain names (docs/finals.md)")
+
+
 CONVERSIONS: dict[str, Conversion] = {
     "hf-to-btx": Conversion("Hugging Face Llama (config.json + safetensors) -> btx_jax checkpoint", "hf", "btx"),
     "btx-to-hf": Conversion("btx_jax checkpoint -> Hugging Face Llama (LoRA must be merged: --merge-lora)",
@@ -61,6 +67,8 @@ CONVERSIONS: dict[str, Conversion] = {
     "mixtral-to-btx": Conversion("Hugging Face Mixtral (MixtralForCausalLM) -> btx_jax FFN-MoE checkpoint",
                                  "mixtral", "btx"),
     "btx-to-mixtral": Conversion("btx_jax FFN-MoE checkpoint -> Hugging Face Mixtral", "btx", "mixtral", shards=True),
+    "btx-to-btx": Conversion("btx_jax (lean) checkpoint -> self-contained btx_jax checkpoint", "btx", "btx",
+                             extra_args=_add_self_contained),
 }
 
 

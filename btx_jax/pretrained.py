@@ -142,9 +142,16 @@ class Pretrained:
                         overwrite: bool = False, max_shard_bytes: int = 5 * 2**30,
                         progress: Callable[[int], None] | None = None) -> Path:
         """Write the model as `format` into `dst` (atomically: nothing is left at dst on error); `btx` is
-        self-contained (every leaf).  `progress(nbytes)` is called per tensor written (format 'hf')."""
+        self-contained (every leaf: a lean final's whole chain resolved into one directory).  A `dst` that lean
+        checkpoints are built on (btx_jax/checkpoint/btx.py `dependents`) is not replaced, even with `overwrite`.
+        `progress(nbytes)` is called per tensor written (format 'hf')."""
         check_savable(self.config, format, merge_lora=merge_lora)
         dst = Path(dst)
+        users = btx.dependents(dst) if overwrite and dst.is_dir() else []
+        if users:
+            raise CheckpointError(f"{dst}: not replaced: {len(users)} lean checkpoint(s) are built on it "
+                                  f"({', '.join(map(str, users))}); export them first with `python scripts/convert.py "
+                                  "btx-to-btx --self-contained SRC DST`, or write elsewhere")
         nbytes = (sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.params))
                   if format in ("btx", "mergoo") else None)     # every tensor is written (hf/peft: a subset)
         with atomic_directory(dst, overwrite=overwrite, nbytes=nbytes) as tmp:
@@ -195,7 +202,22 @@ def save_hf(directory: Path, pre: Pretrained, *, merge_lora: bool = False,
                   max_shard_bytes=max_shard_bytes, progress=progress)
 
 
+CHAIN_COMMAND = "python scripts/chain.py"
+
+
+class ChainError(CheckpointError):
+    """A link of a lean checkpoint's chain is missing or changed; the message names the whole chain and
+    the command that lists it.  `problem`: what is wrong, without the chain."""
+
+    def __init__(self, directory: Path, problem: str):
+        self.problem = problem
+        chain = " -> ".join(str(p) for p in btx.links(directory))
+        super().__init__(f"{directory}: {problem}; its chain (each built on the next): {chain}; see each link's "
+                         f"status with: {CHAIN_COMMAND} {directory}")
+
+
 def _btx_source(directory: Path) -> ModelSource:
+    directory = btx.resolve(directory)
     config, reference = btx.read_config(directory)
     stored = btx.stored_shapes(directory)
     shapes = abstract_leaves(config)
@@ -203,7 +225,12 @@ def _btx_source(directory: Path) -> ModelSource:
         if tuple(shapes.get(path, sds).shape) != tuple(sds.shape) or path not in shapes:
             raise CheckpointError(f"{directory}: stored leaf {path!r} {list(sds.shape)} does not belong to the "
                                   f"model in {btx.BTX_CONFIG}")
-    base = reference_source(reference, config) if reference is not None else None
+    try:
+        base = reference_source(reference, config) if reference is not None else None
+    except ChainError as e:
+        raise ChainError(directory, e.problem) from None
+    except CheckpointError as e:        # a directory it names is missing or unreadable
+        raise ChainError(directory, f"a link is missing or unreadable ({e})") from None
     unstored = set(shapes) - set(stored)
     missing = sorted(unstored - set(base.abstract() if base else ()))
     if missing:
@@ -214,16 +241,19 @@ def _btx_source(directory: Path) -> ModelSource:
         out = btx.restore(directory, {p: t for p, t in target.items() if p in stored})
         rest = {p: t for p, t in target.items() if p not in stored}
         if rest:
-            frozen = base.fill(rest)
+            try:
+                frozen = base.fill(rest)
+            except ChainError as e:
+                raise ChainError(directory, e.problem) from None
             if reference.get("digest") and set(rest) == unstored:
                 found = btx.digest(frozen)
                 if found != reference["digest"]:
-                    raise CheckpointError(f"{directory}: the frozen weights it was trained on ({reference['path']}) "
-                                          f"changed since it was written (digest {reference['digest']}, now {found})")
+                    raise ChainError(directory, f"the frozen weights it was trained on ({reference['path']}) changed "
+                                                f"since it was written (digest {reference['digest']}, now {found})")
             out.update(frozen)
         return out
 
-    return ModelSource(config, fill, {"path": str(directory.absolute())}, frozenset(shapes))
+    return ModelSource(config, fill, {"path": str(directory)}, frozenset(shapes))
 
 
 def reference_source(reference: dict, config: LlamaConfig | None = None) -> ModelSource:
@@ -275,7 +305,7 @@ def open_model(path: str | Path, *, adapter: str | Path | None = None, allow_pic
         raise CheckpointError(f"{adapter}: the model already has an adapter; load the base model alone to attach one")
     config, lora = peft.load_adapter(adapter, src.config, allow_pickle=allow_pickle)
     return dataclasses.replace(src.with_leaves(config, lora, covered=True),
-                               reference={**src.reference, "adapter": str(Path(adapter).absolute())})
+                               reference={**src.reference, "adapter": str(btx.resolve(adapter))})
 
 
 def load_pretrained(path: str | Path, *, dtype=None, adapter: str | Path | None = None, allow_pickle: bool = False,

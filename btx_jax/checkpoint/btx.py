@@ -11,6 +11,14 @@ stores only the leaves it changed and names the rest in `frozen_from`:
 does), and `digest` the `digest()` of those frozen leaves when the checkpoint was written: loading checks it,
 so a base that changed on disk since is reported instead of silently mixed with newer weights.
 
+Versioned finals.  A training run writes each final as a new version `<run>/finals/<step>-<digest>/` (a btx
+checkpoint, never rewritten) and makes `<run>/final/` name it: `final/` holds only `btx_final.json`,
+{"version": "<step>-<digest>"}.  Every reader goes through `resolve`, so `<run>/final` loads the latest
+version, while `frozen_from` records the version it was built on: continuing a run leaves the models built on
+its earlier finals loadable.  Each final also registers itself in `dependents/` of the btx directories it
+names, so what is built on a directory can be listed (`dependents`) before anything replaces it.  See
+docs/finals.md.
+
 Leaves are restored by orbax straight into the target shardings (each process reads its shards).
 """
 from __future__ import annotations
@@ -31,15 +39,104 @@ from btx_jax.config import ConfigError, LlamaConfig, config_from_dict, config_to
 BTX_CONFIG = "btx_config.json"
 FROZEN_FROM = "frozen_from"
 REFERENCE_KEYS = ("path", "adapter", "experts")
+FINAL_POINTER = "btx_final.json"        # <run>/final/btx_final.json: {"version": NAME} of <run>/finals/NAME
+FINALS = "finals"
+DEPENDENTS = "dependents"               # <btx dir>/dependents/<hash>.json: {"path": a final built on it}
+
+
+def resolve(directory: str | Path) -> Path:
+    """The absolute directory that holds the checkpoint: the version a final pointer names
+    (`<run>/final` -> `<run>/finals/<version>`), else `directory` itself."""
+    directory = Path(directory).absolute()
+    pointer = directory / FINAL_POINTER
+    if not pointer.is_file():
+        return directory
+    name = read_json(pointer).get("version")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise CheckpointError(f"{pointer}: 'version' must name a directory in {directory.parent / FINALS}")
+    return directory.parent / FINALS / name
+
+
+def point_final(final: Path, version: Path) -> Path | None:
+    """Make `final` name `version` (a directory in `final.parent / finals`), atomically; returns the version
+    it named before (None if none).  A `final` that is itself a checkpoint (written before versioned finals)
+    is moved to `finals/legacy[-n]` first, never deleted."""
+    final = Path(final).absolute()
+    previous = resolve(final) if final.is_dir() else None
+    if previous == final:
+        previous = final.parent / FINALS / "legacy"
+        n = 1
+        while previous.exists():
+            n += 1
+            previous = final.parent / FINALS / f"legacy-{n}"
+        previous.parent.mkdir(parents=True, exist_ok=True)
+        final.rename(previous)
+    final.mkdir(parents=True, exist_ok=True)
+    tmp = final / f".{FINAL_POINTER}.tmp"
+    tmp.write_text(json.dumps({"version": version.name}))
+    tmp.replace(final / FINAL_POINTER)
+    return previous
+
+
+def named(reference: dict | None) -> list[Path]:
+    """The directories a frozen_from reference names (path, adapter, experts)."""
+    if not reference:
+        return []
+    found = [reference["path"], reference.get("adapter"), *(reference.get("experts") or [])]
+    return [Path(p) for p in found if p]
+
+
+def links(directory: str | Path) -> list[Path]:
+    """`directory` (resolved) and every directory its frozen_from names, recursively (depth first, each
+    once): the chain a lean checkpoint needs.  Missing or unreadable links are listed, not followed."""
+    out: list[Path] = []
+
+    def visit(d: Path) -> None:
+        try:
+            d = resolve(d)
+            reference = read_config(d)[1] if is_btx(d) else None
+        except (CheckpointError, ConfigError):
+            reference = None
+        if d in out:
+            return
+        out.append(d)
+        for up in named(reference):
+            visit(up)
+
+    visit(Path(directory))
+    return out
+
+
+def register_dependent(upstream: Path, dependent: Path) -> None:
+    """Record in `upstream`'s dependents/ that the final `dependent` is built on it."""
+    key = hashlib.sha256(str(dependent).encode()).hexdigest()[:16]
+    folder = resolve(upstream) / DEPENDENTS
+    folder.mkdir(exist_ok=True)
+    (folder / f"{key}.json").write_text(json.dumps({"path": str(dependent)}))
+
+
+def dependents(directory: str | Path) -> list[Path]:
+    """The finals registered as built on `directory` that still exist and still name it in frozen_from."""
+    directory = resolve(directory)
+    out = []
+    for record in sorted((directory / DEPENDENTS).glob("*.json")):
+        try:
+            path = Path(read_json(record)["path"])
+            if any(resolve(up) == directory for up in named(read_config(path)[1])):
+                out.append(path)
+        except (CheckpointError, ConfigError, KeyError, TypeError):
+            continue           # a dependent since removed or rewritten
+    return out
 
 
 def is_btx(directory: Path) -> bool:
-    return (Path(directory) / BTX_CONFIG).is_file()
+    return (resolve(directory) / BTX_CONFIG).is_file()
 
 
 def read_config(directory: str | Path) -> tuple[LlamaConfig, dict | None]:
     """(LlamaConfig, the frozen_from reference or None) of a btx checkpoint directory."""
-    raw = dict(read_json(Path(directory) / BTX_CONFIG))
+    directory = resolve(directory)
+    raw = dict(read_json(directory / BTX_CONFIG))
     reference = raw.pop(FROZEN_FROM, None)
     try:
         config = config_from_dict(raw)
@@ -51,7 +148,7 @@ def read_config(directory: str | Path) -> tuple[LlamaConfig, dict | None]:
 
 
 def _params_dir(directory: Path) -> Path:
-    path = (Path(directory) / "params").absolute()
+    path = resolve(directory) / "params"
     if not path.is_dir():
         raise CheckpointError(f"{path}: orbax checkpoint directory not found")
     return path

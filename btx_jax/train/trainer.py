@@ -4,8 +4,9 @@
 
 Running the same command again resumes from the latest checkpoint in `workdir/checkpoints`.  SIGTERM
 (preemption) saves a checkpoint and exits; a non-finite loss stops with a clear message and keeps the last
-good checkpoint (or is skipped with `train.skip_nonfinite`).  The final parameters are written to
-`workdir/final` as a btx_jax checkpoint, which `load_pretrained` and the next phase read.
+good checkpoint (or is skipped with `train.skip_nonfinite`).  The final parameters are written as a new
+version `workdir/finals/<step>-<digest>/` (a btx_jax checkpoint) and `workdir/final` is made to name it:
+`load_pretrained` and the next phase read `workdir/final`; earlier versions are kept (docs/finals.md).
 """
 from __future__ import annotations
 
@@ -249,7 +250,7 @@ def train(config, workdir: str | Path) -> dict:
             print(f"[btx] {workdir} already finished (step {start} of train.steps={start}); {final} is up to date",
                   flush=True)
         else:
-            save_final(final, phase, state, digest)
+            save_final(workdir, phase, state, digest)
         last["data_stats"] = data.stats()
         metrics_log.footer(last)
         return last
@@ -292,8 +293,10 @@ def release_freed_memory() -> None:
         pass
 
 
-def save_final(dst: Path, phase: Phase, state: dict, frozen_digest: str | None = None) -> None:
-    """Write the phase's result as a btx checkpoint, every process writing its shards (orbax), atomically.
+def save_final(workdir: Path, phase: Phase, state: dict, frozen_digest: str | None = None) -> Path:
+    """Write the phase's result as a new version `workdir/finals/<step>-<digest>/` (a btx checkpoint, every
+    process writing its shards, atomically), register it with the btx directories it is built on and make
+    `workdir/final` name it; returns the version.  An existing version is never rewritten.
 
     Lean: it stores the trained leaves (and any frozen leaf its source does not provide, such as fresh
     routers) and names the source of the other frozen weights with their digest (btx_jax/checkpoint/btx.py);
@@ -308,20 +311,41 @@ def save_final(dst: Path, phase: Phase, state: dict, frozen_digest: str | None =
         same = frozen_digest is not None and set(linked) == set(frozen)
         reference = {**reference, "digest": frozen_digest if same else btx.digest(linked),
                      "digest_paths": sorted(linked)}
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    if jax.process_index() == 0 and tmp.exists():
-        shutil.rmtree(tmp)
-    multihost_utils.sync_global_devices("btx_final_clean")
-    nbytes = sum(x.size * x.dtype.itemsize for x in stored.values())
-    with disk.writing(dst, nbytes, cleanup=[tmp]):
-        tmp.mkdir(parents=True, exist_ok=True)
-        btx.save(tmp, phase.source.config, stored, reference if linked else None)
-    multihost_utils.sync_global_devices("btx_final_saved")
+    version = workdir.absolute() / btx.FINALS / f"{int(jax.device_get(state['step']))}-{btx.digest(stored)[:8]}"
+    if not version.exists():          # else the same step with the same weights: already written
+        tmp = version.with_name(f".{version.name}.tmp")
+        if jax.process_index() == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        multihost_utils.sync_global_devices("btx_final_clean")
+        nbytes = sum(x.size * x.dtype.itemsize for x in stored.values())
+        with disk.writing(version, nbytes, cleanup=[tmp]):
+            tmp.mkdir(parents=True, exist_ok=True)
+            btx.save(tmp, phase.source.config, stored, reference if linked else None)
+        multihost_utils.sync_global_devices("btx_final_saved")
+        if jax.process_index() == 0:
+            os.replace(tmp, version)
     if jax.process_index() == 0:
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        publish_final(workdir.absolute() / "final", version, reference if linked else None)
     multihost_utils.sync_global_devices("btx_final_done")
+    return version
+
+
+def publish_final(final: Path, version: Path, reference: dict | None) -> None:
+    """Register `version` with the btx directories `reference` names, point `final` at it and say which
+    earlier version stays (and what is built on it)."""
+    for upstream in btx.named(reference):
+        if btx.is_btx(upstream):
+            try:
+                btx.register_dependent(upstream, version)
+            except OSError as e:
+                print(f"[btx] note: could not record in {upstream} that {version} is built on it ({e})", flush=True)
+    with disk.writing(final):
+        previous = btx.point_final(final, version)
+    print(f"[btx] {final} -> {version}", flush=True)
+    if previous is not None and previous != version:
+        users = btx.dependents(previous)
+        used = f"; built on it: {', '.join(map(str, users))}" if users else ""
+        print(f"[btx] the previous version {previous} is kept{used}", flush=True)
 
 
 def _check(pending, metrics_log: MetricsLog, lr_at, t, health: TrainingHealth, ckpt) -> dict:

@@ -9,6 +9,8 @@ data-parallel over it: expert parallelism.  XLA's partitioner places the token d
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -32,6 +34,25 @@ DEFAULT_RULES = (
     ("layers", ()),
     ("norm", ()),
 )
+
+
+_RULES = contextvars.ContextVar("btx_jax_mesh_rules", default=DEFAULT_RULES)
+
+
+@contextlib.contextmanager
+def use_rules(rules):
+    """Within the block, `rules_in_context()` is `rules` (the train step sets it while tracing, next to the
+    abstract mesh, for kernels that run per shard: btx_jax/model/per_shard.py)."""
+    token = _RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _RULES.reset(token)
+
+
+def rules_in_context():
+    """The mesh rules set by the innermost `use_rules` (default: DEFAULT_RULES)."""
+    return _RULES.get()
 
 
 def mesh_shape(sizes: dict, num_devices: int) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """btx_jax/model/splash.py: the TPU splash-attention kernel, run on CPU through the Pallas interpreter, agrees
 with jax.nn.dot_product_attention under a full causal + segment mask (values and gradients, fp32 and bf16,
-packed segments, GQA), also inside shard_map over a mesh; and the TPU path compiles inside the real train step
+packed segments, GQA), also inside shard_map over a mesh, sharded by the mesh rules in context; and the TPU path compiles inside the real train step
 for a TPU topology when libtpu is installed (skipped otherwise)."""
 from __future__ import annotations
 
@@ -63,10 +63,29 @@ def test_splash_in_shard_map_over_the_mesh_batch():
     np.testing.assert_allclose(out, causal_attention(q, k, v, seg, "xla"), atol=2e-5)
 
 
+def test_splash_shards_by_the_mesh_rules_in_context():
+    """Custom mesh rules move the kernel's batch axes: with the batch on `expert` only, the shard_map splits
+    the batch over `expert` and leaves `fsdp` alone (the old hard-coded ("data", "fsdp") did the opposite)."""
+    from btx_jax import mesh as mesh_lib
+    q, k, v, w, seg = inputs(B=2, seed=2)
+    mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(1, 2, 1, 2), MESH_AXES)
+    rules = (("batch", ("expert",)),) + tuple(r for r in mesh_lib.DEFAULT_RULES if r[0] != "batch")
+
+    def sharded(q, k, v):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), mesh_lib.use_rules(rules):
+            return splash_attention(q, k, v, seg, interpret=True)
+
+    text = jax.jit(sharded).lower(q, k, v).as_text()
+    assert '{"expert"}' in text and '{"fsdp"}' not in text
+    with jax.set_mesh(mesh):
+        out = jax.jit(sharded)(q, k, v)
+    np.testing.assert_allclose(out, causal_attention(q, k, v, seg, "xla"), atol=2e-5)
+
+
 def test_auto_picks_the_backend_kernel():
     assert resolve("auto", "tpu") == "splash"
     assert resolve("auto", "cpu") == "blocked"
-    assert resolve("auto", "gpu") == "xla"          # packed segments: cuDNN cannot take them
+    assert resolve("auto", "gpu") == resolve("auto", "cuda") == "triton"   # packed segments: not cuDNN
     assert resolve("xla", "tpu") == "xla"
     with pytest.raises(ValueError, match="flash"):
         resolve("flash", "tpu")

@@ -13,11 +13,14 @@ On XLA:CPU it runs the bench model's attention forward+backward about 2x faster 
 Scores, softmax and the log-sum-exp are fp32 whatever the compute dtype.
 
 Per backend (`impl="auto"`, the default, resolved by `resolve(impl, platform)`):
-    tpu  "splash": JAX's Pallas splash-attention kernel with segment ids, in shard_map (btx_jax/model/splash.py)
-    gpu  "xla": the masked path.  cuDNN flash attention (`jax.nn.dot_product_attention(implementation=
-         "cudnn")`) takes a causal mask and per-row lengths but no packed segment ids, so it is only right for
-         rows holding one document followed by padding: `impl="cudnn"` selects it for such data.
-    cpu  "blocked"
+    tpu   "splash": JAX's Pallas splash-attention kernel with segment ids, in shard_map (btx_jax/model/splash.py)
+    cuda  "triton": JAX's Pallas Triton flash-attention kernel with segment ids, in shard_map
+          (btx_jax/model/triton_attention.py; docs/gpu_attention.md).  cuDNN flash attention
+          (`jax.nn.dot_product_attention(implementation="cudnn")`) takes a causal mask and per-row lengths but
+          no packed segment ids, so it is only right for rows holding one document followed by padding:
+          `impl="cudnn"` selects it for such data.
+    rocm  "xla": the masked path (the Triton kernel is not checked there)
+    cpu   "blocked"
 """
 from __future__ import annotations
 
@@ -30,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from btx_jax.model.splash import splash_attention
+from btx_jax.model.triton_attention import triton_attention
 
-IMPLS = ("auto", "blocked", "xla", "splash", "cudnn")
-BY_PLATFORM = {"tpu": "splash", "gpu": "xla", "cuda": "xla", "rocm": "xla", "cpu": "blocked"}
+IMPLS = ("auto", "blocked", "xla", "splash", "triton", "cudnn")
+BY_PLATFORM = {"tpu": "splash", "gpu": "triton", "cuda": "triton", "rocm": "xla", "cpu": "blocked"}
 DEFAULT_IMPL, DEFAULT_BLOCK = "auto", 64      # the model's defaults (configs/common.py repeats the literals)
 MAX_BLOCKS = 16
 _NEG = -1e30
@@ -50,8 +54,8 @@ def resolve(impl: str, platform: str | None = None) -> str:
     if picked == "xla" and platform not in _said:
         _said.add(platform)
         logging.getLogger("btx_jax").warning(
-            "attention on %s: cuDNN flash attention takes no packed segment ids, so the masked XLA path runs "
-            "(train.attention='cudnn' for rows that hold one document plus padding)", platform)
+            "attention on %s: the masked XLA path runs ([T, T] scores per head; the Pallas Triton kernel, "
+            "train.attention='triton', is checked on CUDA only)", platform)
     return picked
 
 
@@ -127,6 +131,8 @@ def causal_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, impl: str = DEFAULT
     impl = resolve(impl)
     if impl == "splash":
         return splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    if impl == "triton":
+        return triton_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
     if impl == "cudnn":         # one document per row, then padding (segment id 0): lengths say it all
         lengths_B = jnp.sum(segment_ids_BT > 0, axis=1).astype(jnp.int32)
         return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, scale=scale, is_causal=True,

@@ -1,10 +1,8 @@
 """TPU attention: JAX's Pallas splash-attention kernel (jax.experimental.pallas.ops.tpu.splash_attention),
 causal with segment ids, GQA without repeating K/V, inside `shard_map` over the mesh in context.
 
-A Pallas call is opaque to XLA's sharding propagation (it would be replicated, i.e. all-gathered), so the
-kernel runs per device on its shard: batch over the mesh axes `data` and `fsdp`, query / KV heads over
-`tensor` (the axes btx_jax/train/mesh.py's DEFAULT_RULES give activations).  The mesh comes from
-`jax.sharding.get_abstract_mesh()` (the train step sets it); without one the kernel runs unsharded.
+The kernel runs per device on its shard of the batch and heads, over the mesh axes the mesh rules give them
+(btx_jax/model/per_shard.py).
 
 The kernel keeps q, k, v, the output and the row log-sum-exp for its backward pass (no [T, S] tensor), like
 btx_jax/model/attention.py's blocked kernel.  `interpret=True` runs the same kernel through the Pallas
@@ -16,9 +14,9 @@ import functools
 
 import jax
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
-BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"
+from btx_jax.model.per_shard import per_shard
+
 DEFAULT_BLOCK = 512          # query / key block of every pass (capped at T); 128-multiples suit the MXU
 
 
@@ -45,12 +43,4 @@ def _local(q_BTNH, k_BTKH, v_BTKH, seg_BT, block: int, interpret: bool):
 def splash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, block: int = DEFAULT_BLOCK, interpret: bool = False):
     """Causal, same-segment attention [B, T, N, H] (K | N heads for k, v) with the splash kernel."""
     local = functools.partial(_local, block=int(block), interpret=interpret)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return local(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
-    batch = tuple(a for a in BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1) or None
-    t = mesh.shape.get(HEAD_AXIS, 1)
-    heads = HEAD_AXIS if t > 1 and q_BTNH.shape[2] % t == 0 and k_BTKH.shape[2] % t == 0 else None
-    qkv = P(batch, None, heads, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch, None)), out_specs=qkv,
-                         check_vma=False)(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+    return per_shard(local, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)

@@ -94,8 +94,8 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, *, microbatc
                     z_alpha: float, loss_chunk: int = DEFAULT_CHUNK, mesh=None, rules=mesh_lib.DEFAULT_RULES,
                     loss_layout: str = "auto"):
     """step(state, batch) -> (state, metrics).  `batch` arrays are [global_batch, seq].  `mesh` is put in
-    context while tracing (kernels that run per shard, such as the TPU attention, read it) and, with `rules`,
-    fixes the loss's shardings."""
+    context while tracing with `rules` (kernels that run per shard, such as the TPU and GPU attention, read both:
+    btx_jax/mesh.py `use_rules`); `rules` also fix the loss's shardings."""
 
     def loss_fn(trainable, frozen, micro, rng, total_tokens):
         ce, aux = ce_sum(model, merge(trainable, frozen), micro, rng, loss_chunk, mesh, rules, loss_layout)
@@ -109,7 +109,7 @@ def make_train_step(model: Llama, tx: optax.GradientTransformation, *, microbatc
     def step(state, batch):
         if mesh is None:
             return traced(state, batch)
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), mesh_lib.use_rules(rules):
             return traced(state, batch)
 
     def traced(state, batch):

@@ -8,11 +8,11 @@ Expert weights are stacked on a leading expert axis: `gate_proj`, `up_proj` [E, 
 (the `expert` logical axis, which the mesh rules can shard: expert parallelism).  Each token runs only its k
 experts: the N*k (token, expert) slots are sorted by expert and multiplied group by group —
 
-    ragged   `jax.lax.ragged_dot` (GPU / TPU lower it to a grouped matmul; XLA:CPU expands it densely, E x
-             the work, so "auto" does not pick it there)
+    ragged   `jax.lax.ragged_dot` (XLA:CPU and XLA:GPU in jax 0.10.2 expand it densely, E x the work, so
+             "auto" picks it only on TPU; docs/gpu_moe.md)
     segment  every expert's group is padded to a multiple of `tile` rows and the rows are cut into tiles that
              each belong to one expert; a batched matmul of the tiles against their experts' weights (gathered
-             per tile).  Exact (no token is dropped); computes N*k + E*tile rows.  "auto" on CPU.
+             per tile).  Exact (no token is dropped); computes N*k + E*tile rows.  "auto" on CPU and GPU.
     dense    the reference: every expert on every token, mixed by the dense [N, E] gates (E/k x the FLOPs).
 
 The router sows the same statistics as the LoRA-MoE's routers (btx_jax/model/lora.py router_aux: Switch/BTX
@@ -35,7 +35,7 @@ MAX_TILE = 512
 def resolve_impl(impl: str) -> str:
     if impl != "auto":
         return impl
-    return "segment" if jax.default_backend() == "cpu" else "ragged"
+    return "ragged" if jax.default_backend() == "tpu" else "segment"
 
 
 def tile_rows(slots: int, num_experts: int) -> int:

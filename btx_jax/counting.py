@@ -4,6 +4,7 @@
                                                           # + "active" (per token) for an FFN-MoE
     count_params(config, [r"layers/mlp/\\w+/router", "lm_head"])
     lora_flops_per_token(arch, seq, targets, rank, experts, top_k, router, "expert")   # a LoRA / LoRA-MoE phase
+    model_flops_per_token(config, seq, "expert")         # the same from a LlamaConfig (its adapter or FFN-MoE)
     ffn_moe_flops_per_token(arch, seq, experts, top_k)                               # an FFN-MoE, all training
 
 `phase_patterns` are the phase-mask regexes of the training configs, full-matched against parameter paths
@@ -21,6 +22,7 @@ forward + backward.  `arch` is a dict of LlamaConfig fields (configs/common.py A
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -86,15 +88,29 @@ def train_flops_per_token(arch: dict, seq: int, active: int, trainable: int) -> 
 def lora_flops_per_token(arch: dict, seq: int, targets, rank: int, experts: int, top_k: int, router: bool,
                          trainable: str) -> int:
     """Train FLOPs per token of a LoRA expert (router=False: one LoRA of `rank` on `targets`) or a LoRA-MoE
-    (`experts` LoRAs, top_k active, a router per target) in phase `trainable` (expert | router | sft)."""
+    (`experts` LoRAs, top_k active, a router per target) in phase `trainable` (expert | router | sft | ffn: the
+    MLP kernels | full: every weight; no LoRA: targets=(), rank=0)."""
     io, L = matmul_shapes(arch), arch["num_layers"]
     attn_w, mlp_w = _weights(arch, ATTN_TARGETS), _weights(arch, MLP_TARGETS)
     lora_w = sum((io[t][0] + io[t][1]) * rank for t in targets) * (top_k if router else 1)
     router_w = sum(io[t][0] * experts for t in targets) if router else 0
     lm_head = arch["hidden_size"] * arch["vocab_size"]
+    active = L * (attn_w + mlp_w + lora_w + router_w) + lm_head
     n_train = {"expert": L * lora_w, "router": L * router_w + lm_head,
-               "sft": L * (attn_w + router_w) + lm_head}[trainable]
-    return train_flops_per_token(arch, seq, L * (attn_w + mlp_w + lora_w + router_w) + lm_head, n_train)
+               "sft": L * (attn_w + router_w) + lm_head, "ffn": L * mlp_w, "full": active}[trainable]
+    return train_flops_per_token(arch, seq, active, n_train)
+
+
+def model_flops_per_token(config: LlamaConfig, seq: int, phase: str) -> int:
+    """Train FLOPs per token of `config` in `phase`: its LoRA or LoRA-MoE (lora_flops_per_token), its FFN-MoE
+    (ffn_moe_flops_per_token), or the plain model (phase ffn | full)."""
+    arch = dataclasses.asdict(config)
+    if config.moe is not None:
+        return ffn_moe_flops_per_token(arch, seq, config.moe.num_experts, config.moe.top_k)
+    a = config.adapter
+    if a is None:
+        return lora_flops_per_token(arch, seq, (), 0, 1, 1, False, phase)
+    return lora_flops_per_token(arch, seq, a.targets, a.experts[0].rank, len(a.experts), a.top_k, a.router, phase)
 
 
 def ffn_moe_flops_per_token(arch: dict, seq: int, experts: int, top_k: int) -> int:

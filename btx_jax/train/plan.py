@@ -6,11 +6,19 @@ parameter / optimizer / gradient / temporary bytes, FLOPs per step, and the larg
 
     python scripts/plan.py --config configs/sft.py:wiki --phase sft --target tpu:v5e-16 --search
 
-`--target` picks the compiler: `cpu:N` (N virtual CPU devices, the default with --devices) or a TPU slice
+    python scripts/plan.py --config configs/expert.py:wiki --phase expert,router,sft --target gpu:h100-8 \
+        --batch 128 --search
+
+`--target` picks the compiler: `cpu:N` (N virtual CPU devices, the default with --devices), a TPU slice
 (`tpu:v5p-8`, `tpu:v5e-16`, `tpu:v4-8`, `tpu:v6e-8`, or a libtpu topology name such as `tpu:v5p:2x2x1`),
-compiled by the real TPU compiler with no TPU present (needs `pip install -e ".[tpu]"`; see
-btx_jax/train/aot.py).  TPU plans also report XLA's cost-model step time and the MFU it implies against the
-chip's published bf16 peak, and default --device-memory to the chip's HBM.
+compiled by the real TPU compiler with no TPU present (needs `pip install -e ".[tpu]"`), or GPU nodes
+(`gpu:h100-8`, `gpu:h200-8`, `gpu:a100-8`, `gpu:h100-2x8` = 2 nodes x 8, `gpu:<target config .txtpb>[@2x8]`),
+compiled by XLA's GPU compiler with no GPU present (needs `pip install -e ".[cuda]"`); see btx_jax/train/aot.py.
+TPU plans also report XLA's cost-model step time and the MFU it implies against the chip's published bf16 peak,
+and default --device-memory to the chip's HBM.  GPU plans default it to the target config's device memory and
+judge `fits` against it themselves (the GPU compiler accepts any size); XLA has no GPU cost model on this
+compile-only path, so a GPU plan has no step time and its FLOPs are the model count (btx_jax/counting.py:
+forward + backward, remat recomputation not counted).
 
 Nothing is allocated: parameters come from `btx_jax.model.abstract_params` (jax.eval_shape), the phase
 split from the path patterns of btx_jax/train/phases.py, and the step is the one `train()` runs
@@ -48,6 +56,7 @@ import numpy as np
 from btx_jax import mesh as mesh_lib, param_paths
 from btx_jax.cli import ArgumentParser, run_cli, size_flag
 from btx_jax.config import AdapterSpec, ConfigError, LlamaConfig
+from btx_jax.counting import model_flops_per_token
 from btx_jax.model.llama import REMAT_POLICIES, DecoderLayer
 from btx_jax.pretrained import random_source
 from btx_jax.train import aot
@@ -85,8 +94,10 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     """Compile the train step of `cfg` (resolved dict) for `phase` and global `batch` on abstract inputs.
 
     Returns per-device bytes {params, trainable, frozen, optimizer, gradients, temp, argument, output, alias,
-    peak} plus flops (per device and global), compile seconds and the configuration; on a TPU target also
-    the cost model's step time and MFU ("cost"), or fits=False when the TPU compiler refuses the program."""
+    peak} plus flops (per device and global; "flops_source": XLA's cost analysis, or the model count where the
+    backend has none), compile seconds and the configuration; on a TPU target also the cost model's step time and
+    MFU ("cost"), or fits=False when the TPU compiler refuses the program; on a GPU target fits=False when the
+    peak exceeds the device memory of the target config."""
     cfg = json.loads(json.dumps(cfg))
     if phase:
         cfg["phase"] = phase
@@ -110,8 +121,7 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
         return {"phase": cfg["phase"], "global_batch": gb, "seq_len": seq, "devices": int(mesh.devices.size),
                 "fits": False, "error": str(e), "bytes": {"peak": max(e.needed, e.available + 1), "temp": e.needed}}
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = aot.cost_analysis(compiled)
     out = {
         "phase": cfg["phase"], "global_batch": gb, "seq_len": seq, "devices": int(mesh.devices.size),
         "mesh": {k: int(v) for k, v in mesh.shape.items()}, "dtype": t["dtype"], "frozen_dtype": t["frozen_dtype"],
@@ -126,7 +136,7 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
             "argument": int(mem.argument_size_in_bytes), "output": int(mem.output_size_in_bytes),
             "alias": int(mem.alias_size_in_bytes), "temp": int(mem.temp_size_in_bytes),
         },
-        "flops_xla_raw": float(cost.get("flops", 0.0)),
+        "flops_xla_raw": float(cost.get("flops", 0.0)) if cost is not None else None,
         "compile_s": round(seconds, 2), "target": target.text, "fits": True,
         "loss_chunk": int(t.get("loss_chunk", 0)), "attention": t["attention"],
         "loss_layout": resolve_layout(t["loss_layout"], gb // int(t["microbatches"]) * seq,
@@ -137,11 +147,20 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     # The state is donated: outputs alias arguments, so the live peak is arguments + temporaries + the
     # non-aliased outputs (metrics).
     b["peak"] = b["argument"] + b["temp"] + b["output"] - b["alias"]
+    if target.platform == "gpu" and b["peak"] > target.hbm_bytes:    # the GPU compiler never refuses
+        out["fits"] = False
+        out["error"] = f"peak {_fmt_gb(b['peak'])} GiB > the GPU's {_fmt_gb(target.hbm_bytes)} GiB"
+    micro = int(t["microbatches"])
+    if cost is None:     # no cost model (XLA:GPU compiled with no device): the model's FLOPs
+        out["flops_source"] = "model count (btx_jax/counting.py; XLA has no GPU cost model)"
+        out["flops_per_device"] = model_flops_per_token(config, seq, cfg["phase"]) * gb * seq / out["devices"]
+        out["flops_global"] = out["flops_per_device"] * out["devices"]
+        return out
+    out["flops_source"] = "xla cost analysis"
     # XLA's cost analysis may count a while-loop body once (XLA:CPU always; the TPU compiler did for the 7B
     # step's layer scan, though it multiplies a plain scan's body by its trip count): then the layer stack
     # shows up as one layer.  Add the other num_layers - 1 layers' train FLOPs (one layer's forward + backward
     # under the same remat policy and trainable split, compiled on its own), per device.
-    micro = int(t["microbatches"])
     layer = layer_train_flops(config, t, trainable, frozen, gb // micro, seq) / out["devices"]
     once = not aot.counts_loop_trips(target.platform) or out["flops_xla_raw"] < 2 * layer * micro
     out["flops_per_device"] = (out["flops_xla_raw"] + (config.num_layers - 1) * layer * once) * (micro if once else 1)
@@ -231,11 +250,11 @@ def table(rows: list[dict], memory: int | None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         b = r["bytes"]
-        if not r["fits"]:
+        if not r["fits"] and "params" not in b:     # refused by the compiler: no memory analysis
             lines.append("| " + " | ".join([r["phase"], str(r["global_batch"])] + ["-"] * 4 + [
                 _fmt_gb(b["temp"]), "-", "-", "-", "-", "NO (compiler)", str(r.get("max_batch", "-")), "-"]) + " |")
             continue
-        fits = "-" if memory is None else ("yes" if b["peak"] <= memory else "NO")
+        fits = "-" if memory is None else ("yes" if b["peak"] <= memory and r["fits"] else "NO")
         cost = r.get("cost") or {}
         lines.append("| " + " | ".join([
             r["phase"], str(r["global_batch"]), f"{r['params_trainable'] / 1e6:.1f}M", _fmt_gb(b["params"]),
@@ -254,7 +273,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--phase", default=None, help="comma-separated phases (default: the config's)")
     p.add_argument("--devices", type=int, default=8, help="virtual CPU devices to compile for (= --target cpu:N)")
     p.add_argument("--target", default=None, help="cpu:N | tpu:v5p-8 | tpu:v5e-16 | tpu:v4-8 | tpu:v6e-8 | "
-                   "tpu:<libtpu topology> (default cpu:--devices)")
+                   "tpu:<libtpu topology> | gpu:h100-8 | gpu:h200-8 | gpu:a100-8 | gpu:h100-2x8 (nodes x GPUs) | "
+                   "gpu:<GpuTargetConfig .txtpb>[@<nodes>x<GPUs>] (default cpu:--devices)")
     p.add_argument("--loss-chunk", type=int, default=None, help="cross-entropy chunk (positions); 0 = full logits")
     p.add_argument("--loss-layout", default=None, choices=LOSS_LAYOUTS,
                    help="train.loss_layout: sharding of the chunked loss (batch | vocab | auto)")
@@ -268,7 +288,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--microbatches", type=int, default=None)
     p.add_argument("--experts", type=int, default=3, help="LoRA experts of the router/sft LoRA-MoE")
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--device-memory", type=size_flag, default=None, help="e.g. 80GB (TPU: the chip's HBM)")
+    p.add_argument("--device-memory", type=size_flag, default=None,
+                   help="e.g. 80GB (TPU: the chip's HBM; GPU: the target config's device memory)")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of device memory kept free in --search")
     p.add_argument("--search", action="store_true", help="also find the largest batch that fits")
     p.add_argument("--out", default=None, help="write the plan as JSON")
@@ -297,6 +318,11 @@ def mesh_axes(text: str) -> dict[str, int]:
     return {k.strip(): int(v) for k, _, v in pairs}
 
 
+def progress(message: str) -> None:
+    """Compile progress, on stderr (the table and JSON go to stdout / --out)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def run(args) -> int:
     """Plan every phase of `args.phase` (the config's by default), print the table, write --out."""
     target = aot.parse_target(args.target or f"cpu:{args.devices}")
@@ -313,12 +339,12 @@ def run(args) -> int:
     rows = []
     tic = time.perf_counter()
     for phase in (args.phase or cfg["phase"]).split(","):
-        r = plan(cfg, phase=phase, experts=args.experts, top_k=args.top_k, mesh=mesh, target=target)
+        r = plan(cfg, phase=phase, experts=args.experts, top_k=args.top_k, mesh=mesh, target=target, log=progress)
         if args.search and memory:    # one loss layout for every batch tried, so the peak stays affine in it
-            fixed = {**cfg, "train": {**t, "loss_layout": r["loss_layout"]}} if r["fits"] else cfg
+            fixed = {**cfg, "train": {**t, "loss_layout": r["loss_layout"]}} if "loss_layout" in r else cfg
             best, runs = max_batch(fixed, memory, phase=phase, experts=args.experts,
                                    top_k=args.top_k, mesh=mesh, headroom=args.headroom, target=target,
-                                   known=(r,))
+                                   known=(r,), log=progress)
             r["max_batch"] = best
             r["search"] = [{"batch": x["global_batch"], "peak": x["bytes"]["peak"]} for x in runs]
         rows.append(r)
@@ -329,6 +355,9 @@ def run(args) -> int:
         print(f"device memory {memory / 1e9:.0f} GB = {_fmt_gb(memory)} GiB per device"
               + (f"; max batch keeps {args.headroom:.0%} headroom" if args.search else ""))
     print(table(rows, memory))
+    if target.platform == "gpu":
+        print("\nXLA has no GPU cost model (compile-only): no step time; TFLOP/dev/step is the model count "
+              "(btx_jax/counting.py, remat recomputation not counted)")
     print(f"\n[plan] total {total:.1f}s (compile only; nothing allocated)")
     if args.out:
         Path(args.out).write_text(json.dumps({"config": args.config, "device_memory": memory,

@@ -74,9 +74,10 @@ def load(directory: str | Path, dtype=None, allow_pickle: bool = False,
     return config, load_leaves(reader, config, lambda path: True, dtype=dtype, progress=progress)
 
 
-def save(directory: Path, config: LlamaConfig, flat: dict[str, np.ndarray], max_shard_bytes: int = 5 * 2**30,
+def save(directory: Path, config: LlamaConfig, flat: dict, max_shard_bytes: int = 5 * 2**30,
          progress: Callable[[int], None] | None = None) -> None:
-    """Write an FFN-MoE model ({path: array}) as a Mixtral directory."""
+    """Write an FFN-MoE model ({path: array}; numpy or sharded jax arrays, read one HF tensor at a time) as a
+    Mixtral directory."""
     if config.moe is None:
         raise CheckpointError("the mixtral format holds an FFN-MoE model (compose(mode='ffn')); this model has a "
                               "dense FFN: use format='hf'")

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from btx_jax.checkpoint import btx, peft
-from btx_jax.compose_ffn import compose_ffn
+from btx_jax.compose_ffn import compose_ffn_source
 from btx_jax.config import AdapterSpec, ConfigError
 from btx_jax.model import abstract_leaves, routed_layers
 from btx_jax.pretrained import ModelSource, Pretrained, memory_source, open_model
@@ -143,18 +143,19 @@ def compose(base, experts: Sequence, *, mode: str = "lora", top_k: int = 2, seed
     "zeros" (see the module docstring on ties).  `router_layers`: decoder layer indices to route (mergoo's
     router_layers_index; default all); the other layers run the base projection alone and hold zeros.
     `allow_other_base`: skip the check that btx experts were trained on this base (their recorded digest).
-    `mesh`: shard the LoRA-MoE over it as it is built (default: one device)."""
+    `mesh`: shard the MoE over it as it is built, leaf by leaf (default: one device)."""
     if mode not in MODES:
         raise ConfigError(f"compose mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "ffn":
         if router_layers is not None:
             raise ConfigError("router_layers applies to the LoRA-MoE only; an FFN-MoE routes every layer")
-        return compose_ffn(base, experts, top_k=top_k, seed_expert=seed_expert, router_init=router_init,
-                           router_std=router_std, router_jitter=router_jitter, shared=shared, max_drift=max_drift,
-                           rng_seed=seed, dtype=dtype, allow_pickle=allow_pickle)
-    src = compose_source(base, experts, top_k=top_k, seed_expert=seed_expert, router_init=router_init,
-                         router_std=router_std, router_layers=router_layers, router_jitter=router_jitter, seed=seed,
-                         allow_pickle=allow_pickle, allow_other_base=allow_other_base)
+        src = compose_ffn_source(base, experts, top_k=top_k, seed_expert=seed_expert, router_init=router_init,
+                                 router_std=router_std, router_jitter=router_jitter, shared=shared,
+                                 max_drift=max_drift, rng_seed=seed, allow_pickle=allow_pickle)
+    else:
+        src = compose_source(base, experts, top_k=top_k, seed_expert=seed_expert, router_init=router_init,
+                             router_std=router_std, router_layers=router_layers, router_jitter=router_jitter,
+                             seed=seed, allow_pickle=allow_pickle, allow_other_base=allow_other_base)
     if dtype is None and isinstance(base, Pretrained):
         dtype = base.dtype
     return src.load(dtype=dtype, mesh=mesh)

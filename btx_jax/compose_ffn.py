@@ -16,6 +16,13 @@ All other parameters (embeddings, attention, norms, lm_head) are averaged over t
 "average"`; a leaf that every expert left bit-identical to the seed's, as the `ffn` phase does, is taken from
 the seed exactly) or taken from the seed (`shared="seed"`).
 
+Built leaf by leaf into the target shardings (`compose(..., mesh=)`, or the trainer's sharded target): every
+leaf of the seed and of each expert is filled on the mesh by its `ModelSource` (btx_jax/pretrained.py: file
+slices per device, orbax restores into shardings); an average is summed shard by shard where the shards live;
+each device's shard of a stacked expert leaf [layers, experts, in, out] is stacked on that device from the
+experts' matching shards, so no device ever holds a whole expert stack and host memory holds at most the
+leaf being built besides what the devices hold.
+
 Checks (ConfigError, one line naming the expert): the same architecture as the seed; branched from it — the
 relative L2 distance of all its weights to the seed's must stay below `max_drift` (default 0.5: branch-trained
 experts move a few percent, an independently trained model of the same shape is ~1.4 away); top_k between 1 and
@@ -27,46 +34,134 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from btx_jax.checkpoint import peft
-from btx_jax.config import ConfigError, MoESpec
-from btx_jax.pretrained import Pretrained, detect_format, load_pretrained, memory_source
+from btx_jax import mesh as mesh_lib
+from btx_jax.checkpoint import lazy, peft
+from btx_jax.config import ConfigError, LlamaConfig, MoESpec
+from btx_jax.model import routed_layers
+from btx_jax.model.lora import expert_columns
+from btx_jax.pretrained import ModelSource, Pretrained, detect_format, memory_source, open_model
 from btx_jax.router_init import check_router_init, router_weights
 
-FFN_LEAF = re.compile(r"layers/mlp/(gate_proj|up_proj|down_proj)/kernel")
+FFN = ("gate_proj", "up_proj", "down_proj")
+ROUTER = "layers/moe/router/kernel"
 SHARED = ("average", "seed")
 
 
-def _dense(expert, seed: Pretrained, label: str, allow_pickle: bool) -> dict[str, np.ndarray]:
-    """{path: fp32 array} of one expert with any plain LoRA folded into its kernels."""
+def _dense_paths(src: ModelSource) -> set[str]:
+    return {p for p in src.abstract() if not peft.LORA_LEAF.fullmatch(p)}
+
+
+def _expert_source(expert, seed: ModelSource, label: str, allow_pickle: bool) -> ModelSource:
+    """The `ModelSource` of one dense expert (a PEFT adapter: the seed with its LoRA; folded when filled)."""
     if isinstance(expert, (str, Path)):
         if detect_format(Path(expert)) == "peft":
             config, lora = peft.load_adapter(expert, seed.config, allow_pickle=allow_pickle)
-            expert = memory_source(seed).with_leaves(config, lora, covered=False).load()
+            src = seed.with_leaves(config, lora, covered=False)
         else:
-            expert = load_pretrained(expert, allow_pickle=allow_pickle)
-    elif not isinstance(expert, Pretrained):
+            src = open_model(expert, allow_pickle=allow_pickle)
+    elif isinstance(expert, Pretrained):
+        src = memory_source(expert)
+    else:
         raise TypeError(f"{label}: expected a model directory or a Pretrained, got {type(expert).__name__}")
-    config = expert.config
+    config = src.config
     if config.moe is not None or (config.adapter is not None and config.adapter.router):
         raise ConfigError(f"{label}: is already a mixture of experts; an FFN expert is a dense model (or plain LoRA)")
     peft.check_same_base(config, seed.config, label)
-    flat = {k: np.asarray(v, np.float32) for k, v in peft.merged_kernels(expert.flat_numpy(), config).items()}
-    return flat
+    if _dense_paths(src) != _dense_paths(seed):
+        odd = sorted(_dense_paths(src) ^ _dense_paths(seed))[0]
+        raise ConfigError(f"{label}: parameter {odd!r} exists in only one of the expert and the seed "
+                          "(tie_word_embeddings differs?)")
+    return src
 
 
-def _drift(flat: dict[str, np.ndarray], seed_flat: dict[str, np.ndarray]) -> float:
-    num = sum(float(np.sum((flat[k] - seed_flat[k]) ** 2)) for k in seed_flat)
-    den = sum(float(np.sum(seed_flat[k] ** 2)) for k in seed_flat)
-    return float(np.sqrt(num / max(den, 1e-30)))
+def _dense_leaf(src: ModelSource, path: str, target: jax.ShapeDtypeStruct) -> jax.Array:
+    """Leaf `path` of `src` in `target`'s dtype and sharding, with a plain LoRA on it folded in (in fp32)."""
+    spec, prefix = src.config.adapter, path.rsplit("/", 1)[0]
+    proj = prefix.rsplit("/", 1)[-1]
+    if spec is None or not path.endswith("/kernel") or proj not in spec.targets:
+        return src.fill({path: target})[path]
+    work = mesh_lib.sharded_target({p: s for p, s in src.abstract().items() if p.startswith(prefix + "/")},
+                                   target.sharding.mesh, dtype=jnp.float32)
+    leaves = src.fill(work)
+    fold = jax.jit(lambda k, a, b, s, r: peft.folded(k, a, b, s, r, xp=jnp).astype(target.dtype),
+                   out_shardings=target.sharding)
+    return fold(leaves[path], leaves[f"{prefix}/lora_a"], leaves[f"{prefix}/lora_b"], expert_columns(spec, proj)[1],
+                routed_layers(src.config))
 
 
-def compose_ffn(seed, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False,
-                router_init: str = "normal", router_std: float = 0.02, router_jitter: float = 0.0,
-                shared: str = "average", max_drift: float | None = 0.5, rng_seed: int = 0, dtype=None,
-                allow_pickle: bool = False) -> Pretrained:
-    """FFN-MoE `Pretrained` (config.moe set) from a seed model and dense experts branched from it."""
+@jax.jit
+def _sq_dist(x, s):
+    return jnp.sum(jnp.square(x.astype(jnp.float32) - s.astype(jnp.float32)))
+
+
+class _Builder:
+    """One fill of the FFN-MoE: the target's leaves built one at a time, the drift sums gathered on the way."""
+
+    def __init__(self, seed: ModelSource, experts: list[ModelSource], seed_expert: bool, shared: str):
+        self.seed, self.experts, self.seed_expert, self.shared = seed, experts, seed_expert, shared
+        self.num = [0.0] * len(experts)
+        self.den = 0.0
+
+    def shared_leaf(self, path: str, target: jax.ShapeDtypeStruct) -> jax.Array:
+        """The experts' mean of a non-FFN leaf in fp32 (the seed's where every expert kept it bit for bit)."""
+        work = jax.ShapeDtypeStruct(target.shape, jnp.float32, sharding=target.sharding)
+        s = self.seed.fill({path: work})[path]
+        self.den += float(_sq_dist(s, jnp.zeros_like(s)))
+        total, same = None, True
+        for k, src in enumerate(self.experts):
+            x = _dense_leaf(src, path, work)
+            self.num[k] += float(_sq_dist(x, s))
+            same = same and bool(jnp.array_equal(x, s))
+            total = x if total is None else total + x
+        mean = s if self.shared == "seed" or same else total / len(self.experts)
+        return jax.device_put(mean.astype(target.dtype), target.sharding)
+
+    def stacked_leaf(self, name: str, target: jax.ShapeDtypeStruct) -> jax.Array:
+        """layers/moe/{name} [layers, experts, in, out]: each expert's kernel filled sharded as one slice of the
+        stack (the stack's spec without its expert dimension); every device keeps the shards of the experts
+        its own shard covers and stacks them."""
+        path = f"layers/mlp/{name}/kernel"
+        sharding = target.sharding
+        spec = tuple(sharding.spec) + (None,) * (len(target.shape) - len(sharding.spec))
+        one = NamedSharding(sharding.mesh, P(spec[0], *spec[2:]))
+        work = jax.ShapeDtypeStruct(target.shape[:1] + target.shape[2:], target.dtype, sharding=one)
+        covers = {d: lazy.normalize(index, target.shape)[1] for d, index in sharding.devices_indices_map(
+            tuple(target.shape)).items() if d in sharding.addressable_devices}
+        pieces = {d: [] for d in covers}
+        s = self.seed.fill({path: work})[path]
+        self.den += float(_sq_dist(s, jnp.zeros_like(s)))
+        for k, src in enumerate(self.experts + ([None] if self.seed_expert else [])):
+            x = s if src is None else _dense_leaf(src, path, work)
+            if src is not None:
+                self.num[k] += float(_sq_dist(x, s))
+            for shard in x.addressable_shards:
+                if covers[shard.device].start <= k < covers[shard.device].stop:
+                    pieces[shard.device].append(shard.data)
+            del x
+        del s
+        stacks = [jnp.stack(pieces.pop(d), axis=1) for d in list(covers)]     # one device's pieces at a time
+        return jax.make_array_from_single_device_arrays(tuple(target.shape), sharding, stacks)
+
+    def check_drift(self, labels: list[str], max_drift: float | None) -> None:
+        for num, label in zip(self.num, labels):
+            drift = float(np.sqrt(num / max(self.den, 1e-30)))
+            if max_drift is not None and drift > max_drift:
+                raise ConfigError(f"{label}: not branched from this seed (its weights are {drift:.2f} away from the "
+                                  f"seed's, relative L2; limit max_drift={max_drift})")
+
+
+def compose_ffn_source(seed, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False,
+                       router_init: str = "normal", router_std: float = 0.02, router_jitter: float = 0.0,
+                       shared: str = "average", max_drift: float | None = 0.5, rng_seed: int = 0,
+                       allow_pickle: bool = False) -> ModelSource:
+    """The FFN-MoE (config.moe set) of a seed model and dense experts branched from it, as a `ModelSource`:
+    configs are read and checked now, weights when it is filled (the branched check then: the relative L2
+    distance over the leaves filled).  Nothing refers to files: a checkpoint of it stores every leaf."""
     experts = list(experts)
     if not experts:
         raise ConfigError("compose needs at least one expert")
@@ -77,38 +172,26 @@ def compose_ffn(seed, experts: Sequence, *, top_k: int = 2, seed_expert: bool = 
     if not 1 <= int(top_k) <= choices:
         raise ConfigError(f"top_k={top_k} must be between 1 and the number of experts ({choices}"
                           f"{' including the seed expert' if seed_expert else ''})")
-    if not isinstance(seed, Pretrained):
-        seed = load_pretrained(seed, dtype=dtype, allow_pickle=allow_pickle)
+    seed = memory_source(seed) if isinstance(seed, Pretrained) else open_model(seed, allow_pickle=allow_pickle)
     if seed.config.adapter is not None or seed.config.moe is not None:
         raise ConfigError("compose: the seed model has adapters or experts; pass the plain (dense) seed model")
-    seed_flat = {k: np.asarray(v, np.float32) for k, v in seed.flat_numpy().items()}
     labels = [str(e) if isinstance(e, (str, Path)) else f"experts[{i}]" for i, e in enumerate(experts)]
-    ffn: dict[str, list[np.ndarray]] = {k: [] for k in seed_flat if FFN_LEAF.fullmatch(k)}
-    sums = {k: np.zeros_like(v) for k, v in seed_flat.items() if k not in ffn}
-    same_as_seed = dict.fromkeys(sums, True)
-    for expert, label in zip(experts, labels):       # one expert in memory at a time
-        flat = _dense(expert, seed, label, allow_pickle)
-        if set(flat) != set(seed_flat):
-            odd = sorted(set(flat) ^ set(seed_flat))[0]
-            raise ConfigError(f"{label}: parameter {odd!r} exists in only one of the expert and the seed "
-                              "(tie_word_embeddings differs?)")
-        drift = _drift(flat, seed_flat)
-        if max_drift is not None and drift > max_drift:
-            raise ConfigError(f"{label}: not branched from this seed (its weights are {drift:.2f} away from the "
-                              f"seed's, relative L2; limit max_drift={max_drift})")
-        for k in ffn:
-            ffn[k].append(flat[k])
-        for k in sums:
-            sums[k] += flat[k]
-            same_as_seed[k] = same_as_seed[k] and np.array_equal(flat[k], seed_flat[k])
-    out = {k: seed_flat[k] if shared == "seed" or same_as_seed[k] else sums[k] / len(experts) for k in sums}
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        stack = ffn.pop(f"layers/mlp/{name}/kernel") + ([seed_flat[f"layers/mlp/{name}/kernel"]] if seed_expert
-                                                        else [])
-        out[f"layers/moe/{name}"] = np.stack(stack, axis=1)            # [layers, experts, in, out]
-    config = seed.config.replace(moe=MoESpec(num_experts=choices, top_k=int(top_k), seed_expert=bool(seed_expert),
-                                             router_jitter=float(router_jitter)))
-    c = config
-    out["layers/moe/router/kernel"] = router_weights(np.random.default_rng(rng_seed),
-                                                     (c.num_layers, c.hidden_size, choices), router_init, router_std)
-    return Pretrained.from_arrays(config, out, dtype if dtype is not None else seed.dtype)
+    sources = [_expert_source(e, seed, label, allow_pickle) for e, label in zip(experts, labels)]
+    c = seed.config
+    config: LlamaConfig = c.replace(moe=MoESpec(num_experts=choices, top_k=int(top_k), seed_expert=bool(seed_expert),
+                                                router_jitter=float(router_jitter)))
+    router = router_weights(np.random.default_rng(rng_seed), (c.num_layers, c.hidden_size, choices), router_init,
+                            router_std)
+
+    def fill(target):
+        build = _Builder(seed, sources, bool(seed_expert), shared)
+        out = {}
+        for path, t in sorted(target.items()):          # one leaf at a time
+            name = path.rsplit("/", 1)[-1]
+            out[path] = (mesh_lib.place(router, t) if path == ROUTER
+                         else build.stacked_leaf(name, t) if path.startswith("layers/moe/")
+                         else build.shared_leaf(path, t))
+        build.check_drift(labels, max_drift)
+        return out
+
+    return ModelSource(config, fill)

@@ -160,7 +160,8 @@ class Pretrained:
             elif format == "hf":
                 save_hf(tmp, self, merge_lora=merge_lora, max_shard_bytes=max_shard_bytes, progress=progress)
             elif format == "mixtral":
-                mixtral.save(tmp, self.config, self.flat_numpy(), max_shard_bytes=max_shard_bytes, progress=progress)
+                mixtral.save(tmp, self.config, param_paths.flatten(self.params), max_shard_bytes=max_shard_bytes,
+                             progress=progress)          # device arrays: fetched one tensor at a time
             elif format == "peft":
                 peft.save(tmp, self.config, self.flat_numpy())
             else:

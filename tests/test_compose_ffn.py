@@ -83,7 +83,7 @@ def test_sources_agree_and_lora_experts_are_materialised(setup, tmp_path):
     merged = lora.save_pretrained(tmp_path / "merged", format="hf", merge_lora=True)
     x = btx_jax.compose(seed_dir, [peft_dir], mode="ffn", top_k=1).flat_numpy()
     y = btx_jax.compose(seed_dir, [merged], mode="ffn", top_k=1).flat_numpy()
-    assert all(np.array_equal(x[k], y[k]) for k in x)
+    assert all(np.allclose(x[k], y[k], rtol=0, atol=1e-6) for k in x)      # folded on device vs by numpy
     assert not np.array_equal(x["layers/moe/up_proj"][:, 0], seed.flat_numpy()["layers/mlp/up_proj/kernel"])
     ids = random_ids(1, 6)
     assert np.abs(btx_jax.compose(seed, [peft_dir], mode="ffn", top_k=1).logits(ids) - lora.logits(ids)).max() <= 1e-4

@@ -285,10 +285,14 @@ def merged_kernels(flat: dict[str, np.ndarray], config: LlamaConfig) -> dict[str
     for target in spec.targets:
         prefix = f"layers/{param_paths.BLOCK_OF[_BLOCK[target]]}/{target}"
         _, scale_R = expert_columns(spec, target)
-        a = np.asarray(flat[f"{prefix}/lora_a"], np.float32) * (routed[:, None, None] * scale_R).astype(np.float32)
-        b = np.asarray(flat[f"{prefix}/lora_b"], np.float32)
-        kernel = flat[f"{prefix}/kernel"]
-        merged = np.matmul(a, b)           # one [in, r] @ [r, out] matmul per layer (BLAS), then W added in place
-        merged += kernel
-        out[f"{prefix}/kernel"] = merged.astype(kernel.dtype, copy=False)
+        out[f"{prefix}/kernel"] = folded(np.asarray(flat[f"{prefix}/kernel"]), np.asarray(flat[f"{prefix}/lora_a"]),
+                                         np.asarray(flat[f"{prefix}/lora_b"]), scale_R, routed)
     return out
+
+
+def folded(kernel, a, b, scale_R, routed, xp=np):
+    """One kernel with its plain LoRA folded in, computed in fp32, in kernel's dtype: kernel + routed(layer) *
+    A diag(s) B.  `xp`: the array module (numpy; jax.numpy inside a jit, for sharded leaves)."""
+    a = a.astype(xp.float32) * (routed[:, None, None] * scale_R).astype(xp.float32)
+    delta = xp.matmul(a, b.astype(xp.float32))     # one [in, r] @ [r, out] matmul per layer (BLAS on the host)
+    return (kernel.astype(xp.float32) + delta).astype(kernel.dtype)

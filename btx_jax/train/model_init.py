@@ -11,9 +11,10 @@ until the trainer fills its sharded target):
 """
 from __future__ import annotations
 
-from btx_jax.compose import compose, compose_source
+from btx_jax.compose import compose_source
+from btx_jax.compose_ffn import compose_ffn_source
 from btx_jax.config import AdapterSpec, ConfigError, ExpertSpec, LlamaConfig
-from btx_jax.pretrained import ModelSource, memory_source, open_model, random_source
+from btx_jax.pretrained import ModelSource, open_model, random_source
 
 
 def _plain(d) -> dict:
@@ -39,10 +40,10 @@ def initial_source(model_cfg, seed: int) -> ModelSource:
     m = _plain(model_cfg)
     if m.get("compose"):
         c = _plain(m["compose"])
-        if c.get("mode", "lora") == "ffn":       # built in memory (btx_jax/compose_ffn.py), stored whole when saved
-            return memory_source(compose(m["init"], list(c["experts"]), mode="ffn", top_k=int(c.get("top_k", 2)),
-                                         seed_expert=bool(c.get("seed_expert", False)),
-                                         router_init=c.get("router_init", "normal"), seed=seed))
+        if c.get("mode", "lora") == "ffn":       # built into the trainer's shardings, stored whole when saved
+            return compose_ffn_source(m["init"], list(c["experts"]), top_k=int(c.get("top_k", 2)),
+                                      seed_expert=bool(c.get("seed_expert", False)),
+                                      router_init=c.get("router_init", "normal"), rng_seed=seed)
         return compose_source(m["init"], list(c["experts"]), top_k=int(c.get("top_k", 2)),
                               seed_expert=bool(c.get("seed_expert", False)),
                               router_init=c.get("router_init", "normal"),

@@ -24,11 +24,44 @@ def test_accelerator_names_map_to_libtpu_topologies(text, devices, topology):
 
 def test_cpu_target_and_bad_targets():
     assert aot.parse_target("cpu:8") == aot.Target("cpu", 8, text="cpu:8")
-    for bad in ("gpu:1", "tpu:v9-8", "cpu:x", "tpu:"):
+    for bad in ("gpu:", "tpu:v9-8", "cpu:x", "tpu:"):
         with pytest.raises(ConfigError, match="expected cpu:N"):
             aot.parse_target(bad)
     with pytest.raises(ConfigError, match="TensorCores per chip"):
         aot.parse_target("tpu:v5p-3")
+
+
+@pytest.mark.parametrize("text,devices,topology,memory", [
+    ("gpu:h100-8", 8, "1x1x8", 84942979072), ("gpu:h200-8", 8, "1x1x8", 151397597184),
+    ("gpu:a100-8", 8, "1x1x8", 85100068864), ("gpu:h100-2x8", 16, "1x2x8", 84942979072),
+])
+def test_gpu_names_map_to_shipped_target_configs(text, devices, topology, memory):
+    t = aot.parse_target(text)
+    assert (t.platform, t.devices, t.topology, t.hbm_bytes) == ("gpu", devices, topology, memory)
+    assert t.target_config.startswith(str(aot.GPU_TARGETS_DIR))
+
+
+def test_gpu_target_config_file_and_bad_gpu_targets(tmp_path):
+    spec = tmp_path / "mine.txtpb"
+    spec.write_text((aot.GPU_TARGETS_DIR / "h100_sxm.txtpb").read_text().replace("84942979072", "1000"))
+    assert aot.parse_target(f"gpu:{spec}") == aot.Target("gpu", 8, "1x1x8", text=f"gpu:{spec}",
+                                                          target_config=str(spec), memory=1000)
+    assert aot.parse_target(f"gpu:{spec}@2x4").topology == "1x2x4"
+    (tmp_path / "empty.txtpb").write_text("name: 1\n")
+    for bad, message in [("gpu:b200-8", "unknown GPU 'b200'"), ("gpu:h100", "give the GPU count"),
+                         ("gpu:h100-0", "at least one node"), (f"gpu:{tmp_path}/missing.txtpb", "no such target"),
+                         (f"gpu:{spec}@two", "after '@' expected"),
+                         (f"gpu:{tmp_path}/empty.txtpb", "is not a GpuTargetConfigProto")]:
+        with pytest.raises(ConfigError, match=message):
+            aot.parse_target(bad)
+
+
+def test_missing_cuda_plugin_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "jax_cuda12_plugin" else real(name, *a))
+    with pytest.raises(ConfigError, match=r'gpu:h100-8: the GPU compiler is not installed: pip install -e "\.\[cuda\]"'):
+        aot.prepare(aot.parse_target("gpu:h100-8"))
 
 
 def test_missing_libtpu_says_what_to_install(monkeypatch):

@@ -121,6 +121,8 @@ def parse_gpu(text: str, rest: str) -> Target:
             raise ConfigError(f"--target {text}: unknown GPU {m.group(1)!r} ({known})")
         return gpu_target(text, GPU_TARGETS_DIR / GPUS[m.group(1)], int(m.group(2) or 1), int(m.group(3)))
     path, _, shape = rest.rpartition("@") if "@" in rest else (rest, "", "8")
+    if path in GPUS:
+        raise ConfigError(f"--target {text}: give the GPU count, e.g. gpu:{path}-8 (or nodes x GPUs: gpu:{path}-2x8)")
     if not Path(path).is_file():
         raise ConfigError(f"--target {text}: no GPU named {path!r} and no such target config file ({known})")
     m = re.fullmatch(r"(?:(\d+)x)?(\d+)", shape)

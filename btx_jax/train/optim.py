@@ -10,14 +10,11 @@ from btx_jax import param_paths
 
 
 def schedule(t: dict) -> optax.Schedule:
-    """The LR of optimizer count c, which is step c + 1 (`t`: the `train` section of the config): warmup from
-    lr / warmup_steps at step 1 (not 0: step 1 trains) to lr at step warmup_steps, then cosine decay to
-    lr * min_lr_ratio at the last step."""
+    """`t` is the `train` section of the config."""
     warmup = max(int(t["warmup_steps"]), 1)
-    by_step = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=t["lr"], warmup_steps=warmup, decay_steps=max(int(t["steps"]), warmup + 1),
         end_value=t["lr"] * t["min_lr_ratio"])
-    return lambda count: by_step(count + 1)
 
 
 def decay_mask(tree):

@@ -85,7 +85,7 @@ def run_expert(repo: Path, model: Path, workdir: Path, remat: str | None = None)
             "peak_rss_before_step_bytes": int(pre[1].split()[0]) * 1024 if len(pre) > 1 else None,
             "step_temp_bytes_per_device": int(float(temp.group(1)) * 2**30) if temp else None,
             "checkpoint_step_bytes": [du(p) for p in steps],
-            "final_bytes": du(workdir / "final")}
+            "final_bytes": du(workdir / "finals")}     # the one version this run wrote
 
 
 def main() -> None:

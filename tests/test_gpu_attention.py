@@ -19,42 +19,19 @@ from btx_jax.model.attention import causal_attention
 from btx_jax.model.per_shard import attention_specs
 from btx_jax.model.triton_attention import triton_attention
 
-T = 128          # one forward block: the interpreter is slow
-H100_TARGET = Path(__file__).resolve().parents[2] / "shared" / "gpu_targets" / "h100_sxm.txtpb"
+from attention_parity import T, assert_matches_reference, inputs, value_and_grads  # noqa: E402
 
-
-def inputs(B=1, N=4, K=2, H=32, dtype=jnp.float32, seed=0):
-    r = np.random.default_rng(seed)
-    q, k, v, w = (jnp.asarray(r.normal(size=(B, T, n, H)), dtype) for n in (N, K, K, N))
-    seg = np.sort(r.integers(1, 5, (B, T)), axis=1)          # packed rows, a zero-padded tail
-    seg[:, T - 20:] = 0
-    return q, k, v, w, jnp.asarray(seg, jnp.int32)
-
-
-def value_and_grads(fn, q, k, v, w):
-    return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w), (0, 1, 2))(q, k, v)
+H100_TARGET = Path(__file__).resolve().parents[1] / "btx_jax" / "train" / "gpu_targets" / "h100_sxm.txtpb"
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
 def test_triton_interpret_matches_reference(dtype, tol):
-    q, k, v, w, seg = inputs(dtype=dtype)
-    ref = lambda q, k, v: causal_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                                           seg, "xla")
-    got = lambda q, k, v: triton_attention(q, k, v, seg, interpret=True)
-    out = got(q, k, v)
-    assert out.dtype == dtype
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref(q, k, v)), atol=tol, rtol=tol)
-    val, grads = value_and_grads(got, q, k, v, w)
-    ref_val, ref_grads = value_and_grads(ref, q, k, v, w)
-    np.testing.assert_allclose(val, ref_val, rtol=tol)
-    for g, r in zip(grads, ref_grads):
-        assert g.dtype == dtype
-        scale = float(jnp.max(jnp.abs(r)))
-        assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) <= tol * scale + tol
+    assert_matches_reference(lambda q, k, v, seg: triton_attention(q, k, v, seg, interpret=True), dtype, tol,
+                             N=4, K=2, segments=5)
 
 
 def test_triton_rejects_a_sequence_off_its_block():
-    q, k, v, _, seg = inputs()
+    q, k, v, _, seg = inputs(N=4, K=2, segments=5)
     with pytest.raises(ValueError, match="not a multiple of 64"):
         triton_attention(q[:, :100], k[:, :100], v[:, :100], seg[:, :100], interpret=True)
 
@@ -77,7 +54,7 @@ def test_specs_follow_the_mesh_rules():
 
 
 def test_triton_in_shard_map_over_the_mesh_rules():
-    q, k, v, w, seg = inputs(B=2, seed=1)
+    q, k, v, w, seg = inputs(B=2, N=4, K=2, seed=1, segments=5)
     mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(1, 1, 2, 2), mesh_lib.MESH_AXES)
 
     def sharded(q, k, v):

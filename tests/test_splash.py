@@ -16,36 +16,11 @@ from btx_jax.model.attention import causal_attention, resolve
 from btx_jax.model.splash import splash_attention
 from btx_jax.mesh import MESH_AXES
 
-T = 128          # one 128-row block: the interpreter is slow
-
-
-def inputs(B=1, N=2, K=1, H=32, dtype=jnp.float32, seed=0):
-    r = np.random.default_rng(seed)
-    q, k, v, w = (jnp.asarray(r.normal(size=(B, T, n, H)), dtype) for n in (N, K, K, N))
-    seg = np.sort(r.integers(1, 4, (B, T)), axis=1)          # packed rows, a zero-padded tail
-    seg[:, T - 20:] = 0
-    return q, k, v, w, jnp.asarray(seg, jnp.int32)
-
-
-def value_and_grads(fn, q, k, v, w):
-    return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w), (0, 1, 2))(q, k, v)
-
+from attention_parity import T, assert_matches_reference, inputs  # noqa: E402
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
 def test_splash_interpret_matches_reference(dtype, tol):
-    q, k, v, w, seg = inputs(dtype=dtype)
-    ref = lambda q, k, v: causal_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                                           seg, "xla")
-    got = lambda q, k, v: splash_attention(q, k, v, seg, interpret=True)
-    out = got(q, k, v)
-    assert out.dtype == dtype
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref(q, k, v)), atol=tol, rtol=tol)
-    val, grads = value_and_grads(got, q, k, v, w)
-    ref_val, ref_grads = value_and_grads(ref, q, k, v, w)
-    np.testing.assert_allclose(val, ref_val, rtol=tol)
-    for g, r in zip(grads, ref_grads):
-        scale = float(jnp.max(jnp.abs(r)))
-        assert float(jnp.max(jnp.abs(g.astype(jnp.float32) - r))) <= tol * scale + tol
+    assert_matches_reference(lambda q, k, v, seg: splash_attention(q, k, v, seg, interpret=True), dtype, tol)
 
 
 def test_splash_in_shard_map_over_the_mesh_batch():

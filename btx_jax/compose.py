@@ -29,6 +29,7 @@ The command line is scripts/compose.py (btx_jax/compose_cli.py).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -130,6 +131,18 @@ def _checking_base(src: ModelSource, experts: list, labels: list[str]) -> ModelS
     return dataclasses.replace(src, fill=fill)
 
 
+def warn_repeated(experts: Sequence) -> None:
+    """A warning line for each expert given twice (the same directory, or the same object): a mixture of copies."""
+    first = {}
+    for i, e in enumerate(experts):
+        key = btx.resolve(e) if isinstance(e, (str, Path)) else id(e)
+        if key in first:
+            logging.getLogger("btx_jax").warning(
+                f"warning: expert {i} ({e}) is the same as expert {first[key]}: the mixture holds two identical "
+                "experts")
+        first.setdefault(key, i)
+
+
 def compose(base, experts: Sequence, *, mode: str = "lora", top_k: int = 2, seed_expert: bool = False,
             router_init: str = "normal", router_std: float = 0.02, router_layers: Sequence[int] | None = None,
             router_jitter: float = 0.0, seed: int = 0, dtype=None, allow_pickle: bool = False,
@@ -146,6 +159,7 @@ def compose(base, experts: Sequence, *, mode: str = "lora", top_k: int = 2, seed
     `mesh`: shard the MoE over it as it is built, leaf by leaf (default: one device)."""
     if mode not in MODES:
         raise ConfigError(f"compose mode {mode!r} is not one of {', '.join(MODES)}")
+    warn_repeated(experts)
     if mode == "ffn":
         if router_layers is not None:
             raise ConfigError("router_layers applies to the LoRA-MoE only; an FFN-MoE routes every layer")

@@ -21,8 +21,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)   # orbax logs every file at INFO
+    from btx_jax.checkpoint.tensor_files import check_destination
     from btx_jax.train.trainer import train
-    run_cli(lambda: train(_CONFIG.value, _WORKDIR.value))
+
+    def run():
+        check_destination(_WORKDIR.value, overwrite=None, what=f"--workdir {_WORKDIR.value}")   # before any work
+        return train(_CONFIG.value, _WORKDIR.value)
+
+    run_cli(run)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ unless `allow_pickle=True`.  Directories are written atomically: into a temporar
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -191,19 +194,71 @@ def write_tensors(directory: Path, tensors: Iterator[tuple[str, np.ndarray]], pr
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+def check_destination(dst: str | Path, *, overwrite: bool | None = False, sources=(), what: str | None = None) -> Path:
+    """`dst` if a directory can be written there, else CheckpointError (one line, naming `what` or `dst`):
+    checked before any work.  Refused: a symlink, a file, a path below a file, an existing `dst` when
+    `overwrite` is False (None: an existing directory is used as it is: a workdir, a report folder), and a `dst`
+    that is one of `sources`, lies inside one or contains one (replacing it would delete the source)."""
+    dst = Path(dst)
+    label = what or str(dst)
+    if dst.is_symlink():
+        raise CheckpointError(f"{label}: is a symlink (to {os.readlink(dst)}); name a real directory")
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{label}: is a file, not a directory")
+    parent = dst.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"{label}: cannot be created: {parent} is a file")
+    if dst.exists() and overwrite is False:
+        raise CheckpointError(f"{label}: destination already exists (pass --overwrite to replace it)")
+    target = dst.resolve()
+    for src in sources:
+        source = Path(src).resolve()
+        relation = ("is the source" if target == source else "is inside the source" if source in target.parents
+                    else "contains the source" if target in source.parents else None)
+        if relation:
+            raise CheckpointError(f"{label}: {relation} {src}; write elsewhere")
+    return dst
+
+
+TMP_PREFIX = ".{name}.tmp-"     # + PID-TOKEN-HOST: a temporary directory's owner, so stale ones can be removed
+
+
+def _remove_stale(dst: Path) -> None:
+    """Remove the temporary directories beside `dst` left by writers on this host that died (SIGKILL, a crash)."""
+    host = socket.gethostname()
+    pattern = re.compile(re.escape(TMP_PREFIX.format(name=dst.name)) + r"(\d+)-[0-9a-f]{8}-(.+)")
+    for tmp in dst.parent.glob(TMP_PREFIX.format(name=glob.escape(dst.name)) + "*"):
+        m = pattern.fullmatch(tmp.name)
+        if m and m.group(2) == host and not _alive(int(m.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | Path, overwrite: bool = False, nbytes: int | None = None) -> Iterator[Path]:
-    """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error it is removed.
-    Out-of-space / permission errors become a one-line DiskError naming `dst` (and `nbytes`, the expected
-    size, when given: it is also checked against the free space before anything is written)."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: destination already exists")
+    """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error (or an interruption) it is
+    removed, and those left by writers that were killed are removed by the next one.  `dst` must pass
+    `check_destination`.  Out-of-space / permission errors become a one-line DiskError naming `dst` (and `nbytes`,
+    the expected size, when given: it is also checked against the free space before anything is written)."""
+    dst = check_destination(dst, overwrite=overwrite)
     with disk.writing(dst, nbytes):
         dst.parent.mkdir(parents=True, exist_ok=True)
         if nbytes:
             disk.require(dst.parent, nbytes)
-        tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+        _remove_stale(dst)
+        tmp = dst.parent / (TMP_PREFIX.format(name=dst.name) + f"{os.getpid()}-{secrets.token_hex(4)}-"
+                                                               f"{socket.gethostname()}")
         tmp.mkdir()                  # the mode the umask gives (mkdtemp's 0700 would lock others out of dst)
     try:
         with disk.writing(dst, nbytes):

@@ -2,7 +2,9 @@
 
 Tensors are read lazily one at a time (`safe_open`, memory-mapped), so a converter never holds two full
 copies of a model.  Pickle checkpoints (`pytorch_model*.bin`) can run code when loaded: they are refused
-unless `allow_pickle=True`.  Directories are written atomically: into a temporary sibling, then renamed.
+unless `allow_pickle=True`; an index.json naming shards outside its directory is refused unless
+BTX_ALLOW_EXTERNAL_FILES=1.  Directories are written atomically: into a temporary sibling, then renamed
+(`check_destination` says where they may be).
 """
 from __future__ import annotations
 
@@ -30,6 +32,26 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or written; the message names the file or tensor."""
 
 
+ALLOW_EXTERNAL = "BTX_ALLOW_EXTERNAL_FILES"     # =1: read index.json shards outside their directory and
+#                                                 frozen_from references without a digest (trusted sources only)
+
+
+def external_allowed() -> bool:
+    return os.environ.get(ALLOW_EXTERNAL, "") not in ("", "0")
+
+
+def _shard_file(directory: Path, index: Path, name, file) -> Path:
+    """The shard file an index.json `weight_map` entry names: a relative path that stays inside `directory`
+    (checked lexically: symlinks inside it, as in the Hugging Face cache, are fine)."""
+    if not isinstance(name, str) or not isinstance(file, str) or not file:
+        raise CheckpointError(f"{index}: weight_map entry {name!r}: {file!r} is not a file name")
+    path = Path(os.path.normpath(directory / file))
+    if not external_allowed() and (Path(file).is_absolute() or Path(os.path.normpath(directory)) not in path.parents):
+        raise CheckpointError(f"{index}: weight_map entry {name!r} names {file!r}, outside {directory} "
+                              f"(set {ALLOW_EXTERNAL}=1 to read it anyway)")
+    return path
+
+
 def read_json(path: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
@@ -53,7 +75,7 @@ class TensorReader:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no 'weight_map'")
-            files = {name: self.directory / f for name, f in weight_map.items()}
+            files = {name: _shard_file(self.directory, index, name, f) for name, f in weight_map.items()}
         elif single.is_file():
             files = None
             self._index_file(single)

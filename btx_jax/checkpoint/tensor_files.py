@@ -218,12 +218,12 @@ def write_tensors(directory: Path, tensors: Iterator[tuple[str, np.ndarray]], pr
 
 def check_destination(dst: str | Path, *, overwrite: bool | None = False, sources=(), what: str | None = None) -> Path:
     """`dst` if a directory can be written there, else CheckpointError (one line, naming `what` or `dst`):
-    checked before any work.  Refused: a symlink, a file, a path below a file, an existing `dst` when
-    `overwrite` is False (None: an existing directory is used as it is: a workdir, a report folder), and a `dst`
-    that is one of `sources`, lies inside one or contains one (replacing it would delete the source)."""
+    checked before any work.  Refused: a file, a path below a file, an existing `dst` when `overwrite` is False,
+    a symlink unless `overwrite` is None (an existing directory used as it is: a workdir, a report folder), and a
+    `dst` that is one of `sources`, lies inside one or contains one (replacing it would delete the source)."""
     dst = Path(dst)
     label = what or str(dst)
-    if dst.is_symlink():
+    if dst.is_symlink() and overwrite is not None:       # replacing it would replace the link, not its target
         raise CheckpointError(f"{label}: is a symlink (to {os.readlink(dst)}); name a real directory")
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{label}: is a file, not a directory")

@@ -136,6 +136,7 @@ def prepare(cfg: Any, tokenizer, *, held_out: bool = True, progress: bool = True
     (source, {"streaming": True}) for a streaming training source, which has no store."""
     cfg = parse_config(cfg)
     sources = list(cfg["sources"])
+    normalize_ratios([s.name for s in sources], [s.ratio for s in sources])  # fail before tokenising
     if held_out:
         sources += [s.held_out() for s in cfg["sources"] if s.eval_path]
     out = []

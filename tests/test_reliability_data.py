@@ -24,6 +24,7 @@ import pytest
 from btx_jax.config import ConfigError
 from btx_jax.data import BUNDLED_TOKENIZER, DataError, bundled_source, load_tokenizer, make_pipeline, prepare
 from btx_jax.data import store as store_lib
+from btx_jax.data.interrupt import interruptible_build
 from btx_jax.data.sources import Source
 from btx_jax.disk import DiskError
 from btx_jax.train import checkpoints
@@ -97,49 +98,76 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 # ---- killed and interrupted builds -----------------------------------------------------------------------------
 
+def interrupt(proc: subprocess.Popen, cache: Path, signum: int, after_shards: int) -> str:
+    """Send `signum` to `proc` once `after_shards` shards are finished; its stderr after it ended."""
+    wait_for(lambda: finished_shards(cache) >= after_shards or proc.poll() is not None, 120, "finished shards")
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signum)
+    return proc.communicate(timeout=60)[1]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
-def test_sigkilled_build_leaves_no_workers_and_the_rerun_finishes_identical(tmp_path):
+def test_killed_builds_leave_no_workers_and_the_rerun_finishes_identical(tmp_path):
     corpus, cache = big_corpus(tmp_path), tmp_path / "cache"
     config = data_config(tmp_path, {"sources": [{"path": str(corpus)}], "cache_dir": str(cache), "shard_mb": 0.5})
-    killed = run_prepare(config, "--num_proc=2")
-    wait_for(lambda: finished_shards(cache) >= 2 or killed.poll() is not None, 120, "two finished shards")
-    assert killed.poll() is None, killed.communicate()
+
+    stopped = run_prepare(config, "--num_proc=2")
+    err = interrupt(stopped, cache, signal.SIGTERM, 1)
+    assert stopped.returncode == 143 and "Traceback" not in err
+    (store,) = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith("corpus-")]
+    kept, n = finished_shards(cache), len(json.loads((store / "store.json").read_text())["shards"])
+    assert [line for line in err.splitlines() if line.startswith("interrupted")] == [
+        f"interrupted by SIGTERM during the data store build: kept {kept} of {n} shards of {store}; rerun the same "
+        "command to resume"]
+    wait_for(lambda: not session_processes(stopped.pid), 10, "the tokenising processes to end")
+    assert Path(f"{store}.lock").read_text() == ""  # released: no holder named
+
+    killed = run_prepare(config, "--num_proc=2")  # resumes, then SIGKILL (as the out-of-memory killer sends)
+    wait_for(lambda: finished_shards(cache) > kept or killed.poll() is not None, 120, "another finished shard")
     assert len(session_processes(killed.pid)) >= 3  # the script and its two tokenising processes
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.communicate()
+    interrupt(killed, cache, signal.SIGKILL, kept + 1)
     assert killed.returncode == -signal.SIGKILL
     wait_for(lambda: not session_processes(killed.pid), 10, "the tokenising processes to die with their parent")
-    (store,) = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith("corpus-")]
-    assert not (store / "meta.json").exists()
+    assert not (store / "meta.json").exists() and Path(f"{store}.lock").read_text().startswith(f"pid {killed.pid} ")
 
     start = time.monotonic()
     rerun = run_prepare(config, "--num_proc=2")
     out, err = rerun.communicate(timeout=60)
     assert rerun.returncode == 0, err
     assert time.monotonic() - start < 60
-    assert "Traceback" not in err and "os.fork()" not in err and "waiting for" not in err
+    assert "Traceback" not in err and "os.fork()" not in err
+    assert f"[btx] warning: {store}.lock was left by pid {killed.pid} on host" in err
     assert f"-> {store}" in out
     assert_same_store(store, clean_build(corpus, tmp_path / "clean", shard_mb=0.5))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_during_build_is_one_line_and_its_exit_code(tmp_path, signum):
+def test_ctrl_c_during_a_build_is_one_line_and_130(capsys):
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        with interruptible_build():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)
+    assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is before
+    assert capsys.readouterr().err == ("interrupted by SIGINT during the data store build: no store shard was "
+                                       "finished; rerun the same command to resume\n")
+
+
+def test_sigterm_while_the_trainer_builds_its_store(tmp_path):
     corpus, cache = big_corpus(tmp_path), tmp_path / "cache"
-    config = data_config(tmp_path, {"sources": [{"path": str(corpus)}], "cache_dir": str(cache), "shard_mb": 0.5})
-    proc = run_prepare(config, "--num_proc=2")
-    wait_for(lambda: finished_shards(cache) >= 1 or proc.poll() is not None, 120, "a finished shard")
-    os.kill(proc.pid, signum)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signum
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("interrupted")]
+    config = tmp_path / "train_config.py"
+    config.write_text("from configs import pretrain\n\ndef get_config():\n    c = pretrain.get_config('tiny')\n"
+                      f"    c.data.sources = [dict(path={str(corpus)!r})]\n"
+                      f"    c.data.update(cache_dir={str(cache)!r}, shard_mb=0.5, num_proc=1)\n"
+                      "    c.train.update(steps=2, seq_len=32, global_batch_size=8)\n"
+                      "    c.model.arch.num_layers = 1\n    return c\n")
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts/train.py"), f"--config={config}",
+                             f"--workdir={tmp_path / 'run'}"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    err = interrupt(proc, cache, signal.SIGTERM, 1)
+    assert proc.returncode == 143 and "Traceback" not in err
     (store,) = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith("corpus-")]
-    kept = finished_shards(cache)
-    n = len(json.loads((store / "store.json").read_text())["shards"])
-    assert lines == [f"interrupted by {signal.Signals(signum).name} during the data store build: kept {kept} of {n} "
-                     f"shards of {store}; rerun the same command to resume"]
-    wait_for(lambda: not session_processes(proc.pid), 10, "the tokenising processes to end")
-    assert (store.parent / f"{store.name}.lock").read_text() == ""  # released, no holder left behind
+    (line,) = [line for line in err.splitlines() if line.startswith("interrupted")]
+    assert line.startswith("interrupted by SIGTERM during the data store build: kept ") and f"shards of {store}" in line
 
 
 # ---- the store lock ---------------------------------------------------------------------------------------------
@@ -302,7 +330,7 @@ def test_sft_record_without_a_field_is_refused_or_skipped(tmp_path):
 
 def test_sft_refusal_through_the_cli_and_in_a_worker(tmp_path):
     rows = [{"instruction": "q " * 400, "output": "a " * 400} for _ in range(3000)]  # > 4 MB: a pool of 2
-    rows[1200]["instruction"] = None
+    rows[1200]["instruction"] = None  # in the second batch of 1000 records
     corpus = write_jsonl(tmp_path / "sft.jsonl", rows)
     config = data_config(tmp_path, {"kind": "sft", "sources": [{"path": str(corpus)}],
                                     "cache_dir": str(tmp_path / "cache")})

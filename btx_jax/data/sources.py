@@ -243,10 +243,10 @@ def _first_bad_json_line(path: Path) -> str | None:
 WRITER_BATCH_ROWS = 100_000
 
 
-def load_records(source: Source, cache_dir: str | None = None, num_proc: int | None = None, *,
-                 streaming: bool = False):
+def load_records(source: Source, cache_dir: str | None = None, *, streaming: bool = False):
     """The source's rows as a memory-mapped `datasets.Dataset` (Arrow files under `cache_dir`, else
-    the datasets cache; local files are checked to be UTF-8 text first), or with `streaming` as a
+    the datasets cache; local files are checked to be UTF-8 text first; read in this process: datasets' `num_proc`
+    forks, which is unsafe once JAX has started its threads), or with `streaming` as a
     `datasets.IterableDataset` that reads the files (or the hub) as it is iterated (a bad file is then found
     when it is read: `read_error`)."""
     import datasets
@@ -262,8 +262,7 @@ def load_records(source: Source, cache_dir: str | None = None, num_proc: int | N
             _check_utf8(source, f)
     kwargs = {"sample_by": source.sample_by} if builder == "text" else {}
     if not streaming:
-        kwargs.update(cache_dir=cache_dir, num_proc=num_proc if num_proc and len(files) > 1 else None,
-                      writer_batch_size=WRITER_BATCH_ROWS)
+        kwargs.update(cache_dir=cache_dir, writer_batch_size=WRITER_BATCH_ROWS)
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming,
                                    **kwargs)

@@ -305,7 +305,7 @@ def test_dropped_records_are_counted_per_reason_printed_and_kept_in_meta(tmp_pat
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     reasons = "longer than max_chars=100: 1, null text: 2, shorter than min_chars=1: 1"
-    assert f"[btx] docs: dropped 4 of 20 records ({reasons})" in out.stderr.splitlines()
+    assert f"[btx] docs: 20 records read, dropped 4 records ({reasons})" in out.stderr.splitlines()
     (line,) = out.stdout.splitlines()
     assert line.startswith(f"{corpus}: 16 documents, ") and f", dropped 4 records ({reasons}) -> " in line
     meta = json.loads((Path(line.split(" -> ")[1]) / "meta.json").read_text())

@@ -52,7 +52,7 @@ from btx_jax.data.loader import BatchBuilder, Pipeline
 from btx_jax.data.mixture import normalize_ratios
 from btx_jax.data.packing import FIELDS, PackedExamples, PackedStream, empty_rows
 from btx_jax.data.sources import Source
-from btx_jax.data.store import encoding_options, open_store
+from btx_jax.data.store import dropped_records, encoding_options, open_store
 from btx_jax.data.streaming import StreamingPipeline, StreamingRows
 from btx_jax.data.tokenizer import load_tokenizer
 
@@ -166,8 +166,7 @@ def prepare_config(data_cfg: Any, *, num_proc: int | None = None) -> None:
             print(f"{path}: streaming source, skipped (no store: it is read and tokenised while training)")
             continue
         rate = f", {info['tokens'] / info['seconds']:,.0f} tokens/s" if info["seconds"] else ""
-        dropped = ", ".join(f"{reason}: {n:,}" for reason, n in sorted(info["dropped"].items()))
-        dropped = f", dropped {sum(info['dropped'].values()):,} records ({dropped})" if dropped else ""
+        dropped = f", {dropped_records(info['dropped'])}" if info["dropped"] else ""
         print(f"{path}: {info['documents']:,} documents, {info['tokens']:,} tokens{rate}{dropped} -> {info['store']}")
 
 

@@ -39,6 +39,7 @@ formats them into document texts, one batch of records at a time.
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import dataclasses
 import glob
@@ -360,7 +361,7 @@ def document_texts(source: Source, batch: dict[str, list]) -> tuple[list[str], d
         texts = [source.template.format(**{f: batch[f][i] for f in fields}) for i in range(n)]
     else:
         texts = batch[source.text_field]
-    kept, dropped = [], {}
+    kept, dropped = [], collections.Counter()
     for t in texts:
         reason = ("null text" if t is None else f"shorter than min_chars={source.min_chars}"
                   if len(t) < source.min_chars else f"longer than max_chars={source.max_chars}"
@@ -368,7 +369,7 @@ def document_texts(source: Source, batch: dict[str, list]) -> tuple[list[str], d
         if reason is None:
             kept.append(t)
         else:
-            dropped[reason] = dropped.get(reason, 0) + 1
+            dropped[reason] += 1
     return kept, dropped
 
 

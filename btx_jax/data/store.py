@@ -2,32 +2,38 @@
 
 A store is one folder per (source, formatting options) under `cache_dir` (default `$BTX_DATA_CACHE`, else
 `~/.cache/btx_jax/data`), named `{source name}-{fingerprint}`. The fingerprint covers the source's files
-(path, size, mtime) or hub name/subset/split/revision, every formatting option, the tokenizer's content
-digest (another tokenizer gets its own store) and the store layout version. Every later run and every phase
-reuses it.
+(path, size and a blake2b digest of the bytes: `sources.file_digest`) or hub name/subset/split/revision, every
+formatting option, the tokenizer's content digest (another tokenizer gets its own store) and the store layout
+version. Every later run and every phase reuses it.
 
 Layout (all little-endian, flat; tokens and mask read with positional reads, `TokenFile`):
   store.json        fingerprint, tokenizer digest, shard plan; written first
-  shards/NNNNN.json one completion marker per finished shard (records in, documents and tokens out)
+  shards/NNNNN.json one completion marker per finished shard (records in, documents and tokens out, records
+                    dropped per reason)
   tokens.bin        every document's token ids back to back (uint16 when the vocabulary fits, else int32)
   lengths.bin       int32 tokens per document
   mask.bin          uint8 per token, 1 where the loss counts (SFT only)
-  meta.json         totals; written last: a store without it is incomplete
+  first.bin         int32 per document, its first response token (SFT only)
+  meta.json         totals, records dropped per reason, each flat file's size and checksums (blake2b of the
+                    whole file and of _SAMPLES sampled blocks; `check_store`); written last: a store without it
+                    is incomplete
 
 Building: records are read with `datasets` (Arrow, memory-mapped), cut into contiguous shards of about
-`shard_mb` MB, and each shard is tokenised by `Dataset.map(batched=True, num_proc=N)` (every core by
-default) into Arrow files, then appended to the flat files and marked done. A killed build resumes at the
-first unfinished shard (datasets also reuses the finished per-process pieces of that shard); the flat files
+`shard_mb` MB, and each shard is tokenised in batches of _MAP_BATCH records by a `TokenizingPool` (processes
+started with "spawn", which die with their parent; every core by default, none for a small corpus), appended in
+order to the flat files and marked done. A killed build resumes at the first unfinished shard; the flat files
 are cut back to the finished shards first, so the result is byte-identical to an uninterrupted build.
-Memory stays bounded by the map batch (1,000 records) per process, whatever the corpus size.
+Memory stays bounded by the batches in flight, whatever the corpus size.
 
 Several processes or hosts share a store through a shared filesystem path as `cache_dir` (NFS, Lustre, a
-gcsfuse-mounted bucket): the build holds an exclusive lock on `{store}.lock`, so one process builds and the
-others wait, then read. Preparing ahead with `scripts/prepare_data.py` avoids the wait at training time.
+gcsfuse-mounted bucket): the build holds an exclusive record lock on `{store}.lock` (`_locked`), so one process
+builds and the others wait, then read. Preparing ahead with `scripts/prepare_data.py` avoids the wait at
+training time.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -146,14 +152,14 @@ class Encoder:
         tok, opt = self.tokenizer, self.options
         if opt["kind"] == "sft":
             n = len(next(iter(batch.values())))
-            records, dropped = [], {}
+            records, dropped = [], collections.Counter()
             for i in range(n):
                 record = {k: v[i] for k, v in batch.items()}
                 field = missing_field(self.source, record)
                 if field is None:
                     records.append(record)
                 elif opt["skip_bad_records"]:
-                    dropped[f"no {field}"] = dropped.get(f"no {field}", 0) + 1
+                    dropped[f"no {field}"] += 1
                 else:
                     raise DataError(f"source {self.source.name!r}: {record_location(self.source, first_row + i)}: "
                                     f"the record has no {field!r} (set data.skip_bad_records=True to skip such "
@@ -377,10 +383,7 @@ def build_store(source: Source, tokenizer, options: dict, path: Path, *, num_pro
     finally:
         bar.close()
     documents = sum(d["documents"] for d in done)
-    dropped: dict[str, int] = {}
-    for d in done:
-        for reason, n in d["dropped"].items():
-            dropped[reason] = dropped.get(reason, 0) + n
+    dropped = sum((collections.Counter(d["dropped"]) for d in done), collections.Counter())
     sizes = _flat_sizes(sum(d["tokens"] for d in done), documents, sft=sft, dtype=plan["dtype"])
     meta = {
         "tokenizer": plan["tokenizer"],
@@ -388,18 +391,23 @@ def build_store(source: Source, tokenizer, options: dict, path: Path, *, num_pro
         "documents": documents,
         "tokens": sum(d["tokens"] for d in done),
         "filtered": sum(d["records"] for d in done) - documents,
-        "dropped_records": dropped,
+        "dropped_records": dict(dropped),
         "seconds": sum(d["seconds"] for d in done),
         "checksums": {name: {"size": size, "sampled": _checksum(path / name, False),
                              "full": _checksum(path / name, True)} for name, size in sizes.items()},
     }
     _write_json(path / "meta.json", meta)
     if dropped:
-        reasons = ", ".join(f"{reason}: {n:,}" for reason, n in sorted(dropped.items()))
-        print(f"[btx] {source.name}: dropped {sum(dropped.values()):,} of {meta['filtered'] + documents:,} records "
-              f"({reasons})", file=sys.stderr, flush=True)
+        print(f"[btx] {source.name}: {meta['filtered'] + documents:,} records read, {dropped_records(dropped)}",
+              file=sys.stderr, flush=True)
     if arrow_cache is not None:
         shutil.rmtree(arrow_cache, ignore_errors=True)
+
+
+def dropped_records(dropped: dict[str, int]) -> str:
+    """'dropped N records (reason: n, ...)': a store's `dropped_records` in words."""
+    reasons = ", ".join(f"{reason}: {n:,}" for reason, n in sorted(dropped.items()))
+    return f"dropped {sum(dropped.values()):,} records ({reasons})"
 
 
 def _finished_shards(path: Path, n: int) -> list[dict]:
@@ -421,7 +429,8 @@ def _truncate(path: Path, done: list[dict], *, sft: bool, dtype: str) -> None:
 
 
 def _encode_rows(records, encoder: Encoder, dtype: str, lo: int, hi: int) -> tuple:
-    """Records lo..hi-1 as flat arrays: (tokens, lengths, response mask, first response | None, None), dropped."""
+    """Records lo..hi-1 as flat arrays, (tokens, lengths, response mask | None, first response | None), and the
+    records dropped per reason."""
     encoded, dropped = encoder(records[lo:hi], first_row=lo)
     ids = encoded["input_ids"]
     lengths = np.array([len(x) for x in ids], np.int32)
@@ -498,7 +507,7 @@ def _tokenize_shard(pool: TokenizingPool, lo: int, hi: int, path: Path, index: i
     """Encode records lo..hi-1 (shard `index`) and append them to the flat files; its completion marker."""
     start = time.perf_counter()
     n_docs = n_tokens = 0
-    dropped: dict[str, int] = {}
+    dropped = collections.Counter()
     names = ("tokens.bin", "lengths.bin", "mask.bin", "first.bin")[: 4 if sft else 2]
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(path / name, "ab")) for name in names]
@@ -507,6 +516,5 @@ def _tokenize_shard(pool: TokenizingPool, lo: int, hi: int, path: Path, index: i
                 f.write(array.tobytes())
             n_docs += len(arrays[1])
             n_tokens += len(arrays[0])
-            for reason, n in batch_dropped.items():
-                dropped[reason] = dropped.get(reason, 0) + n
-    return {"documents": n_docs, "tokens": n_tokens, "dropped": dropped, "seconds": time.perf_counter() - start}
+            dropped.update(batch_dropped)
+    return {"documents": n_docs, "tokens": n_tokens, "dropped": dict(dropped), "seconds": time.perf_counter() - start}

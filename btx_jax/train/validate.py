@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 
 import jax
@@ -77,10 +78,10 @@ DATA = {
     "add_bos": _bool(), "add_eos": _bool(), "segment_ids": _bool(), "shuffle": _bool(),
     "overlong": ("choice", ("truncate", "drop"), "one of truncate, drop"),
     "chat_template": ("choice", ("auto", "default"), "one of auto, default"),
-    "cache_dir": _or_none(("str", None, "a directory path")),
+    "cache_dir": _or_none(("path", None, "a directory path")),
     "num_proc": _or_none(_int(1)), "shard_mb": _or_none(_float(lambda v: v > 0, "a number of MB > 0")),
     "workers": _int(0), "read_ahead": _int(0),
-    "tokenizer": _or_none(("str", None, "a tokenizer path")),
+    "tokenizer": _or_none(("path", None, "a tokenizer path")),
     "verify": ("choice", ("sampled", "full"), "one of sampled, full"),
     "skip_bad_records": _bool(), "allow_changed_data": _bool(),
 }
@@ -109,11 +110,11 @@ def _check_keys(cfg: dict) -> None:
 
 
 def _check_values(section: str, values: dict, rules: dict) -> None:
-    """ConfigError for the first of `values` that its rule does not allow (keys without a rule are not checked)."""
-    for key, v in values.items():
-        if key not in rules:
+    """ConfigError for the first value (in the order of `rules`) that its rule does not allow."""
+    for key, (kind, check, allowed) in rules.items():
+        if key not in values:
             continue
-        kind, check, allowed = rules[key]
+        v = values[key]
         if kind.startswith("optional "):
             if v is None:
                 continue
@@ -123,8 +124,8 @@ def _check_values(section: str, values: dict, rules: dict) -> None:
             bad = v not in check
         elif kind == "bool":
             bad = not isinstance(v, bool)
-        elif kind == "str":
-            bad = not isinstance(v, str) or not v
+        elif kind == "path":
+            bad = not isinstance(v, (str, os.PathLike)) or not str(v)
         elif kind == "list":
             bad = not isinstance(v, (list, tuple)) or not check(v)
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and v != int(v)):

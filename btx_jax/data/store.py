@@ -67,6 +67,7 @@ DEFAULT_SHARD_MB = 64
 _MAP_BATCH = 1000
 _BYTES_PER_PROC = 4 << 20
 _SAMPLES, _SAMPLE_BYTES = 64, 64 << 10  # a sampled checksum reads 4 MiB of a file
+_REMAP_READS = 64  # batches of _MAP_BATCH records read through one memory map of the records (RecordReader)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -428,10 +429,36 @@ def _truncate(path: Path, done: list[dict], *, sft: bool, dtype: str) -> None:
             f.truncate(size)
 
 
-def _encode_rows(records, encoder: Encoder, dtype: str, lo: int, hi: int) -> tuple:
+class RecordReader:
+    """Row ranges of a source's records (a memory-mapped `datasets.Dataset`), mapped afresh every _REMAP_READS
+    reads: the pages read through a map count in the process's RSS until it is closed, so a reader of the whole
+    corpus would grow with it. Pickles as the Dataset's own pickle (dill; its Arrow file paths, not its rows)."""
+
+    def __init__(self, records):
+        import dill
+
+        self._pickled, self._records, self._reads = dill.dumps(records), records, 0
+
+    def __getstate__(self) -> dict:
+        return {"_pickled": self._pickled}
+
+    def __setstate__(self, state: dict) -> None:
+        self._pickled, self._records, self._reads = state["_pickled"], None, 0
+
+    def read(self, lo: int, hi: int) -> dict[str, list]:
+        if self._records is None or self._reads == _REMAP_READS:
+            import dill
+
+            self._records = None  # the old map is closed before the new one opens
+            self._records, self._reads = dill.loads(self._pickled), 0
+        self._reads += 1
+        return self._records[lo:hi]
+
+
+def _encode_rows(records: RecordReader, encoder: Encoder, dtype: str, lo: int, hi: int) -> tuple:
     """Records lo..hi-1 as flat arrays, (tokens, lengths, response mask | None, first response | None), and the
     records dropped per reason."""
-    encoded, dropped = encoder(records[lo:hi], first_row=lo)
+    encoded, dropped = encoder(records.read(lo, hi), first_row=lo)
     ids = encoded["input_ids"]
     lengths = np.array([len(x) for x in ids], np.int32)
     flat = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(lengths.sum()))
@@ -441,7 +468,7 @@ def _encode_rows(records, encoder: Encoder, dtype: str, lo: int, hi: int) -> tup
     return (flat, lengths, mask, np.array(encoded["first_response"], np.int32)), dropped
 
 
-_WORK: tuple = ()  # a tokenising process's (records, encoder, dtype), set by _start_worker
+_WORK: tuple = ()  # a tokenising process's (RecordReader, encoder, dtype), set by _start_worker
 
 
 def _start_worker(parent: int, work: bytes) -> None:
@@ -477,7 +504,7 @@ class TokenizingPool:
     with the "spawn" method (safe after JAX started its threads, unlike fork) that die with this process."""
 
     def __init__(self, records, encoder: Encoder, dtype: str, procs: int):
-        self.work, self.procs, self._executor = (records, encoder, dtype), procs, None
+        self.work, self.procs, self._executor = (RecordReader(records), encoder, dtype), procs, None
 
     def __enter__(self) -> "TokenizingPool":
         if self.procs > 1:

@@ -29,6 +29,7 @@ from btx_jax import disk, param_paths
 from btx_jax.checkpoint import btx
 from btx_jax.config import ConfigError, LlamaConfig
 from btx_jax.data import load_tokenizer, make_pipeline
+from btx_jax.data.interrupt import interruptible_build
 from btx_jax.data.packing import FIELDS
 from btx_jax.data.synthetic import SyntheticPipeline
 from btx_jax.errors import UserError
@@ -195,7 +196,8 @@ def train(config, workdir: str | Path) -> dict:
     phase = wire(cfg)
     mesh, built = phase.mesh, phase.built
     batch_sharding = built.batch_sharding
-    data = make_data(cfg, phase.source.config.vocab_size)
+    with interruptible_build():          # SIGTERM / Ctrl-C while a store is built: one line, exit 143 / 130
+        data = make_data(cfg, phase.source.config.vocab_size)
     # compiled before any weight is read: the compiler's working memory is freed before the state exists
     step_fn = compile_step(built.step_fn, built.abstract_state, abstract_batch(built, t), jax.process_index() == 0)
     ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])

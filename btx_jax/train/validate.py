@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 
 import jax
@@ -61,6 +62,31 @@ TRAIN = {
 }
 
 
+def _bool():
+    return ("bool", None, "True or False")
+
+
+def _or_none(rule: tuple) -> tuple:
+    kind, check, allowed = rule
+    return ("optional " + kind, check, allowed + " or None")
+
+
+# data.<key> (every key optional; the defaults are btx_jax/data/pipeline.py's): (kind, check, allowed range)
+DATA = {
+    "kind": ("choice", ("pretrain", "sft", "synthetic"), "one of pretrain, sft, synthetic"),
+    "sources": ("list", lambda v: len(v) > 0, "a non-empty list of source dicts"),
+    "add_bos": _bool(), "add_eos": _bool(), "segment_ids": _bool(), "shuffle": _bool(),
+    "overlong": ("choice", ("truncate", "drop"), "one of truncate, drop"),
+    "chat_template": ("choice", ("auto", "default"), "one of auto, default"),
+    "cache_dir": _or_none(("path", None, "a directory path")),
+    "num_proc": _or_none(_int(1)), "shard_mb": _or_none(_float(lambda v: v > 0, "a number of MB > 0")),
+    "workers": _int(0), "read_ahead": _int(0),
+    "tokenizer": _or_none(("path", None, "a tokenizer path")),
+    "verify": ("choice", ("sampled", "full"), "one of sampled, full"),
+    "skip_bad_records": _bool(), "allow_changed_data": _bool(),
+}
+
+
 def unknown_key(key: str, known) -> ConfigError:
     """ConfigError for an unknown config key, with the closest known key as a suggestion."""
     *parent, leaf = key.split(".")
@@ -83,20 +109,40 @@ def _check_keys(cfg: dict) -> None:
             raise ConfigError(f"config key 'train.{key}' is missing (it must be {TRAIN[key][2]})")
 
 
-def _check_train_values(t: dict) -> None:
-    for key, (kind, check, allowed) in TRAIN.items():
-        v = t[key]
+def _check_values(section: str, values: dict, rules: dict) -> None:
+    """ConfigError for the first value (in the order of `rules`) that its rule does not allow."""
+    for key, (kind, check, allowed) in rules.items():
+        if key not in values:
+            continue
+        v = values[key]
+        if kind.startswith("optional "):
+            if v is None:
+                continue
+            kind = kind.removeprefix("optional ")
         bad = False
         if kind == "choice":
             bad = v not in check
         elif kind == "bool":
             bad = not isinstance(v, bool)
+        elif kind == "path":
+            bad = not isinstance(v, (str, os.PathLike)) or not str(v)
+        elif kind == "list":
+            bad = not isinstance(v, (list, tuple)) or not check(v)
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and v != int(v)):
             bad = True
         else:
             bad = not (math.isfinite(v) and check(v))
         if bad:
-            raise ConfigError(f"train.{key}={v!r}: must be {allowed}")
+            raise ConfigError(f"{section}.{key}={v!r}: must be {allowed}")
+
+
+def check_data(d: dict) -> None:
+    """ConfigError (one line) for an unknown `data` key or a value of the wrong type or range (the sources
+    themselves are checked by btx_jax/data when they are read)."""
+    for key in d:
+        if key not in DATA:
+            raise unknown_key(f"data.{key}", DATA)
+    _check_values("data", d, DATA)
 
 
 def validate(cfg: dict, num_devices: int) -> tuple:
@@ -106,7 +152,8 @@ def validate(cfg: dict, num_devices: int) -> tuple:
             raise ConfigError(f"config section {section!r} is missing")
     _check_keys(cfg)
     t = cfg["train"]
-    _check_train_values(t)
+    _check_values("train", t, TRAIN)
+    check_data(dict(cfg.get("data") or {}))
     wanted = int(cfg["mesh"].get("num_devices", 0))
     if wanted > num_devices:
         raise ConfigError(f"mesh.num_devices={wanted} but only {num_devices} devices are available")

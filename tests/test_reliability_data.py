@@ -25,7 +25,7 @@ from btx_jax.config import ConfigError
 from btx_jax.data import BUNDLED_TOKENIZER, DataError, bundled_source, load_tokenizer, make_pipeline, prepare
 from btx_jax.data import store as store_lib
 from btx_jax.data.interrupt import interruptible_build
-from btx_jax.data.sources import Source
+from btx_jax.data.sources import Source, load_records
 from btx_jax.disk import DiskError
 from btx_jax.train import checkpoints
 from btx_jax.train.validate import check_data
@@ -328,17 +328,18 @@ def test_sft_record_without_a_field_is_refused_or_skipped(tmp_path):
     assert info["documents"] == 9 and info["dropped"] == {"no output": 1}
 
 
-def test_sft_refusal_through_the_cli_and_in_a_worker(tmp_path):
-    rows = [{"instruction": "q " * 400, "output": "a " * 400} for _ in range(3000)]  # > 4 MB: a pool of 2
+def test_sft_refusal_from_a_tokenising_process(tmp_path):
+    rows = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(1500)]
     rows[1200]["instruction"] = None  # in the second batch of 1000 records
     corpus = write_jsonl(tmp_path / "sft.jsonl", rows)
-    config = data_config(tmp_path, {"kind": "sft", "sources": [{"path": str(corpus)}],
-                                    "cache_dir": str(tmp_path / "cache")})
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts/prepare_data.py"), f"--config={config}",
-                          "--num_proc=2"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.splitlines()[-1] == (f"error: source 'sft': {corpus} line 1201: the record has no "
-                                           "'instruction' (set data.skip_bad_records=True to skip such records)")
+    source = Source.from_dict({"path": str(corpus)})
+    records = load_records(source, cache_dir=str(tmp_path / "arrow"))
+    encoder = store_lib.Encoder(source, TOK, store_lib.sft_options(TOK, add_bos=True, chat_template="auto"))
+    with pytest.raises(DataError) as e:
+        with store_lib.TokenizingPool(records, encoder, "uint16", procs=2) as pool:
+            list(pool.encode(0, len(rows)))
+    assert str(e.value) == (f"source 'sft': {corpus} line 1201: the record has no 'instruction' (set "
+                            "data.skip_bad_records=True to skip such records)")
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -16,6 +16,8 @@ import logging
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,7 +43,7 @@ from btx_jax.train.metrics_log import MetricsLog
 from btx_jax.train.model_init import initial_source
 from btx_jax.train.optim import make_optimizer, schedule
 from btx_jax.train.step import init_state, make_train_step
-from btx_jax.train.validate import check_model, validate
+from btx_jax.train.validate import check_distributed, check_model, validate
 
 log = logging.getLogger("btx_jax.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)   # save a checkpoint, then exit 128 + signal (143 / 130)
@@ -56,16 +58,66 @@ def resolved(config) -> dict:
     return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
 
 
+class DistributedError(UserError, RuntimeError):
+    """The processes of a multi-host run could not connect; the message names the coordinator and process."""
+
+
 def maybe_initialize_distributed(cfg: dict) -> None:
+    """jax.distributed.initialize() when distributed.enabled: the keys left unset (coordinator_address '',
+    num_processes, process_id) are detected by JAX (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS; docs/hardware.md).
+    Stops with one line (exit 2 from the CLI) naming the coordinator and this process when the processes have
+    not all connected within distributed.initialization_timeout seconds, instead of JAX's abort."""
     d = cfg.get("distributed") or {}
     if not d.get("enabled"):
         return
+    check_distributed(d)
     if d.get("cpu_collectives"):
         jax.config.update("jax_cpu_collectives_implementation", d["cpu_collectives"])
-    kwargs = {k: d[k] for k in ("coordinator_address", "num_processes", "process_id") if d.get(k) is not None}
+    kwargs = {k: d[k] for k in ("num_processes", "process_id") if d.get(k) is not None}
+    if d.get("coordinator_address"):
+        kwargs["coordinator_address"] = d["coordinator_address"]
     if d.get("local_device_ids") is not None:
         kwargs["local_device_ids"] = list(d["local_device_ids"])
-    jax.distributed.initialize(**kwargs)
+    timeout = int(d.get("initialization_timeout", 300))
+
+    def gave_up():   # JAX's own timeout aborts the process from C++ (SIGABRT): stop first, with one line
+        print(f"error: {_distributed_message(kwargs, timeout)}", file=sys.stderr, flush=True)
+        os._exit(2)
+    watchdog = threading.Timer(timeout, gave_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=timeout + DISTRIBUTED_GRACE_S)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise DistributedError(f"{_distributed_message(kwargs, timeout, failed=True)}: "
+                               f"{' '.join(str(e).split())}") from None
+    finally:
+        watchdog.cancel()
+
+
+DISTRIBUTED_GRACE_S = 60     # JAX's own deadline, after ours: it would abort the process
+
+
+def _distributed_message(kwargs: dict, timeout: int, failed: bool = False) -> str:
+    """'... coordinator <address> ... process <id> of <n> ...', with what JAX detected for the unset keys."""
+    found = dict(kwargs)
+    if None in (found.get("coordinator_address"), found.get("num_processes"), found.get("process_id")):
+        try:    # what jax.distributed.initialize detects (private API, used for this message only)
+            from jax._src import clusters
+            address, n, pid, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+                found.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                found.get("num_processes"), found.get("process_id"), None, None, 5)
+            found.update(coordinator_address=address, num_processes=n, process_id=pid)
+        except Exception:     # noqa: BLE001 - the message then says the values were not detected
+            pass
+    address = found.get("coordinator_address") or "(none: not set and not detected)"
+    who = f"process {found.get('process_id', '?')} of {found.get('num_processes', '?')}"
+    if failed:
+        return (f"distributed initialization failed ({who}, coordinator {address}; set "
+                "distributed.coordinator_address, num_processes and process_id, or run under SLURM / on a TPU pod)")
+    return (f"distributed initialization timed out after distributed.initialization_timeout={timeout}s: {who} "
+            f"could not connect all processes through the coordinator at {address} (check "
+            "distributed.coordinator_address, that every process was started and that the port is reachable)")
 
 
 def make_data(cfg: dict, vocab_size: int):

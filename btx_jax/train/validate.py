@@ -30,6 +30,9 @@ SECTIONS = {
     "model": ("init", "arch", "lora", "compose"),
     "mesh": mesh_lib.MESH_AXES + ("num_devices",),
 }
+DISTRIBUTED = ("enabled", "coordinator_address", "num_processes", "process_id", "local_device_ids",
+               "cpu_collectives", "initialization_timeout")
+CPU_COLLECTIVES = ("", "gloo", "mpi")
 
 
 def _int(lo: int):
@@ -99,12 +102,38 @@ def _check_train_values(t: dict) -> None:
             raise ConfigError(f"train.{key}={v!r}: must be {allowed}")
 
 
+def check_distributed(d: dict) -> None:
+    """ConfigError (one line) for a bad distributed.* key or value; run before jax.distributed.initialize."""
+    for key in d:
+        if key not in DISTRIBUTED:
+            raise unknown_key(f"distributed.{key}", DISTRIBUTED)
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    checks = {
+        "enabled": (lambda v: isinstance(v, bool), "True or False"),
+        "coordinator_address": (lambda v: isinstance(v, str) and (v == "" or ":" in v),
+                                "host:port, or '' to detect it (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS)"),
+        "num_processes": (lambda v: v is None or (is_int(v) and v >= 1), "an integer >= 1, or unset to detect it"),
+        "process_id": (lambda v: v is None or (is_int(v) and v >= 0), "an integer >= 0, or unset to detect it"),
+        "local_device_ids": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(map(is_int, v))),
+                             "a list of device ids, or unset"),
+        "cpu_collectives": (lambda v: v in CPU_COLLECTIVES, f"one of {', '.join(map(repr, CPU_COLLECTIVES))}"),
+        "initialization_timeout": (lambda v: is_int(v) and v >= 1, "an integer number of seconds >= 1"),
+    }
+    for key, (ok, allowed) in checks.items():
+        if key in d and not ok(d[key]):
+            raise ConfigError(f"distributed.{key}={d[key]!r}: must be {allowed}")
+    n, i = d.get("num_processes"), d.get("process_id")
+    if n is not None and i is not None and i >= n:
+        raise ConfigError(f"distributed.process_id={i}: must be < distributed.num_processes={n}")
+
+
 def validate(cfg: dict, num_devices: int) -> tuple:
     """ConfigError (one line) for the first bad value of the resolved config; returns the mesh rules."""
     for section in ("train", "mesh", "model"):
         if not isinstance(cfg.get(section), dict):
             raise ConfigError(f"config section {section!r} is missing")
     _check_keys(cfg)
+    check_distributed(cfg.get("distributed") or {})
     t = cfg["train"]
     _check_train_values(t)
     wanted = int(cfg["mesh"].get("num_devices", 0))

@@ -10,6 +10,7 @@ version `workdir/finals/<step>-<digest>/` (a btx_jax checkpoint) and `workdir/fi
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -28,6 +29,7 @@ import numpy as np
 import optax
 
 from btx_jax import disk, param_paths
+from btx_jax import lock as run_lock
 from btx_jax.checkpoint import btx
 from btx_jax.config import ConfigError, LlamaConfig
 from btx_jax.data import load_tokenizer, make_pipeline
@@ -38,6 +40,7 @@ from btx_jax.model import Llama, attention
 from btx_jax.pretrained import ModelSource
 from btx_jax import mesh as mesh_lib
 from btx_jax.train import aot, checkpoints, phases
+from btx_jax.train.device_memory import check_fits
 from btx_jax.train.health import TrainingHealth
 from btx_jax.train.metrics_log import MetricsLog
 from btx_jax.train.model_init import initial_source
@@ -245,11 +248,38 @@ def train(config, workdir: str | Path) -> dict:
     maybe_initialize_distributed(cfg)
     t = cfg["train"]
     phase = wire(cfg)
+    built = phase.built
+    # compiled before any weight is read: the compiler's working memory is freed before the state exists
+    step_fn = compile_step(built.step_fn, built.abstract_state, abstract_batch(built, t), jax.process_index() == 0)
+    check_fits(step_fn, t, [d for d in phase.mesh.devices.flat if d.process_index == jax.process_index()])
+    with workdir_lock(workdir):
+        return _train(cfg, workdir, phase, step_fn)
+
+
+def workdir_lock(workdir: Path):
+    """The work directory's run lock (btx_jax/lock.py), taken by process 0 for all processes: every process
+    stops with the LockError when another run holds it."""
+    from jax.experimental import multihost_utils
+    lock = contextlib.ExitStack()
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.enter_context(run_lock.hold(workdir, "training"))
+        except run_lock.LockError as e:
+            error = e
+    if jax.process_count() > 1 and not bool(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+        error = error or run_lock.LockError(f"{workdir}: another training is running in this directory (process 0 "
+                                            "holds no lock: see its output)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train(cfg: dict, workdir: Path, phase: Phase, step_fn) -> dict:
+    t = cfg["train"]
     mesh, built = phase.mesh, phase.built
     batch_sharding = built.batch_sharding
     data = make_data(cfg, phase.source.config.vocab_size)
-    # compiled before any weight is read: the compiler's working memory is freed before the state exists
-    step_fn = compile_step(built.step_fn, built.abstract_state, abstract_batch(built, t), jax.process_index() == 0)
     ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])
     resumed = ckpt.resume(built.abstract_state, lambda saved: checkpoints.check_compatible(saved, cfg, workdir))
     start = 0
@@ -370,6 +400,7 @@ def save_final(workdir: Path, phase: Phase, state: dict, frozen_digest: str | No
             shutil.rmtree(tmp)
         multihost_utils.sync_global_devices("btx_final_clean")
         nbytes = sum(x.size * x.dtype.itemsize for x in stored.values())
+        disk.require(version.parent, nbytes)     # before orbax's writer threads can meet a full disk
         with disk.writing(version, nbytes, cleanup=[tmp]):
             tmp.mkdir(parents=True, exist_ok=True)
             btx.save(tmp, phase.source.config, stored, reference if linked else None)

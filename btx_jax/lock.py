@@ -6,7 +6,8 @@
 The lock is an `fcntl.lockf` lock on `<directory>/.lock`, so the kernel (or the NFS lock manager) drops it when
 the holding process ends however it ends (SIGKILL, OOM killer, a crashed node's lease).  The file records
 `pid host` for the message a second run gets; it is removed on release, so a file that is found unlocked is
-the leftover of a holder that died: it is taken over with a warning naming that PID and host.
+the leftover of a holder that died: it is taken over with a warning naming that PID and host.  Directories
+the lock had to create are removed on release if they are still empty (a run refused up front leaves none).
 """
 from __future__ import annotations
 
@@ -57,8 +58,12 @@ def _open_locked(path: Path, what: str) -> tuple[int, str | None]:
 
 @contextlib.contextmanager
 def hold(directory: str | Path, what: str = "run") -> Iterator[Path]:
-    """Hold `<directory>/.lock` exclusively inside the block (creating `directory`); LockError if taken."""
+    """Hold `<directory>/.lock` exclusively inside the block; LockError if taken.  A `directory` this creates is
+    removed again on release when nothing else was written into it."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise LockError(f"{directory}: not a directory (a file is in the way); choose another path")
+    created = [p for p in (directory, *directory.parents) if not p.exists()]
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / NAME
     fd, stale = _open_locked(path, what)
@@ -74,3 +79,8 @@ def hold(directory: str | Path, what: str = "run") -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)            # while still locked: a waiter re-checks the inode and retries
         os.close(fd)
+        for p in created:              # innermost first; stops at the first one that is not empty
+            try:
+                p.rmdir()
+            except OSError:
+                break

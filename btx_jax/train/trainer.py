@@ -31,6 +31,7 @@ import optax
 from btx_jax import disk, param_paths
 from btx_jax import lock as run_lock
 from btx_jax.checkpoint import btx
+from btx_jax.cli import fail
 from btx_jax.config import ConfigError, LlamaConfig
 from btx_jax.data import load_tokenizer, make_pipeline
 from btx_jax.data.packing import FIELDS
@@ -84,8 +85,11 @@ def maybe_initialize_distributed(cfg: dict) -> None:
     timeout = int(d.get("initialization_timeout", 300))
 
     def gave_up():   # JAX's own timeout aborts the process from C++ (SIGABRT): stop first, with one line
-        print(f"error: {_distributed_message(kwargs, timeout)}", file=sys.stderr, flush=True)
-        os._exit(2)
+        try:
+            fail(_distributed_message(kwargs, timeout))      # the CLI's line (the main thread is blocked)
+        except SystemExit as e:
+            sys.stderr.flush()
+            os._exit(e.code)
     watchdog = threading.Timer(timeout, gave_up)
     watchdog.daemon = True
     watchdog.start()
@@ -246,13 +250,14 @@ def train(config, workdir: str | Path) -> dict:
     cfg = resolved(config)
     workdir = Path(workdir)
     maybe_initialize_distributed(cfg)
-    t = cfg["train"]
-    phase = wire(cfg)
-    built = phase.built
-    # compiled before any weight is read: the compiler's working memory is freed before the state exists
-    step_fn = compile_step(built.step_fn, built.abstract_state, abstract_batch(built, t), jax.process_index() == 0)
-    check_fits(step_fn, t, [d for d in phase.mesh.devices.flat if d.process_index == jax.process_index()])
-    with workdir_lock(workdir):
+    with workdir_lock(workdir):     # first: a second run is refused before it compiles (the lock leaves no
+        t = cfg["train"]            # directory behind when the run stops before writing anything)
+        phase = wire(cfg)
+        built = phase.built
+        # compiled before any weight is read: the compiler's working memory is freed before the state exists
+        step_fn = compile_step(built.step_fn, built.abstract_state, abstract_batch(built, t),
+                               jax.process_index() == 0)
+        check_fits(step_fn, t, [d for d in phase.mesh.devices.flat if d.process_index == jax.process_index()])
         return _train(cfg, workdir, phase, step_fn)
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from btx_jax import disk
 from btx_jax.train import trainer
+from btx_jax.train.device_memory import StepDoesNotFit
 from conftest import REPO_ROOT
 from test_reliability import compilation_cache, config, digest, steps  # noqa: F401 - the module's cache fixture
 
@@ -86,6 +87,15 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, cap
     assert steps(workdir) == ["2", "4"] and not (workdir / ".lock").exists()
 
 
+def test_workdir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    from btx_jax.lock import LockError
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    with pytest.raises(LockError, match=f"^{path}: not a directory \\(a file is in the way\\); choose another path$"):
+        trainer.train(config(), path)
+    assert path.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
 # ---- memory preflight -------------------------------------------------------------------------------------------
 
 def test_step_bigger_than_the_machine_is_refused_before_the_workdir_exists(tmp_path):
@@ -105,6 +115,24 @@ def test_step_bigger_than_the_machine_is_refused_before_the_workdir_exists(tmp_p
                  "train.remat='full' (now 'none')"):
         assert knob in lines[0]
     assert not workdir.exists()
+
+
+def test_step_the_compiler_refuses_is_one_line_with_the_knobs(tmp_path, monkeypatch):
+    """The TPU compiler refuses an oversized program itself (RESOURCE_EXHAUSTED at compile time, message as
+    libtpu words it; injected here, there is no TPU): the same one line and knobs, no workdir."""
+    import jax
+
+    def refuse(self, *a, **kw):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
+                                         "memory space hbm. Used 889.14T of 95.74G hbm. Exceeded hbm capacity by "
+                                         "889.04T.")
+    monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
+    with pytest.raises(StepDoesNotFit) as e:
+        trainer.train(config(), tmp_path / "run")
+    assert str(e.value).startswith("the compiler refused the train step (RESOURCE_EXHAUSTED: XLA:TPU compile "
+                                   "permanent error. Ran out of memory in memory space hbm.")
+    assert "lower train.global_batch_size=2 or train.seq_len=16" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
 
 
 # ---- full disk: the final version ------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Does the compiled train step fit the devices it will run on?  Checked before anything is written.
 
     check_fits(compiled, cfg["train"], devices)   # StepDoesNotFit (one line: the numbers and the knobs)
+    fit_knobs(cfg["train"])                       # those knobs, for a step the compiler itself refused (TPU)
 
 The step's per-device peak is the compiler's own memory analysis: arguments + temporaries + the outputs that do
 not alias a donated argument.  The memory it is held against: an accelerator's `memory_stats()["bytes_limit"]`
@@ -53,7 +54,12 @@ def check_fits(compiled, t: dict, devices=None) -> None:
         return
     raise StepDoesNotFit(
         f"the train step needs {human(need)} per device ({human(mem.argument_size_in_bytes)} state+batch, "
-        f"{human(mem.temp_size_in_bytes)} temporaries) but a device has {human(have[0])} ({have[1]}): lower "
-        f"train.global_batch_size={t['global_batch_size']} or train.seq_len={t['seq_len']}, raise "
-        f"train.microbatches={t['microbatches']}, or set train.remat='full' (now {t['remat']!r}); nothing was "
-        "written (scripts/plan.py shows the memory of other settings without running them)")
+        f"{human(mem.temp_size_in_bytes)} temporaries) but a device has {human(have[0])} ({have[1]}): "
+        f"{fit_knobs(t)}")
+
+
+def fit_knobs(t: dict) -> str:
+    """What to change in train config `t` for a step that does not fit, with the values now set."""
+    return (f"lower train.global_batch_size={t['global_batch_size']} or train.seq_len={t['seq_len']}, raise "
+            f"train.microbatches={t['microbatches']}, or set train.remat='full' (now {t['remat']!r}); nothing was "
+            "written (scripts/plan.py shows the memory of other settings without running them)")

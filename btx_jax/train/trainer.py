@@ -41,7 +41,7 @@ from btx_jax.model import Llama, attention
 from btx_jax.pretrained import ModelSource
 from btx_jax import mesh as mesh_lib
 from btx_jax.train import aot, checkpoints, phases
-from btx_jax.train.device_memory import check_fits
+from btx_jax.train.device_memory import StepDoesNotFit, check_fits, fit_knobs
 from btx_jax.train.health import TrainingHealth
 from btx_jax.train.metrics_log import MetricsLog
 from btx_jax.train.model_init import initial_source
@@ -72,7 +72,7 @@ def maybe_initialize_distributed(cfg: dict) -> None:
     Stops with one line (exit 2 from the CLI) naming the coordinator and this process when the processes have
     not all connected within distributed.initialization_timeout seconds, instead of JAX's abort."""
     d = cfg.get("distributed") or {}
-    if not d.get("enabled"):
+    if not d.get("enabled") or jax.distributed.is_initialized():     # once per process (phases run in one)
         return
     check_distributed(d)
     if d.get("cpu_collectives"):
@@ -255,8 +255,11 @@ def train(config, workdir: str | Path) -> dict:
         phase = wire(cfg)
         built = phase.built
         # compiled before any weight is read: the compiler's working memory is freed before the state exists
-        step_fn = compile_step(built.step_fn, built.abstract_state, abstract_batch(built, t),
-                               jax.process_index() == 0)
+        try:
+            step_fn = compile_step(built.step_fn, built.abstract_state, abstract_batch(built, t),
+                                   jax.process_index() == 0)
+        except aot.DoesNotFit as e:
+            raise StepDoesNotFit(f"the compiler refused the train step ({e}): {fit_knobs(t)}") from None
         check_fits(step_fn, t, [d for d in phase.mesh.devices.flat if d.process_index == jax.process_index()])
         return _train(cfg, workdir, phase, step_fn)
 
@@ -358,9 +361,10 @@ def abstract_batch(built: BuiltStep, t: dict) -> dict:
 
 def compile_step(step_fn, state: dict, batch: dict, verbose: bool):
     """`step_fn` compiled for these (abstract) shapes, with the compiler's per-device memory printed (on an
-    accelerator that is device memory; on virtual CPU devices every device's share is host RAM)."""
+    accelerator that is device memory; on virtual CPU devices every device's share is host RAM).  A program the
+    compiler refuses for its memory (TPU) raises aot.DoesNotFit."""
     tic = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled, _ = aot.compile_lowered(step_fn.lower(state, batch), "train step", log=print if verbose else _quiet)
     release_freed_memory()
     mem = compiled.memory_analysis()
     if verbose and mem is not None:
@@ -368,6 +372,10 @@ def compile_step(step_fn, state: dict, batch: dict, verbose: bool):
               f"{mem.argument_size_in_bytes / 2**30:.3f} GiB state+batch, {mem.temp_size_in_bytes / 2**30:.3f} GiB "
               "temporaries", flush=True)
     return compiled
+
+
+def _quiet(_message: str) -> None:
+    """The compile progress log of processes other than 0."""
 
 
 def release_freed_memory() -> None:

@@ -3,13 +3,17 @@
     run_cli(fn)                      user errors (bad config, checkpoint, data, disk faults) -> `error: ...`, 2
     app.run(main, flags_parser=parse_flags)   absl flags: typos and bad values -> one line, 2
     p.add_argument("--device-memory", type=size_flag)     # '80GB', '141GiB' -> bytes; bad sizes -> one line, 2
+    with stopping_cleanly(dst):      # SIGTERM / SIGINT: `finally` blocks run (temporaries removed), one line, 143 / 130
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import signal
 import sys
-from typing import Callable
+import threading
+from typing import Callable, Iterator
 
 from btx_jax import disk
 from btx_jax.config import ConfigError
@@ -58,6 +62,44 @@ def run_cli(fn: Callable[[], object]) -> object:
         if fault is None:
             raise
         fail(disk.message(fault[1] or "(output)", fault[0]))
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(BaseException):
+    """A stop signal raised where the main thread is, so that every `finally` on the way out runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stopping_cleanly(dst) -> Iterator[None]:
+    """Within the block SIGTERM and SIGINT raise `Stopped` (a second signal acts as usual); it ends in one stderr
+    line saying that `dst` was not written and exit 128 + the signal (143, 130).  Writers clean up in `finally`
+    (btx_jax/checkpoint/tensor_files.py `atomic_directory` removes its temporary directory)."""
+    if threading.current_thread() is not threading.main_thread():     # signals reach the main thread only
+        yield
+        return
+    previous = {}
+
+    def stop(signum, frame):
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        raise Stopped(signum)
+
+    previous.update({s: signal.signal(s, stop) for s in STOP_SIGNALS})
+    try:
+        yield
+    except Stopped as e:
+        print(f"interrupted by {signal.Signals(e.signum).name}: {dst} was not written (no partial output is "
+              "left; earlier outputs are kept)", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _flag_error(e: Exception, argv: list[str]) -> str:

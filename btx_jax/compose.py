@@ -29,6 +29,7 @@ The command line is scripts/compose.py (btx_jax/compose_cli.py).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -38,7 +39,7 @@ from btx_jax.checkpoint import btx, peft
 from btx_jax.compose_ffn import compose_ffn_source
 from btx_jax.config import AdapterSpec, ConfigError
 from btx_jax.model import abstract_leaves, routed_layers
-from btx_jax.pretrained import ModelSource, Pretrained, memory_source, open_model
+from btx_jax.pretrained import ModelSource, Pretrained, memory_source, open_model, warn_other_base
 from btx_jax.router_init import check_router_init, router_weights
 
 MODES = ("lora", "ffn")   # LoRA-MoE per linear (mergoo) | FFN-MoE per layer (the BTX paper, Mixtral)
@@ -81,6 +82,9 @@ def compose_source(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool
         raise ConfigError("compose: the base model already has an adapter; pass the plain base model")
     labels = [str(e) if isinstance(e, (str, Path)) else f"experts[{i}]" for i, e in enumerate(experts)]
     loaded = [_expert_lora(e, base.config, label, allow_pickle) for e, label in zip(experts, labels)]
+    for e in experts if base.reference is not None else ():
+        if isinstance(e, (str, Path)):
+            warn_other_base(e, base.reference["path"])
     first_targets = loaded[0][0].targets
     for (spec, _), label in zip(loaded[1:], labels[1:]):
         if set(spec.targets) != set(first_targets):
@@ -130,6 +134,17 @@ def _checking_base(src: ModelSource, experts: list, labels: list[str]) -> ModelS
     return dataclasses.replace(src, fill=fill)
 
 
+def warn_repeated(experts: Sequence) -> None:
+    """A warning line for each expert given twice (the same directory, or the same object): a mixture of copies."""
+    first = {}
+    for i, e in enumerate(experts):
+        key = btx.resolve(e) if isinstance(e, (str, Path)) else id(e)
+        if key in first:
+            print(f"warning: expert {i} ({e}) is the same as expert {first[key]}: the mixture holds two identical "
+                  "experts", file=sys.stderr)
+        first.setdefault(key, i)
+
+
 def compose(base, experts: Sequence, *, mode: str = "lora", top_k: int = 2, seed_expert: bool = False,
             router_init: str = "normal", router_std: float = 0.02, router_layers: Sequence[int] | None = None,
             router_jitter: float = 0.0, seed: int = 0, dtype=None, allow_pickle: bool = False,
@@ -146,6 +161,7 @@ def compose(base, experts: Sequence, *, mode: str = "lora", top_k: int = 2, seed
     `mesh`: shard the MoE over it as it is built, leaf by leaf (default: one device)."""
     if mode not in MODES:
         raise ConfigError(f"compose mode {mode!r} is not one of {', '.join(MODES)}")
+    warn_repeated(experts)
     if mode == "ffn":
         if router_layers is not None:
             raise ConfigError("router_layers applies to the LoRA-MoE only; an FFN-MoE routes every layer")

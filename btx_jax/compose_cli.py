@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
 
-from btx_jax.checkpoint.tensor_files import CheckpointError
-from btx_jax.cli import ArgumentParser
+from btx_jax.checkpoint import btx
+from btx_jax.checkpoint.tensor_files import CheckpointError, check_destination
+from btx_jax.cli import ArgumentParser, stopping_cleanly
 from btx_jax.compose import MODES, compose
 from btx_jax.config import ConfigError
 from btx_jax.disk import DiskError
@@ -68,13 +68,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     then."""
     args = build_parser().parse_args(argv)
     try:
-        if Path(args.out).exists() and not args.overwrite:      # before the (slow) composition
-            raise CheckpointError(f"{args.out}: destination already exists (pass --overwrite)")
-        moe = compose(args.base, args.experts, mode=args.mode, top_k=args.top_k, seed_expert=args.seed_expert,
-                      router_init=args.router_init, router_std=args.router_std, router_layers=args.router_layers,
-                      seed=args.seed, allow_pickle=args.allow_pickle, allow_other_base=args.allow_other_base,
-                      shared=args.shared, max_drift=args.max_drift)
-        out = moe.save_pretrained(args.out, format=args.format, overwrite=args.overwrite)
+        with stopping_cleanly(args.out):      # SIGTERM / Ctrl-C: one line, nothing left at --out
+            sources = {link for d in (args.base, *args.experts) for link in btx.links(d)}
+            check_destination(args.out, overwrite=args.overwrite, sources=sources)    # before the (slow) composition
+            moe = compose(args.base, args.experts, mode=args.mode, top_k=args.top_k, seed_expert=args.seed_expert,
+                          router_init=args.router_init, router_std=args.router_std, router_layers=args.router_layers,
+                          seed=args.seed, allow_pickle=args.allow_pickle, allow_other_base=args.allow_other_base,
+                          shared=args.shared, max_drift=args.max_drift)
+            out = moe.save_pretrained(args.out, format=args.format, overwrite=args.overwrite)
+    except SystemExit as e:          # stopped by a signal: one line printed
+        return int(e.code)
     except (ConfigError, CheckpointError, DiskError) as e:
         print(f"compose.py: error: {e}", file=sys.stderr)
         return 2

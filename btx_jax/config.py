@@ -102,6 +102,13 @@ class MoESpec:
 MOE_IMPLS = ("auto", "ragged", "segment", "dense")
 
 
+# LlamaConfig's integer sizes and the Hugging Face config.json keys they come from.
+HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+           "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+           "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+           "max_position_embeddings": "max_position_embeddings"}
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int
@@ -122,6 +129,15 @@ class LlamaConfig:
     moe: MoESpec | None = None
 
     def __post_init__(self):
+        for field, key in HF_KEYS.items():      # before any arithmetic on them (a 0 would divide by zero)
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                name = key if key == field else f"{key} ({field})"
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        for field in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ConfigError(f"{field}={value!r} must be a positive number")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
                               f"num_key_value_heads={self.num_kv_heads}")
@@ -160,17 +176,16 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported (btx_jax's Llama has "
                                   f"{key}={ok[0]!r})")
         try:
-            heads = int(hf["num_attention_heads"])
-            hidden = int(hf["hidden_size"])
+            heads, hidden = _hf_int(hf, "num_attention_heads"), _hf_int(hf, "hidden_size")
             rope_theta, rope_scaling = _rope_from_hf(hf)
             return cls(
-                vocab_size=int(hf["vocab_size"]), hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
-                num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or hidden // heads),
+                vocab_size=_hf_int(hf, "vocab_size"), hidden_size=hidden,
+                intermediate_size=_hf_int(hf, "intermediate_size"), num_layers=_hf_int(hf, "num_hidden_layers"),
+                num_heads=heads, num_kv_heads=_hf_int(hf, "num_key_value_heads", heads),
+                head_dim=_hf_int(hf, "head_dim", hidden // heads if heads > 0 else heads),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
                 rope_scaling=rope_scaling,
-                max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+                max_position_embeddings=_hf_int(hf, "max_position_embeddings", 4096),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 bos_token_id=hf.get("bos_token_id"), eos_token_id=_hashable(hf.get("eos_token_id")))
         except KeyError as e:
@@ -194,6 +209,19 @@ class LlamaConfig:
             "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
         }
         return hf
+
+
+def _hf_int(hf: dict, key: str, default: int | None = None) -> int:
+    """config.json's integer `key` (`default` when it is missing or null; KeyError when there is no default)."""
+    value = hf[key] if default is None else hf.get(key)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)) or (isinstance(value, float)
+                                                                              and not value.is_integer()):
+        raise ConfigError(f"{key}={value!r} is not an integer")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{key}={value!r} is not an integer") from None
 
 
 def _hashable(value):

@@ -12,8 +12,11 @@
 
 Every tensor's name and shape is checked against the config.  On bad input (missing directory or file,
 foreign architecture, missing / misshapen tensor, corrupt safetensors, pickle checkpoint without
---allow-pickle) it prints ONE line to stderr and exits with code 2.  DST is written into a temporary sibling
-directory and renamed at the end, so an error never leaves a half-written DST.
+--allow-pickle, an index.json shard or a frozen_from outside the expected places without
+BTX_ALLOW_EXTERNAL_FILES=1) it prints ONE line to stderr and exits with code 2.  DST is checked before any work:
+a file, a symlink, a path below a file, SRC or a directory inside it, or (with --overwrite) a directory holding
+SRC or any directory SRC's chain needs is refused.  DST is written into a temporary sibling directory and renamed at the end,
+so an error never leaves a half-written DST; SIGTERM / Ctrl-C print one line, remove it and exit 143 / 130.
 
 The CLI is scripts/convert.py (it calls `main`).  A new conversion is one entry in CONVERSIONS: which format SRC must be, how to load it, which format to save.
 """
@@ -25,8 +28,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from btx_jax.checkpoint.tensor_files import CheckpointError
-from btx_jax.cli import parse_bytes, run_cli
+from btx_jax.checkpoint import btx
+from btx_jax.checkpoint.tensor_files import CheckpointError, check_destination
+from btx_jax.cli import parse_bytes, run_cli, stopping_cleanly
 from btx_jax.config import ConfigError
 from btx_jax.pretrained import check_savable, detect_format, open_model
 
@@ -126,15 +130,12 @@ def convert(args: argparse.Namespace) -> Path:
     conv = CONVERSIONS[args.command]
     src, dst = Path(args.src), Path(args.dst)
     max_shard = _shard_size(args.max_shard_size) if conv.shards else None
-    if dst.exists() and not args.overwrite:
-        raise CheckpointError(f"{dst}: destination already exists (pass --overwrite to replace it)")
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: destination is the source directory")
+    load_dir = Path(conv.source_dir(args))
+    check_destination(dst, overwrite=args.overwrite, sources={*btx.links(src), *btx.links(load_dir)})
     found = detect_format(src)
     if found != conv.source_format:
         raise CheckpointError(f"{src}: is a {found} checkpoint, not {conv.source_format} "
                               f"(use {found}-to-* / *-to-{found} conversions)")
-    load_dir = Path(conv.source_dir(args))
     kwargs = dict(conv.load_kwargs(args))
     kwargs["dtype"] = args.dtype
     show = not args.no_progress
@@ -189,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit code: 0 on success, 2 on bad input (one line on stderr)."""
     args = build_parser().parse_args(argv)
     try:
-        run_cli(lambda: _convert_user_errors(args))
+        with stopping_cleanly(args.dst):
+            run_cli(lambda: _convert_user_errors(args))
     except SystemExit as e:
         return int(e.code or 0)
     print(f"wrote {args.dst}")

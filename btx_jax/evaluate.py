@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from btx_jax import report
+from btx_jax.checkpoint.tensor_files import check_destination
 from btx_jax.cli import ArgumentParser, fail, positive_int, run_cli
 from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
 from btx_jax.data.packing import FIELDS
@@ -162,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_cli(args) -> None:
     """Evaluate every --model on the --domains (and --tasks), write the report into --out and print its tables."""
+    check_destination(args.out, overwrite=None, what=f"--out {args.out}")      # a file there: refused before any work
     models, workdirs = _pairs(args.model, "--model"), _pairs(args.workdir, "--workdir")
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     tokenizer = load_tokenizer(args.tokenizer or BUNDLED_TOKENIZER)

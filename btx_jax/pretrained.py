@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -219,6 +220,7 @@ class ChainError(CheckpointError):
 
 def _btx_source(directory: Path) -> ModelSource:
     directory = btx.resolve(directory)
+    btx.check_acyclic(directory)
     config, reference = btx.read_config(directory)
     stored = btx.stored_shapes(directory)
     shapes = abstract_leaves(config)
@@ -304,9 +306,27 @@ def open_model(path: str | Path, *, adapter: str | Path | None = None, allow_pic
         return src
     if src.config.adapter is not None:
         raise CheckpointError(f"{adapter}: the model already has an adapter; load the base model alone to attach one")
+    warn_other_base(adapter, directory)
     config, lora = peft.load_adapter(adapter, src.config, allow_pickle=allow_pickle)
     return dataclasses.replace(src.with_leaves(config, lora, covered=True),
                                reference={**src.reference, "adapter": str(btx.resolve(adapter))})
+
+
+def warn_other_base(adapter: str | Path, base: str | Path) -> None:
+    """A warning line when a PEFT adapter's `base_model_name_or_path` names another model than the directory
+    `base` it is applied to (a local directory elsewhere, or a hub name that is not part of `base`'s path): its
+    shapes fit, its weights may not.  btx LoRA checkpoints record their base's digest instead (compose checks it)."""
+    file = Path(adapter) / peft.ADAPTER_CONFIG
+    named = read_json(file).get("base_model_name_or_path") if file.is_file() else None
+    if not isinstance(named, str) or not named.strip():
+        return
+    here = btx.resolve(base)
+    local = Path(named).expanduser()
+    same = btx.resolve(local) == here if local.is_dir() else named.rstrip("/").rsplit("/", 1)[-1].lower() in \
+        str(here).lower()
+    if not same:
+        print(f"warning: {file}: base_model_name_or_path is {named!r}, but the adapter is applied to {base} "
+              "(trained on another base? the shapes fit)", file=sys.stderr)
 
 
 def load_pretrained(path: str | Path, *, dtype=None, adapter: str | Path | None = None, allow_pickle: bool = False,

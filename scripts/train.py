@@ -23,8 +23,14 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)   # orbax logs every file at INFO
     disk.quiet_background_faults()           # a full disk: one line, not orbax's writer threads' tracebacks
+    from btx_jax.checkpoint.tensor_files import check_destination
     from btx_jax.train.trainer import train
-    run_cli(lambda: train(_CONFIG.value, _WORKDIR.value))
+
+    def run():
+        check_destination(_WORKDIR.value, overwrite=None, what=f"--workdir {_WORKDIR.value}")   # before any work
+        return train(_CONFIG.value, _WORKDIR.value)
+
+    run_cli(run)
 
 
 if __name__ == "__main__":

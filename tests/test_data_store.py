@@ -58,12 +58,12 @@ from btx_jax.data import BUNDLED_TOKENIZER, load_tokenizer, prepare
 from btx_jax.data import store
 
 real = store._tokenize_shard
-def dies_in_shard_2(shard, encoder, path, index, *args):
+def dies_in_shard_2(pool, lo, hi, path, index, *args):
     if index == 2:  # half-written data of the killed shard is left behind in the flat files
         with open(path / "tokens.bin", "ab") as f:
             f.write(b"\\x07" * 1000)
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(shard, encoder, path, index, *args)
+    return real(pool, lo, hi, path, index, *args)
 store._tokenize_shard = dies_in_shard_2
 prepare({"sources": [{"path": sys.argv[1]}], "cache_dir": sys.argv[2], "shard_mb": 0.2},
         load_tokenizer(BUNDLED_TOKENIZER), held_out=False, progress=False)
@@ -83,7 +83,7 @@ def test_killed_build_resumes_without_redoing_finished_shards(tmp_path, monkeypa
 
     redone = []
     real = store_lib._tokenize_shard
-    monkeypatch.setattr(store_lib, "_tokenize_shard", lambda s, e, p, i, *a: redone.append(i) or real(s, e, p, i, *a))
+    monkeypatch.setattr(store_lib, "_tokenize_shard", lambda pool, lo, hi, p, i, *a: redone.append(i) or real(pool, lo, hi, p, i, *a))
     cfg = {"sources": [{"path": str(path)}], "cache_dir": str(cache), "shard_mb": 0.2}
     assert store_dir(cfg) == store
     n_shards = len(json.loads((store / "store.json").read_text())["shards"])

@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from btx_jax import param_paths
-from btx_jax.checkpoint.tensor_files import CheckpointError, read_json
+from btx_jax.checkpoint.tensor_files import ALLOW_EXTERNAL, CheckpointError, external_allowed, read_json
 from btx_jax.config import ConfigError, LlamaConfig, config_from_dict, config_to_dict
 
 BTX_CONFIG = "btx_config.json"
@@ -142,9 +142,54 @@ def read_config(directory: str | Path) -> tuple[LlamaConfig, dict | None]:
         config = config_from_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{Path(directory) / BTX_CONFIG}: {e}") from None
-    if reference is not None and (not isinstance(reference, dict) or "path" not in reference):
-        raise CheckpointError(f"{Path(directory) / BTX_CONFIG}: {FROZEN_FROM} must name a 'path'")
+    if reference is not None:
+        check_reference(directory / BTX_CONFIG, reference)
     return config, reference
+
+
+def check_reference(file: Path, reference) -> None:
+    """CheckpointError naming `file` and the entry unless `reference` is a frozen_from that btx_jax writes:
+    absolute directory paths (`path`, optional `adapter`, `experts`) and the `digest` that verifies what they hold
+    when loaded (so a reference edited to name other files is refused; BTX_ALLOW_EXTERNAL_FILES=1 accepts one
+    without a digest)."""
+    if not isinstance(reference, dict) or not isinstance(reference.get("path"), str):
+        raise CheckpointError(f"{file}: {FROZEN_FROM} must name a 'path'")
+    experts = reference.get("experts")
+    if experts is not None and not isinstance(experts, list):
+        raise CheckpointError(f"{file}: {FROZEN_FROM} 'experts' must be a list of directories")
+    entries = [("path", reference["path"]), ("adapter", reference.get("adapter")),
+               *((f"experts[{i}]", e) for i, e in enumerate(experts or []))]
+    for key, value in entries:
+        if value is None and key == "adapter":
+            continue
+        if not isinstance(value, str) or not Path(value).is_absolute():
+            raise CheckpointError(f"{file}: {FROZEN_FROM} {key!r} {value!r} is not an absolute directory path")
+    if not isinstance(reference.get("digest"), str) and not external_allowed():
+        raise CheckpointError(f"{file}: {FROZEN_FROM} names {reference['path']} without the 'digest' that verifies "
+                              f"its weights (set {ALLOW_EXTERNAL}=1 to load it anyway)")
+
+
+def check_acyclic(directory: str | Path) -> None:
+    """CheckpointError naming the cycle when following frozen_from from `directory` comes back to a directory
+    on the way (instead of recursing until Python gives up)."""
+    done: set[Path] = set()
+
+    def visit(d: Path, way: list[Path]) -> None:
+        d = resolve(d)
+        if d in way:
+            cycle = " -> ".join(str(x) for x in [*way[way.index(d):], d])
+            raise CheckpointError(f"{way[0] / BTX_CONFIG}: {FROZEN_FROM} forms a cycle: {cycle}")
+        if d in done:
+            return
+        try:
+            reference = read_config(d)[1] if is_btx(d) else None
+        except (CheckpointError, ConfigError):
+            reference = None          # reported when that link is loaded
+        for up in named(reference):
+            visit(up, [*way, d])
+        done.add(d)
+
+    visit(Path(directory), [])
 
 
 def _params_dir(directory: Path) -> Path:

@@ -2,15 +2,20 @@
 
 Tensors are read lazily one at a time (`safe_open`, memory-mapped), so a converter never holds two full
 copies of a model.  Pickle checkpoints (`pytorch_model*.bin`) can run code when loaded: they are refused
-unless `allow_pickle=True`.  Directories are written atomically: into a temporary sibling, then renamed.
+unless `allow_pickle=True`; an index.json naming shards outside its directory is refused unless
+BTX_ALLOW_EXTERNAL_FILES=1.  Directories are written atomically: into a temporary sibling, then renamed
+(`check_destination` says where they may be).
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +30,26 @@ from btx_jax.errors import UserError
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or written; the message names the file or tensor."""
+
+
+ALLOW_EXTERNAL = "BTX_ALLOW_EXTERNAL_FILES"     # =1: read index.json shards outside their directory and
+#                                                 frozen_from references without a digest (trusted sources only)
+
+
+def external_allowed() -> bool:
+    return os.environ.get(ALLOW_EXTERNAL, "") not in ("", "0")
+
+
+def _shard_file(directory: Path, index: Path, name, file) -> Path:
+    """The shard file an index.json `weight_map` entry names: a relative path that stays inside `directory`
+    (checked lexically: symlinks inside it, as in the Hugging Face cache, are fine)."""
+    if not isinstance(name, str) or not isinstance(file, str) or not file:
+        raise CheckpointError(f"{index}: weight_map entry {name!r}: {file!r} is not a file name")
+    path = Path(os.path.normpath(directory / file))
+    if not external_allowed() and (Path(file).is_absolute() or Path(os.path.normpath(directory)) not in path.parents):
+        raise CheckpointError(f"{index}: weight_map entry {name!r} names {file!r}, outside {directory} "
+                              f"(set {ALLOW_EXTERNAL}=1 to read it anyway)")
+    return path
 
 
 def read_json(path: Path) -> dict:
@@ -50,7 +75,7 @@ class TensorReader:
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index}: no 'weight_map'")
-            files = {name: self.directory / f for name, f in weight_map.items()}
+            files = {name: _shard_file(self.directory, index, name, f) for name, f in weight_map.items()}
         elif single.is_file():
             files = None
             self._index_file(single)
@@ -191,19 +216,71 @@ def write_tensors(directory: Path, tensors: Iterator[tuple[str, np.ndarray]], pr
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+def check_destination(dst: str | Path, *, overwrite: bool | None = False, sources=(), what: str | None = None) -> Path:
+    """`dst` if a directory can be written there, else CheckpointError (one line, naming `what` or `dst`):
+    checked before any work.  Refused: a file, a path below a file, an existing `dst` when `overwrite` is False,
+    a symlink unless `overwrite` is None (an existing directory used as it is: a workdir, a report folder), and a
+    `dst` that is one of `sources`, lies inside one or contains one (replacing it would delete the source)."""
+    dst = Path(dst)
+    label = what or str(dst)
+    if dst.is_symlink() and overwrite is not None:       # replacing it would replace the link, not its target
+        raise CheckpointError(f"{label}: is a symlink (to {os.readlink(dst)}); name a real directory")
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{label}: is a file, not a directory")
+    parent = dst.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"{label}: cannot be created: {parent} is a file")
+    if dst.exists() and overwrite is False:
+        raise CheckpointError(f"{label}: destination already exists (pass --overwrite to replace it)")
+    target = dst.resolve()
+    for src in sources:
+        source = Path(src).resolve()
+        relation = ("is the source" if target == source else "is inside the source" if source in target.parents
+                    else "contains the source" if target in source.parents else None)
+        if relation:
+            raise CheckpointError(f"{label}: {relation} {src}; write elsewhere")
+    return dst
+
+
+TMP_PREFIX = ".{name}.tmp-"     # + PID-TOKEN-HOST: a temporary directory's owner, so stale ones can be removed
+
+
+def _remove_stale(dst: Path) -> None:
+    """Remove the temporary directories beside `dst` left by writers on this host that died (SIGKILL, a crash)."""
+    host = socket.gethostname()
+    pattern = re.compile(re.escape(TMP_PREFIX.format(name=dst.name)) + r"(\d+)-[0-9a-f]{8}-(.+)")
+    for tmp in dst.parent.glob(TMP_PREFIX.format(name=glob.escape(dst.name)) + "*"):
+        m = pattern.fullmatch(tmp.name)
+        if m and m.group(2) == host and not _alive(int(m.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | Path, overwrite: bool = False, nbytes: int | None = None) -> Iterator[Path]:
-    """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error it is removed.
-    Out-of-space / permission errors become a one-line DiskError naming `dst` (and `nbytes`, the expected
-    size, when given: it is also checked against the free space before anything is written)."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: destination already exists")
+    """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error (or an interruption) it is
+    removed, and those left by writers that were killed are removed by the next one.  `dst` must pass
+    `check_destination`.  Out-of-space / permission errors become a one-line DiskError naming `dst` (and `nbytes`,
+    the expected size, when given: it is also checked against the free space before anything is written)."""
+    dst = check_destination(dst, overwrite=overwrite)
     with disk.writing(dst, nbytes):
         dst.parent.mkdir(parents=True, exist_ok=True)
         if nbytes:
             disk.require(dst.parent, nbytes)
-        tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
+        _remove_stale(dst)
+        tmp = dst.parent / (TMP_PREFIX.format(name=dst.name) + f"{os.getpid()}-{secrets.token_hex(4)}-"
+                                                               f"{socket.gethostname()}")
         tmp.mkdir()                  # the mode the umask gives (mkdtemp's 0700 would lock others out of dst)
     try:
         with disk.writing(dst, nbytes):

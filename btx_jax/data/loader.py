@@ -110,8 +110,13 @@ class Pipeline:
     streams = False  # True: some sources stream (btx_jax.data.streaming.StreamingPipeline)
 
     def __init__(self, kind: str, names: list[str], probs: np.ndarray, stores: list, builder: BatchBuilder, *,
-                 workers: int, read_ahead: int):
+                 workers: int, read_ahead: int, allow_changed_data: bool = False):
         self.kind, self.names, self.probs, self.stores = kind, names, probs, stores
+        self.allow_changed_data = allow_changed_data
+        # each source's store (its folder name holds the fingerprint of corpus, tokenizer and formatting);
+        # None for a streaming source, which has no store
+        self.store_names = {n: s.docs.reopen[0].name if getattr(getattr(s, "docs", None), "reopen", ()) else None
+                            for n, s in zip(names, stores)}
         self.builder, self.workers, self.read_ahead = builder, workers, read_ahead
         self.seq_len, self.seed = builder.seq_len, builder.seed
         self.global_batch_size, self.local_batch_size = builder.global_batch_size, builder.local_batch_size
@@ -151,6 +156,7 @@ class Pipeline:
             "batch_index": self._batch_index,
             "rows": {n: int(r) for n, r in zip(self.names, self._rows)},
             "non_pad_tokens": int(self._non_pad),
+            "stores": self.store_names,
             "workers": self.workers,
             "start": self._start,
             "grain": self._iterator().get_state(),
@@ -165,6 +171,12 @@ class Pipeline:
         if ("streaming" in state) != self.streams:
             saved, here = ("with", "has none") if "streaming" in state else ("without", "has some")
             raise DataError(f"data state: saved by a pipeline {saved} streaming sources, this one {here}")
+        changed = [n for n, store in state.get("stores", {}).items() if store != self.store_names[n]]
+        if changed and not self.allow_changed_data:  # a state saved before stores were recorded has no "stores"
+            n = changed[0]
+            raise DataError(f"data state: source {n!r} was trained on store {state['stores'][n]} and its data now "
+                            f"makes store {self.store_names[n]} (the corpus, tokenizer or formatting changed); "
+                            "restore the data, or set data.allow_changed_data=True to resume on the new data")
 
     def set_state(self, state: dict) -> None:
         self._check_state(state)

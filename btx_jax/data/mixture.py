@@ -18,11 +18,18 @@ from btx_jax.data.errors import DataError
 
 
 def normalize_ratios(names: Sequence[str], ratios: Sequence[float]) -> np.ndarray:
-    """Ratios as probabilities; DataError when one is negative/non-finite or all are zero."""
+    """Ratios as probabilities; DataError when one is not a number (True is not one), negative or non-finite,
+    when all are zero, or when their sum overflows."""
     for name, r in zip(names, ratios):
-        if not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < math.inf:
             raise DataError(f"source {name!r}: ratio must be a finite number >= 0, got {r!r}")
-    total = float(sum(ratios))
+    try:
+        total = math.fsum(ratios)
+    except OverflowError:
+        total = math.inf
     if total <= 0:
         raise DataError(f"mixture ratios are all zero (sources: {', '.join(names)})")
+    if not math.isfinite(total):
+        raise DataError(f"mixture ratios sum to infinity (sources: {', '.join(names)}); they are "
+                        "relative weights: use smaller numbers such as 1 and 3")
     return np.asarray(ratios, np.float64) / total

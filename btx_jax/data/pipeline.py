@@ -17,6 +17,12 @@ CONFIG SCHEMA (`ml_collections.ConfigDict` or dict; every key but `sources` is o
                  ~/.cache/btx_jax/data. A shared filesystem path lets several hosts share one store.
   num_proc       processes tokenising a store (None: every core)
   shard_mb       store build shard size in MB of records (resume granularity; default 64)
+  verify         "sampled" (default): a store's files are checked against their checksums on a few
+                 blocks when opened; "full": on every byte
+  skip_bad_records  False (default): an SFT record without its prompt or response is refused (one line
+                 naming its file and line); True: such records are skipped and counted
+  allow_changed_data  False (default): resuming refuses a store that is not the one the checkpoint was
+                 trained on (the corpus or its tokenisation changed); True: resume on the new data anyway
   workers        grain worker processes building batches (default 0: built by a read-ahead thread);
                  must be 0 with streaming sources
   read_ahead     batches prefetched ahead of the trainer (default 2; 0: built on demand)
@@ -46,7 +52,7 @@ from btx_jax.data.loader import BatchBuilder, Pipeline
 from btx_jax.data.mixture import normalize_ratios
 from btx_jax.data.packing import FIELDS, PackedExamples, PackedStream, empty_rows
 from btx_jax.data.sources import Source
-from btx_jax.data.store import encoding_options, open_store
+from btx_jax.data.store import dropped_records, encoding_options, open_store
 from btx_jax.data.streaming import StreamingPipeline, StreamingRows
 from btx_jax.data.tokenizer import load_tokenizer
 
@@ -62,6 +68,9 @@ _DEFAULTS = {
     "cache_dir": None,
     "num_proc": None,
     "shard_mb": None,
+    "verify": "sampled",
+    "skip_bad_records": False,
+    "allow_changed_data": False,
     "workers": 0,
     "read_ahead": 2,
     "tokenizer": None,
@@ -90,7 +99,7 @@ def parse_config(cfg: Any) -> dict:
 def source_docs(cfg: dict, source: Source, tokenizer, progress: bool = True):
     """The source's tokenised documents from its store (built on first use)."""
     return open_store(source, tokenizer, encoding_options(cfg, tokenizer), cache_dir=cfg["cache_dir"],
-                      num_proc=cfg["num_proc"], shard_mb=cfg["shard_mb"], progress=progress)
+                      num_proc=cfg["num_proc"], shard_mb=cfg["shard_mb"], progress=progress, verify=cfg["verify"])
 
 
 def packed_rows(cfg: dict, source: Source, tokenizer, *, seq_len: int, seed: int, training: bool):
@@ -127,6 +136,7 @@ def prepare(cfg: Any, tokenizer, *, held_out: bool = True, progress: bool = True
     (source, {"streaming": True}) for a streaming training source, which has no store."""
     cfg = parse_config(cfg)
     sources = list(cfg["sources"])
+    normalize_ratios([s.name for s in sources], [s.ratio for s in sources])  # fail before tokenising
     if held_out:
         sources += [s.held_out() for s in cfg["sources"] if s.eval_path]
     out = []
@@ -137,7 +147,7 @@ def prepare(cfg: Any, tokenizer, *, held_out: bool = True, progress: bool = True
         docs = source_docs(cfg, source, tokenizer, progress=progress)
         path, meta, _ = docs.reopen
         out.append((", ".join(source.path), {**docs.counts, "tokens": int(docs.offsets[-1]), "store": str(path),
-                                              "seconds": meta["seconds"]}))
+                                              "seconds": meta["seconds"], "dropped": meta["dropped_records"]}))
     return out
 
 
@@ -156,7 +166,8 @@ def prepare_config(data_cfg: Any, *, num_proc: int | None = None) -> None:
             print(f"{path}: streaming source, skipped (no store: it is read and tokenised while training)")
             continue
         rate = f", {info['tokens'] / info['seconds']:,.0f} tokens/s" if info["seconds"] else ""
-        print(f"{path}: {info['documents']:,} documents, {info['tokens']:,} tokens{rate} -> {info['store']}")
+        dropped = f", {dropped_records(info['dropped'])}" if info["dropped"] else ""
+        print(f"{path}: {info['documents']:,} documents, {info['tokens']:,} tokens{rate}{dropped} -> {info['store']}")
 
 
 def make_pipeline(
@@ -195,7 +206,7 @@ def make_pipeline(
                            process_index=process_index, process_count=process_count, pad_id=tokenizer.pad_id)
     pipeline_class = StreamingPipeline if streaming else Pipeline
     return pipeline_class(cfg["kind"], names, probs, stores, builder, workers=int(cfg["workers"]),
-                          read_ahead=int(cfg["read_ahead"]))
+                          read_ahead=int(cfg["read_ahead"]), allow_changed_data=cfg["allow_changed_data"])
 
 
 

@@ -116,6 +116,16 @@ def encode_sft(source: Source, tokenizer, records: list[dict], *, add_bos: bool,
     return ids, masks
 
 
+def missing_field(source: Source, record: dict) -> str | None:
+    """The prompt or response field the record lacks (absent, null or with a null message content), or None."""
+    if source.messages_field in record:
+        messages = record[source.messages_field]
+        if not messages or any(m.get("role") is None or m.get("content") is None for m in messages):
+            return source.messages_field
+        return None
+    return next((f for f in (source.instruction_field, source.output_field) if record.get(f) is None), None)
+
+
 def sft_fields(source: Source, column_names: list[str]) -> list[str]:
     """The record fields an SFT source needs (checked before tokenising)."""
     if source.messages_field in column_names:

@@ -39,15 +39,20 @@ formats them into document texts, one batch of records at a time.
 from __future__ import annotations
 
 import codecs
+import collections
+import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
+import os
 import re
 import string
 from pathlib import Path
 from typing import Any, Callable
 
+from btx_jax import disk
 from btx_jax.data import bundled
 from btx_jax.data.errors import DataError
 
@@ -157,15 +162,38 @@ def _looks_like_hub(name: str) -> bool:
     return not Path(name).suffix and name.count("/") == 1 and not Path(name).exists()
 
 
-def source_stamp(source: Source) -> list:
-    """What identifies the source's bytes without reading them: (path, size, mtime) of every local file
-    (every file under a local dataset directory), or the hub name, subset, split and revision."""
+def source_stamp(source: Source, digests: Path) -> list:
+    """What identifies the source's bytes: (path, size, content digest) of every local file (every file under a
+    local dataset directory; `file_digest`, remembered under `digests`), or the hub name, subset, split and
+    revision."""
     files = local_files(source)
     if files is None and Path(source.path[0]).is_dir():
         files = sorted(p for p in Path(source.path[0]).rglob("*") if p.is_file())
     if files is None:
         return [source.path[0], source.subset, source.split, source.revision]
-    return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return [(str(f.resolve()), f.stat().st_size, file_digest(f, digests)) for f in files]
+
+
+def file_digest(path: Path, digests: Path) -> str:
+    """blake2b of the file's bytes (streamed). Remembered in `digests/` under the file's path with its stat
+    (size, mtime, ctime, inode): an edit, even one that restores size and mtime, changes the ctime, so a file is
+    read again exactly when it may have changed."""
+    path = path.resolve()
+    st = path.stat()
+    stat = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    memo = digests / f"{hashlib.sha256(str(path).encode()).hexdigest()[:24]}.json"
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads(memo.read_text())
+        if saved["path"] == str(path) and saved["stat"] == stat:
+            return saved["blake2b"]
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next run another read
+        digests.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"path": str(path), "stat": stat, "blake2b": digest}))
+        os.replace(tmp, memo)
+    return digest
 
 
 def _builder(source: Source, files: list[Path]) -> str:
@@ -216,10 +244,10 @@ def _first_bad_json_line(path: Path) -> str | None:
 WRITER_BATCH_ROWS = 100_000
 
 
-def load_records(source: Source, cache_dir: str | None = None, num_proc: int | None = None, *,
-                 streaming: bool = False):
+def load_records(source: Source, cache_dir: str | None = None, *, streaming: bool = False):
     """The source's rows as a memory-mapped `datasets.Dataset` (Arrow files under `cache_dir`, else
-    the datasets cache; local files are checked to be UTF-8 text first), or with `streaming` as a
+    the datasets cache; local files are checked to be UTF-8 text first; read in this process: datasets' `num_proc`
+    forks, which is unsafe once JAX has started its threads), or with `streaming` as a
     `datasets.IterableDataset` that reads the files (or the hub) as it is iterated (a bad file is then found
     when it is read: `read_error`)."""
     import datasets
@@ -235,12 +263,14 @@ def load_records(source: Source, cache_dir: str | None = None, num_proc: int | N
             _check_utf8(source, f)
     kwargs = {"sample_by": source.sample_by} if builder == "text" else {}
     if not streaming:
-        kwargs.update(cache_dir=cache_dir, num_proc=num_proc if num_proc and len(files) > 1 else None,
-                      writer_batch_size=WRITER_BATCH_ROWS)
+        kwargs.update(cache_dir=cache_dir, writer_batch_size=WRITER_BATCH_ROWS)
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming,
                                    **kwargs)
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+        fault = disk.fault_of(e)
+        if fault is not None and cache_dir is not None:  # the Arrow files could not be written
+            raise disk.DiskError(disk.message(cache_dir, fault[0])) from None
         raise read_error(source, e) from None
     if not streaming and len(ds) == 0:
         raise DataError(f"source {source.name!r}: no records in {', '.join(source.path)}")
@@ -320,9 +350,9 @@ def require_fields(source: Source, columns: list[str], fields: list[str]) -> Non
         )
 
 
-def document_texts(source: Source, batch: dict[str, list]) -> tuple[list[str], int]:
-    """A batch of records (columns) as document texts after formatting and the length filters, and
-    how many records the filters dropped."""
+def document_texts(source: Source, batch: dict[str, list]) -> tuple[list[str], dict[str, int]]:
+    """A batch of records (columns) as document texts after formatting and the length filters, and how many
+    records were dropped for each reason (`null text`, `shorter than min_chars=N`, `longer than max_chars=N`)."""
     n = len(next(iter(batch.values()))) if batch else 0
     if source.format_fn is not None:
         texts = [source.format_fn({k: v[i] for k, v in batch.items()}) for i in range(n)]
@@ -331,12 +361,44 @@ def document_texts(source: Source, batch: dict[str, list]) -> tuple[list[str], i
         texts = [source.template.format(**{f: batch[f][i] for f in fields}) for i in range(n)]
     else:
         texts = batch[source.text_field]
-    kept = [
-        t
-        for t in texts
-        if t is not None and len(t) >= source.min_chars and (source.max_chars is None or len(t) <= source.max_chars)
-    ]
-    return kept, n - len(kept)
+    kept, dropped = [], collections.Counter()
+    for t in texts:
+        reason = ("null text" if t is None else f"shorter than min_chars={source.min_chars}"
+                  if len(t) < source.min_chars else f"longer than max_chars={source.max_chars}"
+                  if source.max_chars is not None and len(t) > source.max_chars else None)
+        if reason is None:
+            kept.append(t)
+        else:
+            dropped[reason] += 1
+    return kept, dropped
+
+
+def record_location(source: Source, row: int) -> str:
+    """Where the source's `row`-th record (0-based, in file order) is: 'FILE line N' in a jsonl file, 'FILE row
+    N' in a parquet file, else 'record N of PATHS' (also after a `where` filter, which renumbers the records)."""
+    files = local_files(source)
+    fallback = f"record {row + 1} of {', '.join(source.path)}"
+    if files is None or source.where or _builder(source, files) not in ("json", "parquet"):
+        return fallback
+    left = row
+    for f in files:
+        if _builder(source, [f]) == "parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.ParquetFile(f).metadata.num_rows
+            if left < rows:
+                return f"{f} row {left + 1}"
+            left -= rows
+            continue
+        with f.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if number == 1 and line.lstrip().startswith("["):
+                    return fallback  # a JSON array, not one record per line
+                if line.strip():
+                    if left == 0:
+                        return f"{f} line {number}"
+                    left -= 1
+    return fallback
 
 
 def template_fields(source: Source) -> list[str]:

@@ -176,7 +176,7 @@ class StreamingRows:
         pos = self._pos
         check_fields(self.source, list(batch), self.options)
         read = len(next(iter(batch.values())))
-        encoded = self.encoder(batch)
+        encoded, _ = self.encoder(batch, first_row=pos["read"])
         n = len(encoded["input_ids"])
         if self.source.max_docs is not None:
             n = min(n, self.source.max_docs - pos["docs"])
@@ -302,6 +302,7 @@ class StreamingPipeline(Pipeline):
             "batch_index": self._batch_index,
             "rows": {n: int(r) for n, r in zip(self.names, self._rows)},
             "non_pad_tokens": int(self._non_pad),
+            "stores": self.store_names,
             "streaming": {"process_count": self.process_count,
                           "positions": _gather(self.process_index, self.process_count, own)},
         }

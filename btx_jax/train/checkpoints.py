@@ -32,7 +32,8 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"     # orbax's in-progress step directories
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
                      "train.remat", "train.attention", "train.attention_block",
-                     "train.loss_layout", "mesh", "distributed", "export", "eval")
+                     "train.loss_layout", "mesh", "distributed", "export", "eval", "data.allow_changed_data",
+                     "data.verify")
 
 
 class Checkpointer:

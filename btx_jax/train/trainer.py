@@ -34,6 +34,7 @@ from btx_jax.checkpoint import btx
 from btx_jax.cli import fail
 from btx_jax.config import ConfigError, LlamaConfig
 from btx_jax.data import load_tokenizer, make_pipeline
+from btx_jax.data.interrupt import interruptible_build
 from btx_jax.data.packing import FIELDS
 from btx_jax.data.synthetic import SyntheticPipeline
 from btx_jax.errors import UserError
@@ -287,7 +288,8 @@ def _train(cfg: dict, workdir: Path, phase: Phase, step_fn) -> dict:
     t = cfg["train"]
     mesh, built = phase.mesh, phase.built
     batch_sharding = built.batch_sharding
-    data = make_data(cfg, phase.source.config.vocab_size)
+    with interruptible_build():          # SIGTERM / Ctrl-C while a store is built: one line, exit 143 / 130
+        data = make_data(cfg, phase.source.config.vocab_size)
     ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])
     resumed = ckpt.resume(built.abstract_state, lambda saved: checkpoints.check_compatible(saved, cfg, workdir))
     start = 0

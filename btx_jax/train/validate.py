@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 
 import jax
@@ -30,9 +31,6 @@ SECTIONS = {
     "model": ("init", "arch", "lora", "compose"),
     "mesh": mesh_lib.MESH_AXES + ("num_devices",),
 }
-DISTRIBUTED = ("enabled", "coordinator_address", "num_processes", "process_id", "local_device_ids",
-               "cpu_collectives", "initialization_timeout")
-CPU_COLLECTIVES = ("", "gloo", "mpi")
 
 
 def _int(lo: int):
@@ -64,6 +62,44 @@ TRAIN = {
 }
 
 
+def _bool():
+    return ("bool", None, "True or False")
+
+
+def _or_none(rule: tuple) -> tuple:
+    kind, check, allowed = rule
+    return ("optional " + kind, check, allowed + " or None")
+
+
+# data.<key> (every key optional; the defaults are btx_jax/data/pipeline.py's): (kind, check, allowed range)
+DATA = {
+    "kind": ("choice", ("pretrain", "sft", "synthetic"), "one of pretrain, sft, synthetic"),
+    "sources": ("list", lambda v: len(v) > 0, "a non-empty list of source dicts"),
+    "add_bos": _bool(), "add_eos": _bool(), "segment_ids": _bool(), "shuffle": _bool(),
+    "overlong": ("choice", ("truncate", "drop"), "one of truncate, drop"),
+    "chat_template": ("choice", ("auto", "default"), "one of auto, default"),
+    "cache_dir": _or_none(("path", None, "a directory path")),
+    "num_proc": _or_none(_int(1)), "shard_mb": _or_none(_float(lambda v: v > 0, "a number of MB > 0")),
+    "workers": _int(0), "read_ahead": _int(0),
+    "tokenizer": _or_none(("path", None, "a tokenizer path")),
+    "verify": ("choice", ("sampled", "full"), "one of sampled, full"),
+    "skip_bad_records": _bool(), "allow_changed_data": _bool(),
+}
+
+CPU_COLLECTIVES = ("", "gloo", "mpi")
+# distributed.<key>: (kind, check, allowed range); the unset ones are detected by jax.distributed.initialize
+DISTRIBUTED = {
+    "enabled": _bool(),
+    "coordinator_address": ("str", lambda v: v == "" or ":" in v,
+                            "host:port, or '' to detect it (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS)"),
+    "num_processes": _or_none(_int(1)), "process_id": _or_none(_int(0)),
+    "local_device_ids": _or_none(("list", lambda v: all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+                                  "a list of device ids")),
+    "cpu_collectives": ("choice", CPU_COLLECTIVES, f"one of {', '.join(map(repr, CPU_COLLECTIVES))}"),
+    "initialization_timeout": _int(1),
+}
+
+
 def unknown_key(key: str, known) -> ConfigError:
     """ConfigError for an unknown config key, with the closest known key as a suggestion."""
     *parent, leaf = key.split(".")
@@ -86,20 +122,42 @@ def _check_keys(cfg: dict) -> None:
             raise ConfigError(f"config key 'train.{key}' is missing (it must be {TRAIN[key][2]})")
 
 
-def _check_train_values(t: dict) -> None:
-    for key, (kind, check, allowed) in TRAIN.items():
-        v = t[key]
+def _check_values(section: str, values: dict, rules: dict) -> None:
+    """ConfigError for the first value (in the order of `rules`) that its rule does not allow."""
+    for key, (kind, check, allowed) in rules.items():
+        if key not in values:
+            continue
+        v = values[key]
+        if kind.startswith("optional "):
+            if v is None:
+                continue
+            kind = kind.removeprefix("optional ")
         bad = False
         if kind == "choice":
             bad = v not in check
         elif kind == "bool":
             bad = not isinstance(v, bool)
+        elif kind == "path":
+            bad = not isinstance(v, (str, os.PathLike)) or not str(v)
+        elif kind == "str":
+            bad = not isinstance(v, str) or not check(v)
+        elif kind == "list":
+            bad = not isinstance(v, (list, tuple)) or not check(v)
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and v != int(v)):
             bad = True
         else:
             bad = not (math.isfinite(v) and check(v))
         if bad:
-            raise ConfigError(f"train.{key}={v!r}: must be {allowed}")
+            raise ConfigError(f"{section}.{key}={v!r}: must be {allowed}")
+
+
+def check_data(d: dict) -> None:
+    """ConfigError (one line) for an unknown `data` key or a value of the wrong type or range (the sources
+    themselves are checked by btx_jax/data when they are read)."""
+    for key in d:
+        if key not in DATA:
+            raise unknown_key(f"data.{key}", DATA)
+    _check_values("data", d, DATA)
 
 
 def check_distributed(d: dict) -> None:
@@ -107,21 +165,7 @@ def check_distributed(d: dict) -> None:
     for key in d:
         if key not in DISTRIBUTED:
             raise unknown_key(f"distributed.{key}", DISTRIBUTED)
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    checks = {
-        "enabled": (lambda v: isinstance(v, bool), "True or False"),
-        "coordinator_address": (lambda v: isinstance(v, str) and (v == "" or ":" in v),
-                                "host:port, or '' to detect it (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS)"),
-        "num_processes": (lambda v: v is None or (is_int(v) and v >= 1), "an integer >= 1, or unset to detect it"),
-        "process_id": (lambda v: v is None or (is_int(v) and v >= 0), "an integer >= 0, or unset to detect it"),
-        "local_device_ids": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(map(is_int, v))),
-                             "a list of device ids, or unset"),
-        "cpu_collectives": (lambda v: v in CPU_COLLECTIVES, f"one of {', '.join(map(repr, CPU_COLLECTIVES))}"),
-        "initialization_timeout": (lambda v: is_int(v) and v >= 1, "an integer number of seconds >= 1"),
-    }
-    for key, (ok, allowed) in checks.items():
-        if key in d and not ok(d[key]):
-            raise ConfigError(f"distributed.{key}={d[key]!r}: must be {allowed}")
+    _check_values("distributed", d, DISTRIBUTED)
     n, i = d.get("num_processes"), d.get("process_id")
     if n is not None and i is not None and i >= n:
         raise ConfigError(f"distributed.process_id={i}: must be < distributed.num_processes={n}")
@@ -135,7 +179,8 @@ def validate(cfg: dict, num_devices: int) -> tuple:
     _check_keys(cfg)
     check_distributed(cfg.get("distributed") or {})
     t = cfg["train"]
-    _check_train_values(t)
+    _check_values("train", t, TRAIN)
+    check_data(dict(cfg.get("data") or {}))
     wanted = int(cfg["mesh"].get("num_devices", 0))
     if wanted > num_devices:
         raise ConfigError(f"mesh.num_devices={wanted} but only {num_devices} devices are available")

@@ -8,12 +8,17 @@ which report the OS error in their message) into a `DiskError` such as
 `runs/x/checkpoints: no space left on device (writing needs about 1.2 MiB, 0.3 MiB free)`, after removing the
 `cleanup` paths.  Anything else propagates unchanged.  `fault_of(exc)` gives the bare reason for handlers
 (btx_jax/cli.py) that see an unwrapped error.
+
+`quiet_background_faults()` (an entry point's process-wide setting) keeps the copies of such a fault that
+orbax's writer threads log, with tracebacks, off stderr: the thread that waits for the write reports it once.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -106,3 +111,33 @@ def writing(path: str | Path, nbytes: int | None = None, cleanup: Iterable[str |
         for p in cleanup:
             shutil.rmtree(p, ignore_errors=True)
         raise DiskError(message(fault[1] or path, fault[0], nbytes)) from None
+
+
+class _BackgroundFaults(logging.Filter):
+    """Drops log records about a disk fault (orbax logs its failed background writes with their traceback)
+    and, once one was seen, the 'Event loop is closed' errors of the writes' late callbacks."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if (exc is not None and fault_of(exc)) or fault_of(Exception(record.getMessage())):
+            self.seen = True
+            return False
+        return True
+
+    def unraisable(self, hook, unraisable) -> None:
+        late = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+        if not (self.seen and late):
+            hook(unraisable)
+
+
+def quiet_background_faults(logger: str = "absl") -> None:
+    """Keep disk faults that orbax's background threads log (through absl, i.e. the `logger` logger) off
+    stderr, with the noise their aborted writes leave; the main thread's DiskError says it in one line."""
+    faults = _BackgroundFaults()
+    logging.getLogger(logger).addFilter(faults)
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: faults.unraisable(hook, unraisable)

@@ -118,8 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0, log_every=10, ckpt_every=50, keep_checkpoints=2,
     ))
     c.data = ml_collections.ConfigDict(dict(kind="synthetic"))
+    # Unset coordinator_address / num_processes / process_id: jax.distributed.initialize() detects them (SLURM,
+    # TPU pods, JAX_COORDINATOR_ADDRESS; docs/hardware.md).  initialization_timeout: seconds to wait for every
+    # process to reach the coordinator before stopping with one line.
     c.distributed = ml_collections.ConfigDict(dict(
-        enabled=False, coordinator_address="", num_processes=1, process_id=0, cpu_collectives=""))
+        enabled=False, coordinator_address="", num_processes=ml_collections.config_dict.placeholder(int),
+        process_id=ml_collections.config_dict.placeholder(int), cpu_collectives="", initialization_timeout=300))
     return c
 
 

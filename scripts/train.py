@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from btx_jax import disk  # noqa: E402
 from btx_jax.cli import parse_flags, run_cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "phase config file (configs/<phase>.py[:preset])")
@@ -21,6 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)   # orbax logs every file at INFO
+    disk.quiet_background_faults()           # a full disk: one line, not orbax's writer threads' tracebacks
     from btx_jax.checkpoint.tensor_files import check_destination
     from btx_jax.train.trainer import train
 

@@ -10,12 +10,15 @@ version `workdir/finals/<step>-<digest>/` (a btx_jax checkpoint) and `workdir/fi
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import os
 import shutil
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,7 +29,9 @@ import numpy as np
 import optax
 
 from btx_jax import disk, param_paths
+from btx_jax import lock as run_lock
 from btx_jax.checkpoint import btx
+from btx_jax.cli import fail
 from btx_jax.config import ConfigError, LlamaConfig
 from btx_jax.data import load_tokenizer, make_pipeline
 from btx_jax.data.interrupt import interruptible_build
@@ -37,12 +42,13 @@ from btx_jax.model import Llama, attention
 from btx_jax.pretrained import ModelSource
 from btx_jax import mesh as mesh_lib
 from btx_jax.train import aot, checkpoints, phases
+from btx_jax.train.device_memory import StepDoesNotFit, check_fits, fit_knobs
 from btx_jax.train.health import TrainingHealth
 from btx_jax.train.metrics_log import MetricsLog
 from btx_jax.train.model_init import initial_source
 from btx_jax.train.optim import make_optimizer, schedule
 from btx_jax.train.step import init_state, make_train_step
-from btx_jax.train.validate import check_model, validate
+from btx_jax.train.validate import check_distributed, check_model, validate
 
 log = logging.getLogger("btx_jax.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)   # save a checkpoint, then exit 128 + signal (143 / 130)
@@ -57,16 +63,69 @@ def resolved(config) -> dict:
     return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
 
 
+class DistributedError(UserError, RuntimeError):
+    """The processes of a multi-host run could not connect; the message names the coordinator and process."""
+
+
 def maybe_initialize_distributed(cfg: dict) -> None:
+    """jax.distributed.initialize() when distributed.enabled: the keys left unset (coordinator_address '',
+    num_processes, process_id) are detected by JAX (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS; docs/hardware.md).
+    Stops with one line (exit 2 from the CLI) naming the coordinator and this process when the processes have
+    not all connected within distributed.initialization_timeout seconds, instead of JAX's abort."""
     d = cfg.get("distributed") or {}
-    if not d.get("enabled"):
+    if not d.get("enabled") or jax.distributed.is_initialized():     # once per process (phases run in one)
         return
+    check_distributed(d)
     if d.get("cpu_collectives"):
         jax.config.update("jax_cpu_collectives_implementation", d["cpu_collectives"])
-    kwargs = {k: d[k] for k in ("coordinator_address", "num_processes", "process_id") if d.get(k) is not None}
+    kwargs = {k: d[k] for k in ("num_processes", "process_id") if d.get(k) is not None}
+    if d.get("coordinator_address"):
+        kwargs["coordinator_address"] = d["coordinator_address"]
     if d.get("local_device_ids") is not None:
         kwargs["local_device_ids"] = list(d["local_device_ids"])
-    jax.distributed.initialize(**kwargs)
+    timeout = int(d.get("initialization_timeout", 300))
+
+    def gave_up():   # JAX's own timeout aborts the process from C++ (SIGABRT): stop first, with one line
+        try:
+            fail(_distributed_message(kwargs, timeout))      # the CLI's line (the main thread is blocked)
+        except SystemExit as e:
+            sys.stderr.flush()
+            os._exit(e.code)
+    watchdog = threading.Timer(timeout, gave_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(**kwargs, initialization_timeout=timeout + DISTRIBUTED_GRACE_S)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise DistributedError(f"{_distributed_message(kwargs, timeout, failed=True)}: "
+                               f"{' '.join(str(e).split())}") from None
+    finally:
+        watchdog.cancel()
+
+
+DISTRIBUTED_GRACE_S = 60     # JAX's own deadline, after ours: it would abort the process
+
+
+def _distributed_message(kwargs: dict, timeout: int, failed: bool = False) -> str:
+    """'... coordinator <address> ... process <id> of <n> ...', with what JAX detected for the unset keys."""
+    found = dict(kwargs)
+    if None in (found.get("coordinator_address"), found.get("num_processes"), found.get("process_id")):
+        try:    # what jax.distributed.initialize detects (private API, used for this message only)
+            from jax._src import clusters
+            address, n, pid, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+                found.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                found.get("num_processes"), found.get("process_id"), None, None, 5)
+            found.update(coordinator_address=address, num_processes=n, process_id=pid)
+        except Exception:     # noqa: BLE001 - the message then says the values were not detected
+            pass
+    address = found.get("coordinator_address") or "(none: not set and not detected)"
+    who = f"process {found.get('process_id', '?')} of {found.get('num_processes', '?')}"
+    if failed:
+        return (f"distributed initialization failed ({who}, coordinator {address}; set "
+                "distributed.coordinator_address, num_processes and process_id, or run under SLURM / on a TPU pod)")
+    return (f"distributed initialization timed out after distributed.initialization_timeout={timeout}s: {who} "
+            f"could not connect all processes through the coordinator at {address} (check "
+            "distributed.coordinator_address, that every process was started and that the port is reachable)")
 
 
 def make_data(cfg: dict, vocab_size: int):
@@ -192,14 +251,45 @@ def train(config, workdir: str | Path) -> dict:
     cfg = resolved(config)
     workdir = Path(workdir)
     maybe_initialize_distributed(cfg)
+    with workdir_lock(workdir):     # first: a second run is refused before it compiles (the lock leaves no
+        t = cfg["train"]            # directory behind when the run stops before writing anything)
+        phase = wire(cfg)
+        built = phase.built
+        # compiled before any weight is read: the compiler's working memory is freed before the state exists
+        try:
+            step_fn = compile_step(built.step_fn, built.abstract_state, abstract_batch(built, t),
+                                   jax.process_index() == 0)
+        except aot.DoesNotFit as e:
+            raise StepDoesNotFit(f"the compiler refused the train step ({e}): {fit_knobs(t)}") from None
+        check_fits(step_fn, t, [d for d in phase.mesh.devices.flat if d.process_index == jax.process_index()])
+        return _train(cfg, workdir, phase, step_fn)
+
+
+def workdir_lock(workdir: Path):
+    """The work directory's run lock (btx_jax/lock.py), taken by process 0 for all processes: every process
+    stops with the LockError when another run holds it."""
+    from jax.experimental import multihost_utils
+    lock = contextlib.ExitStack()
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.enter_context(run_lock.hold(workdir, "training"))
+        except run_lock.LockError as e:
+            error = e
+    if jax.process_count() > 1 and not bool(multihost_utils.broadcast_one_to_all(np.int32(error is None))):
+        error = error or run_lock.LockError(f"{workdir}: another training is running in this directory (process 0 "
+                                            "holds no lock: see its output)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _train(cfg: dict, workdir: Path, phase: Phase, step_fn) -> dict:
     t = cfg["train"]
-    phase = wire(cfg)
     mesh, built = phase.mesh, phase.built
     batch_sharding = built.batch_sharding
     with interruptible_build():          # SIGTERM / Ctrl-C while a store is built: one line, exit 143 / 130
         data = make_data(cfg, phase.source.config.vocab_size)
-    # compiled before any weight is read: the compiler's working memory is freed before the state exists
-    step_fn = compile_step(built.step_fn, built.abstract_state, abstract_batch(built, t), jax.process_index() == 0)
     ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])
     resumed = ckpt.resume(built.abstract_state, lambda saved: checkpoints.check_compatible(saved, cfg, workdir))
     start = 0
@@ -273,9 +363,10 @@ def abstract_batch(built: BuiltStep, t: dict) -> dict:
 
 def compile_step(step_fn, state: dict, batch: dict, verbose: bool):
     """`step_fn` compiled for these (abstract) shapes, with the compiler's per-device memory printed (on an
-    accelerator that is device memory; on virtual CPU devices every device's share is host RAM)."""
+    accelerator that is device memory; on virtual CPU devices every device's share is host RAM).  A program the
+    compiler refuses for its memory (TPU) raises aot.DoesNotFit."""
     tic = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled, _ = aot.compile_lowered(step_fn.lower(state, batch), "train step", log=print if verbose else _quiet)
     release_freed_memory()
     mem = compiled.memory_analysis()
     if verbose and mem is not None:
@@ -283,6 +374,10 @@ def compile_step(step_fn, state: dict, batch: dict, verbose: bool):
               f"{mem.argument_size_in_bytes / 2**30:.3f} GiB state+batch, {mem.temp_size_in_bytes / 2**30:.3f} GiB "
               "temporaries", flush=True)
     return compiled
+
+
+def _quiet(_message: str) -> None:
+    """The compile progress log of processes other than 0."""
 
 
 def release_freed_memory() -> None:
@@ -320,6 +415,7 @@ def save_final(workdir: Path, phase: Phase, state: dict, frozen_digest: str | No
             shutil.rmtree(tmp)
         multihost_utils.sync_global_devices("btx_final_clean")
         nbytes = sum(x.size * x.dtype.itemsize for x in stored.values())
+        disk.require(version.parent, nbytes)     # before orbax's writer threads can meet a full disk
         with disk.writing(version, nbytes, cleanup=[tmp]):
             tmp.mkdir(parents=True, exist_ok=True)
             btx.save(tmp, phase.source.config, stored, reference if linked else None)

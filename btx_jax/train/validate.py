@@ -86,6 +86,19 @@ DATA = {
     "skip_bad_records": _bool(), "allow_changed_data": _bool(),
 }
 
+CPU_COLLECTIVES = ("", "gloo", "mpi")
+# distributed.<key>: (kind, check, allowed range); the unset ones are detected by jax.distributed.initialize
+DISTRIBUTED = {
+    "enabled": _bool(),
+    "coordinator_address": ("str", lambda v: v == "" or ":" in v,
+                            "host:port, or '' to detect it (SLURM, TPU pods, JAX_COORDINATOR_ADDRESS)"),
+    "num_processes": _or_none(_int(1)), "process_id": _or_none(_int(0)),
+    "local_device_ids": _or_none(("list", lambda v: all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+                                  "a list of device ids")),
+    "cpu_collectives": ("choice", CPU_COLLECTIVES, f"one of {', '.join(map(repr, CPU_COLLECTIVES))}"),
+    "initialization_timeout": _int(1),
+}
+
 
 def unknown_key(key: str, known) -> ConfigError:
     """ConfigError for an unknown config key, with the closest known key as a suggestion."""
@@ -126,6 +139,8 @@ def _check_values(section: str, values: dict, rules: dict) -> None:
             bad = not isinstance(v, bool)
         elif kind == "path":
             bad = not isinstance(v, (str, os.PathLike)) or not str(v)
+        elif kind == "str":
+            bad = not isinstance(v, str) or not check(v)
         elif kind == "list":
             bad = not isinstance(v, (list, tuple)) or not check(v)
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and v != int(v)):
@@ -145,12 +160,24 @@ def check_data(d: dict) -> None:
     _check_values("data", d, DATA)
 
 
+def check_distributed(d: dict) -> None:
+    """ConfigError (one line) for a bad distributed.* key or value; run before jax.distributed.initialize."""
+    for key in d:
+        if key not in DISTRIBUTED:
+            raise unknown_key(f"distributed.{key}", DISTRIBUTED)
+    _check_values("distributed", d, DISTRIBUTED)
+    n, i = d.get("num_processes"), d.get("process_id")
+    if n is not None and i is not None and i >= n:
+        raise ConfigError(f"distributed.process_id={i}: must be < distributed.num_processes={n}")
+
+
 def validate(cfg: dict, num_devices: int) -> tuple:
     """ConfigError (one line) for the first bad value of the resolved config; returns the mesh rules."""
     for section in ("train", "mesh", "model"):
         if not isinstance(cfg.get(section), dict):
             raise ConfigError(f"config section {section!r} is missing")
     _check_keys(cfg)
+    check_distributed(cfg.get("distributed") or {})
     t = cfg["train"]
     _check_values("train", t, TRAIN)
     check_data(dict(cfg.get("data") or {}))

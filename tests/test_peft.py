@@ -191,3 +191,24 @@ def test_btx_expert_lora_is_read_once_per_placement_and_not_kept(hf_llama, tmp_p
     ids = random_ids(1, 8, vocab=256)
     np.testing.assert_allclose(loaded.logits(ids), compose_source(base, experts, top_k=1).load().logits(ids),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_directories_get_the_mode_the_umask_gives(hf_llama, tmp_path, umask):
+    """Exports are written into a temporary directory that is renamed into place: it has the umask's mode
+    (0755 under 022), not mkdtemp's 0700, which locked everyone else out of shared exports."""
+    import os
+    import stat
+
+    from btx_jax.pretrained import memory_source
+    from btx_jax.train.model_init import lora_spec, with_fresh_lora
+
+    pre = with_fresh_lora(memory_source(btx_jax.load_pretrained(hf_llama())), lora_spec({"rank": 4, "alpha": 8.0}),
+                          seed=0).load()
+    old = os.umask(umask)
+    try:
+        for fmt, kw in (("peft", {}), ("hf", {"merge_lora": True}), ("btx", {})):
+            out = pre.save_pretrained(tmp_path / f"{fmt}-{umask:o}", format=fmt, **kw)
+            assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask, fmt
+    finally:
+        os.umask(old)

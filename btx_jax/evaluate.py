@@ -11,8 +11,8 @@ Each model reads its text with its own tokenizer unless one is given (btx_jax/te
 
 `main` evaluates checkpoints on bundled domains and writes a markdown report (report.md, results.json, loss
 tables, routing heatmaps, loss curves of training runs, and with --tasks lm-evaluation-harness scores, which need
-the `eval` extra).  results.json (and downstream.json) are rewritten, atomically, as each model completes, so a
-crash keeps what was done.  Bad input is one stderr line and exit 2, found before any model runs where it can
+the `eval` extra).  results.json (and downstream.json) are rewritten, atomically, as each model (and task)
+completes, so a crash keeps what was done.  Bad input is one stderr line and exit 2, found before any model runs where it can
 be (models, tokenizers, tasks); a --seq-len beyond a model's max_position_embeddings is refused, not truncated
 (losses at another length would not be comparable)."""
 from __future__ import annotations
@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def evaluate_cli(args) -> None:
     """Evaluate every --model on the --domains (and --tasks), write the report into --out and print its tables;
-    results.json / downstream.json are rewritten (atomically) as each model completes."""
+    results.json / downstream.json are rewritten (atomically) as each model / task completes."""
     models, workdirs = _pairs(args.model, "--model"), _pairs(args.workdir, "--workdir")
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     sources = {d: bundled_source(d) for d in domains}
@@ -209,10 +209,10 @@ def evaluate_cli(args) -> None:
         if args.prompt:
             samples[name] = list(zip(args.prompt, complete(pre, tok, args.prompt, max_new_tokens=args.max_new_tokens,
                                                            temperature=0.7, top_p=0.9)))
-        if tasks:
-            scores.update(ds.run_tasks({name: pre}, tasks, tokenizer=tok, limit=args.limit,
-                                       batch_size=args.batch_size, num_fewshot=args.num_fewshot,
-                                       max_gen_toks=args.max_gen_toks))
+        for task in tasks:                              # downstream.json rewritten after each task
+            scores.setdefault(name, {}).update(ds.run_tasks(
+                {name: pre}, [task], tokenizer=tok, limit=args.limit, batch_size=args.batch_size,
+                num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks)[name])
             report.write_json(out / "downstream.json", scores)
 
     results = evaluate_models(models, sources, args.tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,

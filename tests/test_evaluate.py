@@ -151,3 +151,27 @@ def test_results_of_finished_models_survive_a_later_crash(hf_llama, tmp_path, mo
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(saved) == ["a"] and saved["a"]["math"]["tokens"] > 0
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["results.json"]     # no temporary left
+
+
+def test_downstream_scores_of_finished_tasks_survive_a_later_crash(hf_llama, tmp_path, monkeypatch):
+    """--tasks through the lm-eval backend on the model evaluate.py loaded (sharded over 8 devices):
+    downstream.json is rewritten after each task, so a crash in the second task keeps the first's score."""
+    pytest.importorskip("lm_eval")
+    from btx_jax import downstream
+
+    real, seen = downstream.run_tasks, []
+
+    def crashing(models, tasks, **kw):
+        seen.append(tasks)
+        if len(seen) == 2:
+            raise RuntimeError("the machine went away")
+        return real(models, tasks, **kw)
+    monkeypatch.setattr(downstream, "run_tasks", crashing)
+    with pytest.raises(RuntimeError, match="went away"):
+        evaluate.main(["--model", f"a={hf_llama(vocab_size=4096)}", "--domains", "math", "--max-batches", "1",
+                       "--seq-len", "32", "--batch-size", "2", "--tasks", "btx_jcommonsenseqa,btx_gsm8k",
+                       "--limit", "2", "--max-gen-toks", "4", "--out", str(tmp_path / "out")])
+    assert seen == [["btx_jcommonsenseqa"], ["btx_gsm8k"]]
+    scores = json.loads((tmp_path / "out" / "downstream.json").read_text())
+    assert list(scores) == ["a"] and list(scores["a"]) == ["btx_jcommonsenseqa"]
+    assert scores["a"]["btx_jcommonsenseqa"]["n"] == 2 and 0.0 <= scores["a"]["btx_jcommonsenseqa"]["value"] <= 1.0

@@ -7,12 +7,15 @@ for several checkpoints, reduced to one headline metric with its standard error 
 Needs the optional extra `.[eval]` (lm-eval)."""
 from __future__ import annotations
 
+import difflib
+import functools
 from pathlib import Path
 
 import lm_eval
 from lm_eval.tasks import TaskManager
 
 from btx_jax import report
+from btx_jax.config import ConfigError
 from btx_jax.harness import TASKS_DIR, BtxLM
 from btx_jax.pretrained import Pretrained
 
@@ -33,13 +36,43 @@ def headline(task_result: dict) -> tuple[str, float, float]:
     raise ValueError(f"no metric in task results: {sorted(task_result)}")
 
 
+@functools.lru_cache(maxsize=4)
+def task_manager(builtin_tasks: bool, include_path: str | None = None) -> TaskManager:
+    """The bundled tasks (btx_jax/tasks/) and `include_path`, plus the harness's own when `builtin_tasks`
+    (indexing those thousands takes a minute or more: done once per process)."""
+    return TaskManager(include_path=[str(TASKS_DIR)] + ([include_path] if include_path else []),
+                       include_defaults=builtin_tasks)
+
+
+def check_tasks(tasks: list[str], *, include_path: str | None = None, builtin_tasks: bool = True) -> TaskManager:
+    """The TaskManager that knows every one of `tasks` (names, globs or YAML files), or one error naming the
+    first unknown one, the closest bundled name and the bundled tasks: before any model runs.  The harness's
+    own tasks are indexed only when a task is neither bundled nor a `btx_*` name (ours only) nor a file."""
+    for t in tasks:
+        if t.endswith(".yaml") and not Path(t).is_file():
+            raise FileNotFoundError(f"task file not found: {t}")
+    names = [t for t in tasks if not t.endswith(".yaml")]
+    local = task_manager(False, include_path)
+    outside = [t for t in names if not local.match_tasks([t]) and not t.startswith("btx_")]
+    manager = task_manager(True, include_path) if builtin_tasks and outside else local
+    unknown = [t for t in names if not manager.match_tasks([t])]
+    if unknown:
+        bundled = sorted(local.all_tasks)
+        close = difflib.get_close_matches(unknown[0], bundled, n=1)
+        raise ConfigError(f"unknown lm-eval task {unknown[0]!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                          f"bundled tasks: {', '.join(bundled)}"
+                          + ("; list the harness's own with: python -m btx_jax.harness ls tasks" if builtin_tasks
+                             else " (the harness's own are not searched here)"))
+    return manager
+
+
 def run_tasks(models: dict[str, str | Pretrained], tasks: list[str], *, tokenizer=None, limit: int | None = None,
               batch_size: int = 16, num_fewshot: int | None = None, max_gen_toks: int | None = None,
               include_path: str | None = None, builtin_tasks: bool = True) -> dict[str, dict[str, dict]]:
     """{model: {task: {metric, value, stderr, n}}} for model directories or loaded `Pretrained` models
-    (`builtin_tasks=False`: only the bundled tasks and `include_path`, which skips indexing the harness's own)."""
-    manager = TaskManager(include_path=[str(TASKS_DIR)] + ([include_path] if include_path else []),
-                          include_defaults=builtin_tasks)
+    (`builtin_tasks=False`: only the bundled tasks and `include_path`); unknown tasks are refused first
+    (`check_tasks`).  A directory is loaded (sharded, see btx_jax/harness.py) only while its tasks run."""
+    manager = check_tasks(list(tasks), include_path=include_path, builtin_tasks=builtin_tasks)
     gen_kwargs = {"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None
     out = {}
     for name, model in models.items():
@@ -52,6 +85,7 @@ def run_tasks(models: dict[str, str | Pretrained], tasks: list[str], *, tokenize
                 metric, value, stderr = headline(task_result)
                 out[name][task] = {"metric": metric, "value": value, "stderr": stderr,
                                    "n": res["n-samples"][task]["effective"]}
+        del lm, res                   # this model is released before the next one loads
     return out
 
 

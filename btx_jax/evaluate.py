@@ -1,36 +1,43 @@
 """Evaluation: per-domain loss / perplexity on held-out batches, and per-domain routing statistics of a
 LoRA-MoE (share of each domain's tokens sent to each expert, per layer and projection).
 
-    results, loaded = evaluate_models({"seed": "runs/demo/seed/final"}, {"math": bundled_source("math")}, tok,
-                                      seq_len=128, batch_size=16, max_batches=8)
+    results = evaluate_models({"seed": "runs/demo/seed/final"}, {"math": bundled_source("math")},
+                              seq_len=128, batch_size=16, max_batches=8)
     main(["--model", "seed=runs/demo/seed/final", "--out", "runs/demo/eval"])     # scripts/evaluate.py
+
+One model is in memory at a time: each is loaded sharded over every local device (FSDP, as training shards it),
+in the dtype asked for (default bf16 on accelerators, fp32 on CPU), evaluated and released before the next.
+Each model reads its text with its own tokenizer unless one is given (btx_jax/textgen.py `model_tokenizer`).
 
 `main` evaluates checkpoints on bundled domains and writes a markdown report (report.md, results.json, loss
 tables, routing heatmaps, loss curves of training runs, and with --tasks lm-evaluation-harness scores, which need
-the `eval` extra).  Bad input is one stderr line and exit 2; a --seq-len beyond a model's
-max_position_embeddings is refused, not truncated (losses at another length would not be comparable)."""
+the `eval` extra).  results.json (and downstream.json) are rewritten, atomically, as each model (and task)
+completes, so a crash keeps what was done.  Bad input is one stderr line and exit 2, found before any model runs where it can
+be (models, tokenizers, tasks); a --seq-len beyond a model's max_position_embeddings is refused, not truncated
+(losses at another length would not be comparable)."""
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
 
-from btx_jax import report
+from btx_jax import mesh as mesh_lib, report
 from btx_jax.checkpoint.tensor_files import check_destination
 from btx_jax.cli import ArgumentParser, fail, positive_int, run_cli
-from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
+from btx_jax.data import bundled_source, eval_batches
 from btx_jax.data.packing import FIELDS
 from btx_jax.generate import InputError
 from btx_jax.model import Llama
-from btx_jax.pretrained import Pretrained, load_pretrained
-from btx_jax.textgen import complete
+from btx_jax.pretrained import Pretrained, inference_dtype, open_model
+from btx_jax.textgen import complete, model_tokenizer
 from btx_jax.train.step import forward, token_losses
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -65,18 +72,33 @@ def routing_by_expert(routing: dict[str, list]) -> np.ndarray:
     return stacked.mean(axis=0)
 
 
-def evaluate_models(models: dict[str, str], domains: dict[str, dict], tokenizer, *, seq_len: int,
-                    batch_size: int, max_batches: int) -> tuple[dict, dict]:
-    """(results {model: {domain: evaluate_domain(...)}}, loaded {model: Pretrained}) for model dirs."""
-    results, loaded = {}, {}
+def evaluate_models(models: dict[str, str], domains: dict[str, dict], tokenizer=None, *, seq_len: int,
+                    batch_size: int, max_batches: int, dtype=None, cache_dir: str | Path | None = None,
+                    each: Callable[[str, Pretrained, object, dict], None] | None = None) -> dict:
+    """{model: {domain: evaluate_domain(...)}} for model dirs, one model in memory at a time: every model's
+    config, tokenizer (`tokenizer`, else its own: `model_tokenizer`) and --seq-len are checked before any is
+    loaded; then each is loaded sharded over all local devices in `dtype` (`inference_dtype`), evaluated,
+    passed to `each(name, pre, tokenizer, its results)` while loaded (samples, lm-eval tasks, partial results)
+    and released.
+    `cache_dir`: where the tokenised evaluation stores live (default: the data pipeline's)."""
+    mesh = mesh_lib.make_mesh({"fsdp": -1})
+    sources, tokenizers = {}, {}
     for name, path in models.items():
-        pre = loaded[name] = load_pretrained(path)
-        if seq_len > pre.config.max_position_embeddings:
+        src = sources[name] = open_model(path)          # configs and tensor headers only
+        if seq_len > src.config.max_position_embeddings:
             raise InputError(f"seq_len={seq_len} exceeds model {name!r}'s max_position_embeddings "
-                             f"({pre.config.max_position_embeddings}, {path})")
-        results[name] = {d: evaluate_domain(pre, eval_batches(src, tokenizer, seq_len, batch_size, max_batches))
-                         for d, src in domains.items()}
-    return results, loaded
+                             f"({src.config.max_position_embeddings}, {path})")
+        tokenizers[name] = model_tokenizer(path, src.config.vocab_size, tokenizer=tokenizer)
+    results = {}
+    for name, tok in tokenizers.items():
+        pre = sources[name].load(dtype=inference_dtype(dtype), mesh=mesh)
+        results[name] = {d: evaluate_domain(pre, eval_batches(data, tok, seq_len, batch_size, max_batches,
+                                                              cache_dir=cache_dir))
+                         for d, data in domains.items()}
+        if each is not None:
+            each(name, pre, tok, results[name])
+        del pre
+    return results
 
 
 def routing_matrix(domain_results: dict[str, dict], domains: list[str]) -> np.ndarray | None:
@@ -118,6 +140,8 @@ CLI_HELP = """Evaluate checkpoints per domain and write a markdown report with t
         --workdir seed=runs/demo/seed --out runs/demo/eval
 
 Domains default to the bundled held-out splits (wiki, math, novel); each row of the table is a model.
+Models are evaluated one at a time, sharded over every local device, in --dtype; results.json is rewritten as
+each completes.
 A --seq-len beyond a model's max_position_embeddings is refused (exit 2), not truncated: losses at a different
 length would not be comparable.
 `--tasks btx_jcommonsenseqa,btx_gsm8k` also runs lm-evaluation-harness tasks for every model (needs `.[eval]`):
@@ -139,7 +163,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--model", action="append", required=True, help="NAME=DIR (HF, mergoo or btx checkpoint)")
     p.add_argument("--workdir", action="append", help="NAME=DIR of a training run, for the loss-curve plot")
     p.add_argument("--domains", default="wiki,math,novel", help="bundled domains to evaluate")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the bundled one)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for every model (default: each model's own, saved "
+                   "with it or recorded by its training run; the bundled one for the demo's 4,096-token models)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="parameter and compute dtype (auto: bfloat16 "
+                   "on accelerators, float32 on CPU)")
+    p.add_argument("--cache-dir", default=None, help="where the tokenised evaluation stores are kept (default: "
+                   "the data pipeline's)")
     p.add_argument("--seq-len", type=positive_int, default=128)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--max-batches", type=positive_int, default=8)
@@ -162,15 +191,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def evaluate_cli(args) -> None:
-    """Evaluate every --model on the --domains (and --tasks), write the report into --out and print its tables."""
+    """Evaluate every --model on the --domains (and --tasks), write the report into --out and print its tables;
+    results.json / downstream.json are rewritten (atomically) as each model / task completes."""
     check_destination(args.out, overwrite=None, what=f"--out {args.out}")      # a file there: refused before any work
     models, workdirs = _pairs(args.model, "--model"), _pairs(args.workdir, "--workdir")
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
-    tokenizer = load_tokenizer(args.tokenizer or BUNDLED_TOKENIZER)
-    results, loaded = evaluate_models(models, {d: bundled_source(d) for d in domains}, tokenizer,
-                                      seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches)
+    sources = {d: bundled_source(d) for d in domains}
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if tasks:
+        from btx_jax import downstream as ds      # the `eval` extra (lm-evaluation-harness)
+        ds.check_tasks(tasks)                     # a misspelt task: refused before any model runs
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    done, scores, samples = {}, {}, {}
+
+    def each(name: str, pre: Pretrained, tok, domain_results: dict) -> None:
+        out.mkdir(parents=True, exist_ok=True)          # after the checks: bad input leaves no --out behind
+        done[name] = domain_results
+        report.write_json(out / "results.json", done)
+        if args.prompt:
+            samples[name] = list(zip(args.prompt, complete(pre, tok, args.prompt, max_new_tokens=args.max_new_tokens,
+                                                           temperature=0.7, top_p=0.9)))
+        for task in tasks:                              # downstream.json rewritten after each task
+            scores.setdefault(name, {}).update(ds.run_tasks(
+                {name: pre}, [task], tokenizer=tok, limit=args.limit, batch_size=args.batch_size,
+                num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks)[name])
+            report.write_json(out / "downstream.json", scores)
+
+    results = evaluate_models(models, sources, args.tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
+                              max_batches=args.max_batches, dtype=args.dtype, cache_dir=args.cache_dir, each=each)
     routing, heatmaps = {}, {}
     for name in models:
         m = routing_matrix(results[name], domains)
@@ -179,24 +227,8 @@ def evaluate_cli(args) -> None:
             experts = [f"expert{i}" for i in range(m.shape[1])]
             heatmaps[name] = report.plot_routing_heatmap(m, domains, experts, out / f"routing_{name}.png")
     curves = report.plot_loss_curves({k: Path(v) for k, v in workdirs.items()}, out / "loss_curves.png")
-    downstream, scores = None, {}
-    if args.tasks:
-        from btx_jax import downstream as ds      # the `eval` extra (lm-evaluation-harness)
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        for t in tasks:
-            if t.endswith(".yaml") and not Path(t).is_file():
-                raise FileNotFoundError(f"task file not found: {t}")
-        scores = ds.run_tasks(loaded, tasks, tokenizer=tokenizer, limit=args.limit, batch_size=args.batch_size,
-                              num_fewshot=args.num_fewshot, max_gen_toks=args.max_gen_toks)
-        downstream = ds.report_section(scores, out)
-        (out / "downstream.json").write_text(json.dumps(scores, indent=1))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    downstream = ds.report_section(scores, out) if scores else None
     n_exp = next(iter(routing.values())).shape[1] if routing else 0
-    samples = {}
-    if args.prompt:
-        samples = {name: list(zip(args.prompt, complete(pre, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                                                        temperature=0.7, top_p=0.9)))
-                   for name, pre in loaded.items()}
     path = report.write_report(out, results=results, domains=domains, routing=routing,
                                experts=[f"expert{i}" for i in range(n_exp)], loss_curves=curves,
                                heatmaps=heatmaps, samples=samples, findings=[], header="btx-jax evaluation",
@@ -205,4 +237,3 @@ def evaluate_cli(args) -> None:
     if scores:
         print(report.downstream_table(scores))
     print(f"[btx] report: {path}")
-

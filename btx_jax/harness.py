@@ -22,6 +22,9 @@ task compiles one program per bucket, not one per request. Generation uses the K
 have the same token length, in chunks of `gen_chunk` new tokens until every row has hit a stop sequence or
 `max_gen_toks`.
 
+The model is loaded sharded over every local device (FSDP, as training shards it) in `dtype` (default: bf16 on
+accelerators, fp32 on CPU); the tokenizer defaults to the model's own (`btx_jax.textgen.model_tokenizer`).
+
 Single host only: with more than one JAX process the backend refuses to start (one clear error).
 """
 from __future__ import annotations
@@ -40,18 +43,19 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from btx_jax import mesh as mesh_lib
 from btx_jax.cli import USER_ERRORS
 from btx_jax.config import ConfigError
 from btx_jax.data.errors import DataError
 from btx_jax.data.tokenizer import Tokenizer, load_tokenizer
 from btx_jax.generate import generate
 from btx_jax.model import Llama, init_cache
-from btx_jax.pretrained import Pretrained, load_pretrained, open_model
+from btx_jax.pretrained import Pretrained, inference_dtype, open_model
+from btx_jax.textgen import check_matches, model_tokenizer
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 MIN_BUCKET = 32
 MIN_CONT_BUCKET = 4       # continuation slots scored per row: 4, 8, 16, ... (a few compilations)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _HARNESS_ARGS = ("device", "max_batch_size", "trust_remote_code")    # passed by lm-eval itself; not used here
 
 
@@ -95,17 +99,6 @@ def _score_shared(model: Llama, params, prefix_1P, prefix_len, suffix_GS, target
     return _continuation_scores(h_GSD, head_DV, at_GS, targets_GS, mask_GS)
 
 
-def find_tokenizer(pretrained: str | Path | None, adapter: str | Path | None, tokenizer: str | Path | None):
-    """The tokenizer given, else the one saved in the adapter or model directory (else one clear error)."""
-    if tokenizer is not None:
-        return tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    for d in [Path(p) for p in (adapter, pretrained) if p is not None]:
-        if any((d / f).is_file() for f in _TOKENIZER_FILES):
-            return load_tokenizer(d)
-    raise DataError(f"{pretrained}: no tokenizer there (none of {', '.join(_TOKENIZER_FILES)}); "
-                    "pass tokenizer=PATH in --model_args")
-
-
 @register_model("btx")
 class BtxLM(TemplateLM):
     """lm-eval model over a `Pretrained` and a btx_jax `Tokenizer` (see the module docstring)."""
@@ -120,11 +113,13 @@ class BtxLM(TemplateLM):
         if isinstance(pretrained, Pretrained):
             if tokenizer is None:
                 raise DataError("a Pretrained object given: pass tokenizer= as well")
-            self.pre, self.tok = pretrained, find_tokenizer(None, None, tokenizer)
+            self.pre = pretrained
+            self.tok = check_matches(tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer),
+                                     pretrained.config.vocab_size)
         else:
-            self.pre = load_pretrained(pretrained, adapter=adapter, dtype=None if dtype in (None, "auto") else dtype)
-            self.tok = find_tokenizer(pretrained, adapter, tokenizer)
-        self.tok.check_fits(self.pre.config.vocab_size)
+            src = open_model(pretrained, adapter=adapter)
+            self.tok = model_tokenizer(pretrained, src.config.vocab_size, adapter=adapter, tokenizer=tokenizer)
+            self.pre = src.load(dtype=inference_dtype(dtype), mesh=mesh_lib.make_mesh({"fsdp": -1}))
         self.model = self.pre.model()
         self._batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length or self.pre.config.max_position_embeddings)
@@ -314,7 +309,7 @@ def check_model_args(arg_string: str) -> None:
         raise ConfigError("btx backend: --model_args needs pretrained=DIR")
     directory = Path(args["pretrained"])
     config = open_model(directory, adapter=args.get("adapter")).config        # configs and tensor headers only
-    find_tokenizer(directory, args.get("adapter"), args.get("tokenizer")).check_fits(config.vocab_size)
+    model_tokenizer(directory, config.vocab_size, adapter=args.get("adapter"), tokenizer=args.get("tokenizer"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from btx_jax import param_paths
+from btx_jax.checkpoint import lazy
 from btx_jax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -159,5 +160,6 @@ def place(leaf, target: jax.ShapeDtypeStruct) -> jax.Array:
     memory unless it is small enough to be held anyway."""
     if tuple(leaf.shape) != tuple(target.shape):
         raise ValueError(f"leaf of shape {list(leaf.shape)} cannot be placed as {list(target.shape)}")
-    return jax.make_array_from_callback(tuple(target.shape), target.sharding,
-                                        lambda index: np.asarray(leaf[index], dtype=target.dtype))
+    with lazy.reading():        # leaves read whole (a LoRA of a btx checkpoint): once per placement, then freed
+        return jax.make_array_from_callback(tuple(target.shape), target.sharding,
+                                            lambda index: np.asarray(leaf[index], dtype=target.dtype))

@@ -329,6 +329,14 @@ def warn_other_base(adapter: str | Path, base: str | Path) -> None:
               "(trained on another base? the shapes fit)", file=sys.stderr)
 
 
+def inference_dtype(dtype=None) -> jnp.dtype:
+    """`dtype` (a name or dtype); None or "auto": bfloat16 on accelerators, float32 on CPU (evaluation, the
+    lm-eval backend, generation)."""
+    if dtype is None or str(dtype) == "auto":
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    return jnp.dtype(dtype)
+
+
 def load_pretrained(path: str | Path, *, dtype=None, adapter: str | Path | None = None, allow_pickle: bool = False,
                     progress: Callable[[int], None] | None = None, mesh: jax.sharding.Mesh | None = None,
                     rules=mesh_lib.DEFAULT_RULES) -> Pretrained:

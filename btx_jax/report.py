@@ -3,6 +3,7 @@ loss curves from each phase's metrics.jsonl, downstream task scores (table + bar
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +11,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+def write_json(path: Path, obj) -> Path:
+    """`obj` as JSON at `path`, atomically (written beside it, then renamed): a reader, or a crash, sees the
+    previous file or the new one whole; the file gets the mode the umask gives."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def read_metrics(workdir: Path) -> list[dict]:

@@ -107,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(
         steps=100, global_batch_size=8, microbatches=1, seq_len=256,
-        lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0,
+        lr=1e-3, warmup_steps=10, warmup_offset=1, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0,
         b1=0.9, b2=0.95, eps=1e-8,
         lb_alpha=0.01, z_alpha=0.0,      # router aux losses (BTX: load balancing 0.01)
         dtype="float32", frozen_dtype="float32", remat="none",

@@ -99,8 +99,10 @@ def run(args) -> None:
               "ffn_moe_before_router": out / "ffn_moe_init", "ffn_moe_router": out / "ffn_router" / "final"}
     sources = {**{d: bundled_source(d) for d in DOMAINS},          # + held-out instructions, response-only loss
                "sft": {"kind": "sft", "sources": [bundled_source("sft")]}}
-    results, loaded = evaluate.evaluate_models({k: str(v) for k, v in models.items()}, sources, tokenizer,
-                                               seq_len=128, batch_size=16, max_batches=4 if args.quick else 12)
+    loaded = {}                       # tiny models: all kept, for the samples, the downstream tasks and the exports
+    results = evaluate.evaluate_models({k: str(v) for k, v in models.items()}, sources, tokenizer, seq_len=128,
+                                       batch_size=16, max_batches=4 if args.quick else 12,
+                                       each=lambda name, pre, tok, r: loaded.__setitem__(name, pre))
     routing, heatmaps, labels = {}, {}, {}
     for name in ("moe_before_router", "moe_router", "sft", "ffn_moe_before_router", "ffn_moe_router"):
         labels[name] = [f"{'ffn_' if name.startswith('ffn') else ''}expert_{d}" for d in DOMAINS]

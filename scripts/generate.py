@@ -2,6 +2,9 @@
 
     python scripts/generate.py --model runs/demo/sft/final --chat --prompt "日本の首都はどこですか？"
 
+The tokenizer defaults to the model's own: saved with it (or with a checkpoint its chain is built on), else the
+one its training run recorded, else the bundled one for the demo's 4,096-token models; a tokenizer whose
+vocabulary does not match the model's is refused (exit 2) before anything is loaded.
 A prompt whose tokens plus --max-new-tokens exceed the model's max_position_embeddings is refused (exit 2), not
 truncated; --temperature must be >= 0 and --top-p in (0, 1].
 """
@@ -20,7 +23,7 @@ def main() -> None:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF, mergoo or btx checkpoint directory")
     p.add_argument("--adapter", default=None, help="PEFT adapter directory applied on --model")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the bundled one)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own, see above)")
     p.add_argument("--prompt", action="append", required=True)
     p.add_argument("--chat", action="store_true", help="wrap prompts in the SFT instruction template")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
@@ -30,12 +33,11 @@ def main() -> None:
     args = p.parse_args()
 
     def run():
-        from btx_jax import load_pretrained
-        from btx_jax.data import BUNDLED_TOKENIZER, load_tokenizer
-        from btx_jax.textgen import complete
-        pre = load_pretrained(args.model, adapter=args.adapter)
-        tok = load_tokenizer(args.tokenizer or BUNDLED_TOKENIZER)
-        tok.check_fits(pre.config.vocab_size)
+        from btx_jax.pretrained import open_model
+        from btx_jax.textgen import complete, model_tokenizer
+        src = open_model(args.model, adapter=args.adapter)          # configs and tensor headers only
+        tok = model_tokenizer(args.model, src.config.vocab_size, adapter=args.adapter, tokenizer=args.tokenizer)
+        pre = src.load()
         for prompt, text in zip(args.prompt, complete(pre, tok, args.prompt, max_new_tokens=args.max_new_tokens,
                                                       chat=args.chat, temperature=args.temperature,
                                                       top_p=args.top_p, seed=args.seed)):

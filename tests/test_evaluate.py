@@ -1,5 +1,6 @@
-"""Evaluation: per-domain loss equals a cross-entropy computed with transformers on the same batches; routing
-statistics of a LoRA-MoE; the BTX findings; the evaluate.py CLI report."""
+"""Evaluation: per-domain loss equals a cross-entropy computed with transformers on the same batches; models are
+evaluated one at a time, sharded, in the dtype asked for; routing statistics of a LoRA-MoE; the BTX findings;
+the evaluate.py CLI report, its cache dir, its refusal of unknown tasks and its partial results."""
 from __future__ import annotations
 
 import json
@@ -7,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+import pytest
 import torch
 
-from btx_jax import compose, evaluate, load_pretrained
+from btx_jax import compose, evaluate, load_pretrained, param_paths
 from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
 from conftest import hf_model
 
@@ -73,12 +76,102 @@ def test_evaluate_cli_writes_report(hf_llama, tmp_path):
     out = tmp_path / "eval"
     proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--model", f"tiny={path}", "--domains", "math",
                            "--max-batches", "1", "--seq-len", "32", "--batch-size", "2", "--prompt", "Question:",
-                           "--max-new-tokens", "4", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                           "--max-new-tokens", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = (out / "report.md").read_text()
     assert "| tiny |" in report and "Question:" in report
     assert json.loads((out / "results.json").read_text())["tiny"]["math"]["tokens"] > 0
+    assert list((tmp_path / "cache").rglob("*")), "--cache-dir holds the evaluation store"
     bad = subprocess.run([sys.executable, "scripts/evaluate.py", "--model", f"x={tmp_path / 'missing'}",
                           "--out", str(tmp_path / "o2")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def _live_bytes() -> int:
+    return sum(a.nbytes for a in jax.live_arrays())
+
+
+def test_models_are_evaluated_one_at_a_time_sharded_in_the_dtype_asked(hf_llama, monkeypatch):
+    """Three models: the live device bytes while any one is evaluated stay about one model's (all three kept
+    would be three times that); each is sharded over the 8 devices in bfloat16; the losses are the fp32
+    single-device ones within bf16 precision."""
+    paths = {f"m{i}": hf_llama(seed=i, vocab_size=4096) for i in range(3)}
+    tok = load_tokenizer(BUNDLED_TOKENIZER)
+    domains = {"math": bundled_source("math")}
+    one = sum(x.nbytes for x in jax.tree_util.tree_leaves(load_pretrained(paths["m0"], dtype="bfloat16").params))
+    seen, real = [], evaluate.evaluate_domain
+
+    def recording(pre, batches):
+        leaves = jax.tree_util.tree_leaves(pre.params)
+        embed = param_paths.flatten(pre.params)["embed_tokens"]
+        seen.append((_live_bytes() - base, {x.dtype for x in leaves}, len(embed.sharding.device_set),
+                     embed.addressable_shards[0].data.shape, embed.shape))
+        return real(pre, batches)
+    monkeypatch.setattr(evaluate, "evaluate_domain", recording)
+    base = _live_bytes()
+    got = evaluate.evaluate_models(paths, domains, tok, seq_len=32, batch_size=8, max_batches=1, dtype="bfloat16")
+    assert len(seen) == 3
+    for live, dtypes, devices, shard, shape in seen:
+        assert live < 1.3 * one, (live, one)          # the other two models are not held
+        assert dtypes == {np.dtype(jax.numpy.bfloat16)} and devices == 8 and np.prod(shard) * 8 == np.prod(shape)
+    monkeypatch.setattr(evaluate, "evaluate_domain", real)
+    for name, path in paths.items():
+        want = real(load_pretrained(path), eval_batches(domains["math"], tok, 32, 8, 1))["loss"]
+        np.testing.assert_allclose(got[name]["math"]["loss"], want, rtol=2e-2)
+
+
+def test_evaluate_refuses_unknown_task_before_any_model_runs(hf_llama, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setattr(evaluate, "evaluate_models", lambda *a, **k: pytest.fail("a model ran"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", f"m={hf_llama(vocab_size=4096)}", "--tasks", "btx_gsm8kk",
+                       "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert "'btx_gsm8kk'" in err[0] and "did you mean 'btx_gsm8k'" in err[0] and "btx_jcommonsenseqa" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_results_of_finished_models_survive_a_later_crash(hf_llama, tmp_path, monkeypatch):
+    """results.json is rewritten as each model completes: a crash on the second model keeps the first's."""
+    real, calls = evaluate.evaluate_domain, []
+
+    def crashing(pre, batches):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the machine went away")
+        return real(pre, batches)
+    monkeypatch.setattr(evaluate, "evaluate_domain", crashing)
+    path = hf_llama(vocab_size=4096)
+    with pytest.raises(RuntimeError, match="went away"):
+        evaluate.main(["--model", f"a={path}", "--model", f"b={path}", "--domains", "math", "--max-batches", "1",
+                       "--seq-len", "32", "--batch-size", "2", "--out", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(saved) == ["a"] and saved["a"]["math"]["tokens"] > 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["results.json"]     # no temporary left
+
+
+def test_downstream_scores_of_finished_tasks_survive_a_later_crash(hf_llama, tmp_path, monkeypatch):
+    """--tasks through the lm-eval backend on the model evaluate.py loaded (sharded over 8 devices):
+    downstream.json is rewritten after each task, so a crash in the second task keeps the first's score."""
+    pytest.importorskip("lm_eval")
+    from btx_jax import downstream
+
+    real, seen = downstream.run_tasks, []
+
+    def crashing(models, tasks, **kw):
+        seen.append(tasks)
+        if len(seen) == 2:
+            raise RuntimeError("the machine went away")
+        return real(models, tasks, **kw)
+    monkeypatch.setattr(downstream, "run_tasks", crashing)
+    with pytest.raises(RuntimeError, match="went away"):
+        evaluate.main(["--model", f"a={hf_llama(vocab_size=4096)}", "--domains", "math", "--max-batches", "1",
+                       "--seq-len", "32", "--batch-size", "2", "--tasks", "btx_jcommonsenseqa,btx_gsm8k",
+                       "--limit", "2", "--max-gen-toks", "4", "--out", str(tmp_path / "out")])
+    assert seen == [["btx_jcommonsenseqa"], ["btx_gsm8k"]]
+    scores = json.loads((tmp_path / "out" / "downstream.json").read_text())
+    assert list(scores) == ["a"] and list(scores["a"]) == ["btx_jcommonsenseqa"]
+    assert scores["a"]["btx_jcommonsenseqa"]["n"] == 2 and 0.0 <= scores["a"]["btx_jcommonsenseqa"]["value"] <= 1.0

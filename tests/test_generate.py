@@ -2,6 +2,8 @@
 is reproducible; top_p restricts samples to the nucleus (and a tiny top_p is greedy)."""
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -98,3 +100,71 @@ def test_zero_new_tokens_is_refused(setup):
     _, pre, prompt = setup
     with pytest.raises(InputError, match="max_new_tokens=0"):
         pre.generate(prompt, 0)
+
+
+# ---- the tokenizer that goes with a model ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def spm_300(tmp_path_factory):
+    """A real 300-piece sentencepiece model trained on the bundled math text (not the bundled 4,096 one)."""
+    import json
+
+    import sentencepiece as spm
+    from btx_jax.data import BUNDLED_DATA_DIR
+    root = tmp_path_factory.mktemp("spm")
+    lines = [json.loads(l)["question"] for l in (BUNDLED_DATA_DIR / "math" / "valid.jsonl").read_text().splitlines()]
+    (root / "text.txt").write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(input=str(root / "text.txt"), model_prefix=str(root / "t"), vocab_size=300,
+                                   character_coverage=0.995, bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    return root / "t.model"
+
+
+def test_default_tokenizer_follows_the_model(hf_llama, spm_300, tmp_path):
+    """Saved with the model; else saved where its lean chain is built on; else recorded by the training run of a
+    final (run_info.json); else the bundled one only for a model of exactly its vocabulary; else one error."""
+    import shutil
+
+    from btx_jax.checkpoint import btx
+    from btx_jax.data import BUNDLED_TOKENIZER, DataError
+    from btx_jax.textgen import model_tokenizer
+
+    bare = hf_llama(vocab_size=300)
+    with_tok = tmp_path / "with_tok"
+    shutil.copytree(bare, with_tok)
+    shutil.copy(spm_300, with_tok / "tokenizer.model")
+    assert model_tokenizer(with_tok, 300).path == str(with_tok / "tokenizer.model")
+
+    pre = btx_jax.load_pretrained(bare)
+    lean = tmp_path / "lean"                        # a lean btx checkpoint built on with_tok
+    lean.mkdir()
+    btx.save(lean, pre.config, {"final_norm/scale": pre.params["final_norm"]["scale"]}, {"path": str(with_tok)})
+    assert model_tokenizer(lean, 300).path == str(with_tok / "tokenizer.model")
+
+    version = tmp_path / "run" / btx.FINALS / "5-abcdef12"       # a run's final, as the trainer publishes it
+    pre.save_pretrained(version, format="btx")
+    btx.point_final(tmp_path / "run" / "final", version)
+    (tmp_path / "run" / "run_info.json").write_text(json.dumps({"config": {"data": {"tokenizer": str(spm_300)}}}))
+    assert model_tokenizer(tmp_path / "run" / "final", 300).path == str(spm_300)
+
+    assert model_tokenizer(hf_llama(vocab_size=4096), 4096).path == str(BUNDLED_TOKENIZER)
+    with pytest.raises(DataError, match="no tokenizer saved with the model.*pass --tokenizer"):
+        model_tokenizer(bare, 300)
+    with pytest.raises(DataError, match="has 4096 tokens but .* vocabulary of 32000"):
+        model_tokenizer(bare, 32000, tokenizer=BUNDLED_TOKENIZER)
+    assert model_tokenizer(bare, 384, tokenizer=spm_300).vocab_size == 300       # an embedding padded to 128s
+
+
+def test_generate_cli_refuses_a_tokenizer_of_another_vocabulary_before_decoding(hf_llama):
+    """The bundled 4,096-piece tokenizer on a 32,000-vocab model: one line, exit 2 (it used to decode into an
+    IndexError); without --tokenizer the model's own is used (here: saved with it)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from btx_jax.data import BUNDLED_TOKENIZER
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "scripts/generate.py", "--model", str(hf_llama(vocab_size=32000)), "--prompt", "hi",
+           "--max-new-tokens", "2", "--tokenizer", str(BUNDLED_TOKENIZER)]
+    bad = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
+    assert "4096 tokens" in bad.stderr and "32000" in bad.stderr and "--tokenizer" in bad.stderr

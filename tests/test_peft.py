@@ -150,3 +150,65 @@ def test_bad_adapter_directories(hf_llama, tmp_path):
     # the adapter dir given as the model
     with pytest.raises(btx_jax.CheckpointError, match="adapter="):
         btx_jax.load_pretrained(adapter)
+
+
+def test_btx_expert_lora_is_read_once_per_placement_and_not_kept(hf_llama, tmp_path, monkeypatch):
+    """Experts' LoRA from btx checkpoints, composed into a LoRA-MoE source and loaded over 8 devices: each stored
+    leaf is restored once (not once per device) and no host copy outlives the load, though the source (which
+    the trainer holds for the whole run) is still alive; the result is the in-memory composition's."""
+    import gc
+    import weakref
+
+    from btx_jax import mesh as mesh_lib
+    from btx_jax.checkpoint import btx
+    from btx_jax.compose import compose_source
+    from btx_jax.pretrained import load_pretrained, memory_source
+    from btx_jax.train.model_init import lora_spec, with_fresh_lora
+
+    base_dir = hf_llama(vocab_size=256)
+    base = load_pretrained(base_dir)
+    experts = []
+    for i in range(2):
+        with_fresh_lora(memory_source(base), lora_spec({"rank": 8, "alpha": 8.0}), seed=i).load() \
+            .save_pretrained(tmp_path / f"e{i}", format="btx")
+        experts.append(str(tmp_path / f"e{i}"))
+    restored, real = [], btx.restore
+
+    def recording(directory, target):
+        out = real(directory, target)
+        restored.extend((str(directory), path, weakref.ref(a)) for path, a in out.items() if "lora_" in path)
+        return out
+    monkeypatch.setattr(btx, "restore", recording)
+    src = compose_source(base_dir, experts, top_k=1)
+    mesh = mesh_lib.make_mesh({"fsdp": -1})
+    assert mesh.devices.size == 8
+    loaded = src.load(mesh=mesh)
+    gc.collect()
+    keys = [(d, p) for d, p, _ in restored]
+    n_leaves = sum(1 for p in btx.stored_shapes(experts[0]) if "lora_" in p)
+    assert n_leaves and len(keys) == len(set(keys)) == len(experts) * n_leaves
+    assert all(ref() is None for _, _, ref in restored), "a host copy of an expert's LoRA is still alive"
+    ids = random_ids(1, 8, vocab=256)
+    np.testing.assert_allclose(loaded.logits(ids), compose_source(base, experts, top_k=1).load().logits(ids),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_directories_get_the_mode_the_umask_gives(hf_llama, tmp_path, umask):
+    """Exports are written into a temporary directory that is renamed into place: it has the umask's mode
+    (0755 under 022), not mkdtemp's 0700, which locked everyone else out of shared exports."""
+    import os
+    import stat
+
+    from btx_jax.pretrained import memory_source
+    from btx_jax.train.model_init import lora_spec, with_fresh_lora
+
+    pre = with_fresh_lora(memory_source(btx_jax.load_pretrained(hf_llama())), lora_spec({"rank": 4, "alpha": 8.0}),
+                          seed=0).load()
+    old = os.umask(umask)
+    try:
+        for fmt, kw in (("peft", {}), ("hf", {"merge_lora": True}), ("btx", {})):
+            out = pre.save_pretrained(tmp_path / f"{fmt}-{umask:o}", format=fmt, **kw)
+            assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask, fmt
+    finally:
+        os.umask(old)

@@ -8,9 +8,13 @@ existing whole in host memory or on one device.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, Sequence
 
 import numpy as np
+
+_READS = contextvars.ContextVar("btx_jax_lazy_reads", default=None)
 
 
 def normalize(index, shape: Sequence[int]) -> tuple[slice, ...]:
@@ -25,6 +29,27 @@ def normalize(index, shape: Sequence[int]) -> tuple[slice, ...]:
             raise ValueError(f"lazy leaves read step-1 slices only, got {s}")
         out.append(slice(start, stop))
     return tuple(out)
+
+
+@contextlib.contextmanager
+def reading():
+    """Within the block, `read_once(key, read)` calls `read()` at most once per key; what it read is dropped when
+    the block ends (`btx_jax.mesh.place` opens one per leaf placed: every device's slice comes from one read)."""
+    token = _READS.set({})
+    try:
+        yield
+    finally:
+        _READS.reset(token)
+
+
+def read_once(key, read: Callable[[], np.ndarray]) -> np.ndarray:
+    """`read()`, or what it returned for `key` earlier in the innermost `reading()` block (outside one: read)."""
+    held = _READS.get()
+    if held is None:
+        return read()
+    if key not in held:
+        held[key] = read()
+    return held[key]
 
 
 class LazyLeaf:

@@ -18,7 +18,6 @@ merge_lora=True)); a router is not a linear fold, so LoRA-MoE models are refused
 from __future__ import annotations
 
 import ast
-import functools
 import json
 import re
 from pathlib import Path
@@ -200,9 +199,10 @@ def _load_btx_adapter(directory: Path, base: LlamaConfig) -> tuple[LlamaConfig, 
 
 
 def _stored_leaf(directory: Path, path: str, sds) -> LazyLeaf:
-    """A LoRA leaf of a btx checkpoint, restored to the host when first sliced (one leaf at a time)."""
-    full = functools.lru_cache(maxsize=1)(lambda: btx.restore(directory, {path: sds})[path])
-    return LazyLeaf(sds.shape, sds.dtype, lambda index: full()[index])
+    """A LoRA leaf of a btx checkpoint, restored whole to the host when sliced: once per placement on a mesh
+    (`lazy.reading`), and not kept afterwards (a source held for a whole run holds no host copy)."""
+    full = lambda: btx.restore(directory, {path: sds})[path]  # noqa: E731
+    return LazyLeaf(sds.shape, sds.dtype, lambda index: lazy.read_once((directory, path), full)[index])
 
 
 def check_same_base(config: LlamaConfig, base: LlamaConfig, source: str) -> None:

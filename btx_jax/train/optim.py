@@ -10,11 +10,14 @@ from btx_jax import param_paths
 
 
 def schedule(t: dict) -> optax.Schedule:
-    """`t` is the `train` section of the config."""
-    warmup = max(int(t["warmup_steps"]), 1)
-    return optax.warmup_cosine_decay_schedule(
+    """`t` is the `train` section of the config.  The warmup rises from 0, evaluated at the optimizer count
+    plus `warmup_offset` (1: step 1 trains at lr / warmup_steps; 0, runs checkpointed before it existed: step
+    1 trains at lr 0).  A resume compares the key, so an old run is refused rather than shifted silently."""
+    warmup, offset = max(int(t["warmup_steps"]), 1), int(t["warmup_offset"])
+    base = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=t["lr"], warmup_steps=warmup, decay_steps=max(int(t["steps"]), warmup + 1),
         end_value=t["lr"] * t["min_lr_ratio"])
+    return lambda count: base(count + offset)
 
 
 def decay_mask(tree):

@@ -44,7 +44,7 @@ def _float(ok, allowed: str):
 # train.<key>: (kind, check, allowed range in words)
 TRAIN = {
     "steps": _int(1), "global_batch_size": _int(1), "microbatches": _int(1), "seq_len": _int(1),
-    "lr": _float(lambda v: v > 0, "a number > 0"), "warmup_steps": _int(0),
+    "lr": _float(lambda v: v > 0, "a number > 0"), "warmup_steps": _int(0), "warmup_offset": _int(0),
     "min_lr_ratio": _float(lambda v: 0 <= v <= 1, "between 0 and 1"),
     "weight_decay": _float(lambda v: v >= 0, "a number >= 0"),
     "grad_clip": _float(lambda v: v >= 0, "a number >= 0 (0 = no clipping)"),

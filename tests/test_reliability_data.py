@@ -27,6 +27,7 @@ from btx_jax.data import store as store_lib
 from btx_jax.data.interrupt import interruptible_build
 from btx_jax.data.sources import Source, load_records
 from btx_jax.disk import DiskError
+from btx_jax.lock import held
 from btx_jax.train import checkpoints
 from btx_jax.train.validate import check_data
 from conftest import REPO_ROOT
@@ -120,7 +121,7 @@ def test_killed_builds_leave_no_workers_and_the_rerun_finishes_identical(tmp_pat
         f"interrupted by SIGTERM during the data store build: kept {kept} of {n} shards of {store}; rerun the same "
         "command to resume"]
     wait_for(lambda: not session_processes(stopped.pid), 10, "the tokenising processes to end")
-    assert Path(f"{store}.lock").read_text() == ""  # released: no holder named
+    assert not Path(f"{store}.lock").exists()  # released
 
     killed = run_prepare(config, "--num_proc=2")  # resumes, then SIGKILL (as the out-of-memory killer sends)
     wait_for(lambda: finished_shards(cache) > kept or killed.poll() is not None, 120, "another finished shard")
@@ -128,7 +129,7 @@ def test_killed_builds_leave_no_workers_and_the_rerun_finishes_identical(tmp_pat
     interrupt(killed, cache, signal.SIGKILL, kept + 1)
     assert killed.returncode == -signal.SIGKILL
     wait_for(lambda: not session_processes(killed.pid), 10, "the tokenising processes to die with their parent")
-    assert not (store / "meta.json").exists() and Path(f"{store}.lock").read_text().startswith(f"pid {killed.pid} ")
+    assert not (store / "meta.json").exists() and Path(f"{store}.lock").read_text().startswith(f"PID {killed.pid} ")
 
     start = time.monotonic()
     rerun = run_prepare(config, "--num_proc=2")
@@ -136,7 +137,7 @@ def test_killed_builds_leave_no_workers_and_the_rerun_finishes_identical(tmp_pat
     assert rerun.returncode == 0, err
     assert time.monotonic() - start < 60
     assert "Traceback" not in err and "os.fork()" not in err
-    assert f"[btx] warning: {store}.lock was left by pid {killed.pid} on host" in err
+    assert f"[btx] warning: taking over the lock {store}.lock left by PID {killed.pid} on host" in err
     assert f"-> {store}" in out
     assert_same_store(store, clean_build(corpus, tmp_path / "clean", shard_mb=0.5))
 
@@ -188,22 +189,23 @@ def test_a_waiting_build_names_the_holder_and_a_dead_holder_is_taken_over(tmp_pa
     path = store_lib.store_path(Source.from_dict(cfg["sources"][0]), TOK,
                                 store_lib.pretrain_options(add_bos=True, add_eos=True), cfg["cache_dir"])
     config = data_config(tmp_path, cfg)
-    with store_lib._locked(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with held(Path(f"{path}.lock"), "store build"):
         waiter = run_prepare(config)
         line = wait_for(lambda: next((x for x in iter(waiter.stderr.readline, "") if "[btx]" in x), None), 60,
                         "the waiting line")
-        assert line == f"[btx] waiting for {path}.lock: the store is being built by pid {os.getpid()} on host " \
+        assert line == f"[btx] waiting for {path}.lock: the store build is running in PID {os.getpid()} on host " \
                        f"{socket.gethostname()}\n"
         assert waiter.poll() is None
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0 and f"-> {path}" in out, err
 
     shutil.rmtree(path)
-    Path(f"{path}.lock").write_text("pid 4194000 on host gone")  # what a SIGKILLed holder leaves
+    Path(f"{path}.lock").write_text("PID 4194000 on host gone")  # what a SIGKILLed holder leaves
     assert the_store(cfg) == path
     assert [x for x in capsys.readouterr().err.splitlines() if "[btx]" in x] == [
-        f"[btx] warning: {path}.lock was left by pid 4194000 on host gone, which is no longer running; taking it "
-        "over (the store's finished shards are kept)"]
+        f"[btx] warning: taking over the lock {path}.lock left by PID 4194000 on host gone, which is no longer "
+        "running"]
 
 
 # ---- changed and damaged data -----------------------------------------------------------------------------------

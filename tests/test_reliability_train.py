@@ -79,9 +79,9 @@ def test_second_run_on_a_workdir_is_refused_and_the_first_is_unaffected(tmp_path
 def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, capsys):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    (workdir / ".lock").write_text("4194305 deadhost\n")      # left by a run killed with SIGKILL elsewhere
+    (workdir / ".lock").write_text("PID 4194305 on host deadhost\n")      # left by a run killed with SIGKILL elsewhere
     trainer.train(config(), workdir)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert (f"[btx] warning: taking over the lock {workdir / '.lock'} left by PID 4194305 on host deadhost, which "
             "is no longer running") in out
     assert steps(workdir) == ["2", "4"] and not (workdir / ".lock").exists()

@@ -26,7 +26,7 @@ are cut back to the finished shards first, so the result is byte-identical to an
 Memory stays bounded by the batches in flight, whatever the corpus size.
 
 Several processes or hosts share a store through a shared filesystem path as `cache_dir` (NFS, Lustre, a
-gcsfuse-mounted bucket): the build holds an exclusive record lock on `{store}.lock` (`_locked`), so one process
+gcsfuse-mounted bucket): the build holds an exclusive record lock on `{store}.lock` (btx_jax/lock.py), so one process
 builds and the others wait, then read. Preparing ahead with `scripts/prepare_data.py` avoids the wait at
 training time.
 """
@@ -38,8 +38,6 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
-import errno
-import fcntl
 import functools
 import hashlib
 import itertools
@@ -48,7 +46,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -56,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from btx_jax.lock import held
 from btx_jax.data.errors import DataError
 from btx_jax.data.interrupt import BuildInterrupted
 from btx_jax.data.sft import encode_sft, missing_field, sft_fields
@@ -211,40 +209,6 @@ def store_path(source: Source, tokenizer, options: dict, cache_dir: str | Path |
     return cache / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive POSIX record lock on `{path}.lock` (fcntl.lockf: the kernel releases it when its holder dies,
-    and child processes never hold it). The file names its holder (PID and host) while it is held: a waiter says
-    whom it waits for, and a name left behind is the holder that died (the lock is taken over, with a warning)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = f"{path}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-            print(f"[btx] waiting for {lock}: the store is being built by {_holder(fd)}", file=sys.stderr, flush=True)
-            fcntl.lockf(fd, fcntl.LOCK_EX)
-        if left := _holder(fd, ""):
-            print(f"[btx] warning: {lock} was left by {left}, which is no longer running; taking it over (the "
-                  "store's finished shards are kept)", file=sys.stderr, flush=True)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.lockf(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def _holder(fd: int, unknown: str = "another process") -> str:
-    return os.pread(fd, 256, 0).decode(errors="replace").strip() or unknown
-
-
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
@@ -257,7 +221,8 @@ def open_store(source: Source, tokenizer, options: dict, *, cache_dir=None, num_
     are checked against the checksums in its meta (`verify`: "sampled", cheap, or "full"; `check_store`)."""
     path = store_path(source, tokenizer, options, cache_dir)
     if not (path / "meta.json").exists():
-        with _locked(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with held(Path(f"{path}.lock"), "store build", wait=True):
             if not (path / "meta.json").exists():
                 build_store(source, tokenizer, options, path, num_proc=num_proc, shard_mb=shard_mb, progress=progress)
     meta = json.loads((path / "meta.json").read_text())

@@ -15,7 +15,9 @@ CONFIG SCHEMA (`ml_collections.ConfigDict` or dict; every key but `sources` is o
   chat_template  "auto" (default: the tokenizer's template if it has one) | "default"
   cache_dir      where the tokenised stores go (btx_jax.data.store); None: $BTX_DATA_CACHE, else
                  ~/.cache/btx_jax/data. A shared filesystem path lets several hosts share one store.
-  num_proc       processes tokenising a store (None: every core)
+  num_proc       processes tokenising a store (None: every core for a corpus of 64 MB or more, else one);
+                 they are started with "spawn", so a script that builds stores needs an
+                 `if __name__ == "__main__":` guard
   shard_mb       store build shard size in MB of records (resume granularity; default 64)
   verify         "sampled" (default): a store's files are checked against their checksums on a few
                  blocks when opened; "full": on every byte

@@ -20,7 +20,7 @@ Layout (all little-endian, flat; tokens and mask read with positional reads, `To
 
 Building: records are read with `datasets` (Arrow, memory-mapped), cut into contiguous shards of about
 `shard_mb` MB, and each shard is tokenised in batches of _MAP_BATCH records by a `TokenizingPool` (processes
-started with "spawn", which die with their parent; every core by default, none for a small corpus), appended in
+started with "spawn", which die with their parent; every core by default from 64 MB of records), appended in
 order to the flat files and marked done. A killed build resumes at the first unfinished shard; the flat files
 are cut back to the finished shards first, so the result is byte-identical to an uninterrupted build.
 Memory stays bounded by the batches in flight, whatever the corpus size.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import ctypes
 import dataclasses
@@ -64,6 +65,9 @@ STORE_VERSION = 2
 DEFAULT_SHARD_MB = 64
 _MAP_BATCH = 1000
 _BYTES_PER_PROC = 4 << 20
+# Starting the tokenising processes ("spawn": each imports btx_jax) takes 5-20 s; one process tokenises about
+# 10 MB/s, so by default (num_proc=None) a smaller corpus is tokenised in this process.
+_POOL_MIN_BYTES = 64 << 20
 _SAMPLES, _SAMPLE_BYTES = 64, 64 << 10  # a sampled checksum reads 4 MiB of a file
 _REMAP_READS = 64  # batches of _MAP_BATCH records read through one memory map of the records (RecordReader)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -311,7 +315,6 @@ def build_store(source: Source, tokenizer, options: dict, path: Path, *, num_pro
     """Tokenise the source into `path` (see module docstring); resumes a killed build."""
     from tqdm.auto import tqdm
 
-    num_proc = num_proc or default_num_proc()
     arrow_cache = path / "arrow" if local_files(source) is not None else None
     records = load_records(source, cache_dir=str(arrow_cache) if arrow_cache else None)
     check_fields(source, records.column_names, options, records.features)
@@ -334,7 +337,9 @@ def build_store(source: Source, tokenizer, options: dict, path: Path, *, num_pro
     encoder = Encoder(source, tokenizer, options)
     bar = tqdm(desc=f"tokenising {source.name}", unit="tok", unit_scale=True, disable=not progress)
     bar.update(sum(d["tokens"] for d in done))
-    procs = min(num_proc, 1 + records.data.nbytes // _BYTES_PER_PROC)  # a small corpus: no process pool
+    if num_proc is None:  # every core, where the corpus is large enough to pay for starting them
+        num_proc = default_num_proc() if records.data.nbytes >= _POOL_MIN_BYTES else 1
+    procs = min(num_proc, 1 + records.data.nbytes // _BYTES_PER_PROC)
     try:
         with TokenizingPool(records, encoder, plan["dtype"], procs) as pool:
             for index, (lo, hi) in enumerate(plan["shards"][len(done):], start=len(done)):
@@ -491,8 +496,15 @@ class TokenizingPool:
         starts = range(lo, hi, _MAP_BATCH)
         ends = [min(hi, a + _MAP_BATCH) for a in starts]
         if self._executor is None:
-            return (_encode_rows(*self.work, a, b) for a, b in zip(starts, ends))
-        return self._executor.map(_encode_in_worker, starts, ends)
+            yield from (_encode_rows(*self.work, a, b) for a, b in zip(starts, ends))
+            return
+        try:
+            yield from self._executor.map(_encode_in_worker, starts, ends)
+        except concurrent.futures.process.BrokenProcessPool:
+            raise DataError(
+                f"source {self.work[1].source.name!r}: a tokenising process died (killed for lack of memory? fewer "
+                "data.num_proc use less; a script that builds stores needs an `if __name__ == '__main__':` guard, "
+                "as its processes are started with 'spawn' and import it)") from None
 
 
 def _tokenize_shard(pool: TokenizingPool, lo: int, hi: int, path: Path, index: int, sft: bool) -> dict:

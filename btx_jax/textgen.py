@@ -13,7 +13,6 @@ from btx_jax.data.sft import instruction_prompt
 from btx_jax.data.tokenizer import TOKENIZER_FILES
 from btx_jax.pretrained import Pretrained
 
-RUN_INFO = "run_info.json"      # <run>/run_info.json: the training run's resolved config (btx_jax/train/metrics_log.py)
 VOCAB_PADDING = 128             # embedding tables may be padded up to a multiple of this beyond the tokenizer
 
 
@@ -31,7 +30,7 @@ def model_tokenizer(model: str | Path, vocab_size: int, *, adapter: str | Path |
     for d in dirs:
         if any((d / f).is_file() for f in TOKENIZER_FILES):
             return check_matches(load_tokenizer(d), vocab_size, model, f"saved in {d}")
-        info = d.parent.parent / RUN_INFO
+        info = d.parent.parent / btx.RUN_INFO
         if d.parent.name == btx.FINALS and info.is_file():
             recorded = json.loads(info.read_text()).get("config", {}).get("data", {}).get("tokenizer")
             if recorded:
@@ -45,7 +44,7 @@ def model_tokenizer(model: str | Path, vocab_size: int, *, adapter: str | Path |
     if bundled.vocab_size == vocab_size:
         return bundled
     raise DataError(f"{model}: no tokenizer saved with the model or recorded by its training run "
-                    f"({', '.join(TOKENIZER_FILES[:3])} or {RUN_INFO}), and the bundled one ({bundled.vocab_size} "
+                    f"({', '.join(TOKENIZER_FILES[:3])} or {btx.RUN_INFO}), and the bundled one ({bundled.vocab_size} "
                     f"pieces) does not match its vocabulary ({vocab_size}); pass --tokenizer")
 
 

@@ -41,6 +41,7 @@ FROZEN_FROM = "frozen_from"
 REFERENCE_KEYS = ("path", "adapter", "experts")
 FINAL_POINTER = "btx_final.json"        # <run>/final/btx_final.json: {"version": NAME} of <run>/finals/NAME
 FINALS = "finals"
+RUN_INFO = "run_info.json"              # <run>/run_info.json: the training run's resolved config
 DEPENDENTS = "dependents"               # <btx dir>/dependents/<hash>.json: {"path": a final built on it}
 
 

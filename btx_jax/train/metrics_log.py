@@ -14,6 +14,8 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tqdm import tqdm
 
+from btx_jax.checkpoint import btx
+
 
 def _scalars(metrics: dict) -> dict:
     """{"a/b": float} of nested metrics; a vector (expert load [experts]) becomes one scalar per entry, "a/b/i"."""
@@ -48,7 +50,7 @@ class MetricsLog:
               f"[btx] parameters: total {info['params_total']:,}  trainable {info['params_trainable']:,}  "
               f"frozen {info['params_frozen']:,}\n"
               f"[btx] params+optimizer state per device: {gib:.3f} GiB", flush=True)
-        (self.workdir / "run_info.json").write_text(json.dumps({"config": cfg, **info}, indent=2))
+        (self.workdir / btx.RUN_INFO).write_text(json.dumps({"config": cfg, **info}, indent=2))
 
     def step(self, step: int, metrics: dict, log: bool) -> None:
         self.tokens += float(metrics.get("tokens", 0.0))

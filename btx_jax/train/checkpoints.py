@@ -1,7 +1,14 @@
-"""Training checkpoints with orbax's CheckpointManager: every N steps and at the end, keep the last K,
-saved asynchronously.  Each step holds the trainable parameters, optimizer state, step and RNG (not the frozen
+"""Training checkpoints with orbax's CheckpointManager: every N steps and at the end, keep the last K.  Each step holds the trainable parameters, optimizer state, step and RNG (not the frozen
 weights: they come from the model's source, and their digest is kept to check a resume against), the data
 iterator's state and the resolved config; resuming with an incompatible config is refused.
+
+Host memory.  A save copies the state to host memory a batch of leaves at a time (orbax's
+`save_device_host_concurrent_gb`: at most HOST_BUDGET bytes, or one leaf when a leaf is larger) and writes each
+batch before copying the next, so it holds at most about one leaf besides what the devices hold; it is
+synchronous (the loop waits for the write) because an asynchronous save would need a host copy of the whole
+trainable and optimizer state while the next step runs (the next step donates the state's buffers).  A
+restore reads at most HOST_BUDGET bytes (or one device's shard of the largest leaf) at a time
+(`restore_concurrent_gb`), each read placed straight into its sharding.
 
 Integrity.  orbax writes each step into a temporary directory and renames it when complete; leftover temporary
 directories of an interrupted save are removed when the manager opens.  On resume (`resume`) the newest step
@@ -19,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
@@ -28,6 +36,8 @@ from btx_jax.config import ConfigError
 
 DAMAGED_SUFFIX = ".damaged"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"     # orbax's in-progress step directories
+
+HOST_BUDGET = 2 ** 28        # host bytes a save or restore holds in flight (a larger leaf is copied alone)
 
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
@@ -40,12 +50,31 @@ class Checkpointer:
     def __init__(self, directory: Path, every: int, keep: int):
         self.directory = Path(directory).absolute()
         self.nbytes = None
+        self.every, self.keep = max(int(every), 1), int(keep)
+        self.manager, self._restore_budget = None, 0
+        self._open(HOST_BUDGET)
+
+    def _open(self, restore_budget: int) -> ocp.CheckpointManager:
+        """The manager, reopened when a restore must read a shard larger than the current budget (orbax refuses
+        a read that does not fit its limit)."""
+        if self.manager is not None and restore_budget <= self._restore_budget:
+            return self.manager
+        if self.manager is not None:
+            self.manager.close()
+        gb = lambda nbytes: (nbytes + 1) / 10 ** 9     # noqa: E731  (orbax counts 10**9 bytes; a read must be < it)
+        json_handler = ocp.JsonCheckpointHandler
         with disk.writing(self.directory):
             self.manager = ocp.CheckpointManager(
                 self.directory,
-                options=ocp.CheckpointManagerOptions(save_interval_steps=max(int(every), 1), max_to_keep=int(keep),
-                                                     enable_async_checkpointing=True, create=True,
-                                                     cleanup_tmp_directories=True))
+                options=ocp.CheckpointManagerOptions(save_interval_steps=self.every, max_to_keep=self.keep,
+                                                     enable_async_checkpointing=False, create=True,
+                                                     cleanup_tmp_directories=True),
+                item_handlers={"state": ocp.PyTreeCheckpointHandler(
+                    save_concurrent_gb=gb(HOST_BUDGET), save_device_host_concurrent_gb=gb(HOST_BUDGET),
+                    restore_concurrent_gb=gb(restore_budget)),
+                    "data": json_handler(), "config": json_handler(), "frozen": json_handler()})
+        self._restore_budget = restore_budget
+        return self.manager
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -65,7 +94,7 @@ class Checkpointer:
             if force or self.manager.should_save(step):
                 disk.require(self.directory, self.nbytes)
             return self.manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(lean), data=ocp.args.JsonSave(data_state),
+                state=ocp.args.PyTreeSave(lean), data=ocp.args.JsonSave(data_state),
                 config=ocp.args.JsonSave(config), frozen=ocp.args.JsonSave({"digest": frozen_digest})), force=force)
 
     def saved_config(self, step: int) -> dict:
@@ -75,8 +104,10 @@ class Checkpointer:
         """(state without frozen weights, placed with the abstract state's shardings; data iterator state;
         digest of the frozen weights it was trained with)."""
         lean = {k: v for k, v in abstract_state.items() if k != "frozen"}
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(lean), data=ocp.args.JsonRestore(), frozen=ocp.args.JsonRestore()))
+        manager = self._open(max(HOST_BUDGET, largest_shard_bytes(lean)))
+        out = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(lean, restore_args=ocp.checkpoint_utils.construct_restore_args(lean)),
+            data=ocp.args.JsonRestore(), frozen=ocp.args.JsonRestore()))
         return out["state"], out["data"], out["frozen"]["digest"]
 
     def resume(self, abstract_state, check: Callable[[dict], None]) -> tuple[int, dict, dict, str] | None:
@@ -142,6 +173,12 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+def largest_shard_bytes(tree) -> int:
+    """Bytes of the largest one-device shard of the (abstract) arrays in `tree`: what one read holds on host."""
+    return max((int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+                for x in jax.tree_util.tree_leaves(tree)), default=0)
 
 
 def _reason(error: Exception) -> str:

@@ -345,6 +345,23 @@ def test_sft_refusal_from_a_tokenising_process(tmp_path):
                             "data.skip_bad_records=True to skip such records)")
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
+def test_a_killed_tokenising_process_is_one_line(tmp_path):
+    corpus = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i}"} for i in range(40_000)])
+    source = Source.from_dict({"path": str(corpus)})
+    encoder = store_lib.Encoder(source, TOK, store_lib.pretrain_options(add_bos=True, add_eos=True))
+    with pytest.raises(DataError) as e:
+        with store_lib.TokenizingPool(load_records(source, cache_dir=str(tmp_path / "arrow")), encoder, "uint16",
+                                      procs=2) as pool:
+            batches = pool.encode(0, 40_000)
+            next(batches)
+            children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+            workers = [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+            os.kill(workers[0], signal.SIGKILL)  # as the out-of-memory killer would
+            list(batches)
+    assert str(e.value).startswith("source 'docs': a tokenising process died (killed for lack of memory? ")
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("shard_mb", -1, "data.shard_mb=-1: must be a number of MB > 0 or None"),
     ("num_proc", 0, "data.num_proc=0: must be an integer >= 1 or None"),

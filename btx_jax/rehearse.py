@@ -145,8 +145,9 @@ def plan(repo: Path, out: Path, arch: dict, phases: dict, *, steps: int, seq_len
     out_steps.append(Step("sft", sft, workdir=str(runs / "sft")))
     out_steps.append(Step("sft resume (+1 step)", [*sft, f"--config.train.steps={steps + 1}"],
                           workdir=str(runs / "sft")))
-    # one model: evaluate.py holds every --model it is given in host memory at once, in fp32
-    out_steps.append(Step("evaluate", [py, str(repo / "scripts" / "evaluate.py"),
+    # the seed, an expert and the SFT model: evaluate.py loads one at a time, sharded (peak = the largest one)
+    out_steps.append(Step("evaluate", [py, str(repo / "scripts" / "evaluate.py"), f"--model=seed={model}",
+                                       f"--model=wiki={runs / 'expert_wiki' / 'final'}",
                                        f"--model=sft={runs / 'sft' / 'final'}", f"--tokenizer={model}",
                                        f"--seq-len={seq_len}", f"--batch-size={batch}", "--max-batches=2",
                                        "--out=eval"]))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from btx_jax.rehearse import Step, run_step, table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +19,7 @@ STEPS = ["model", "prepare expert:wiki", "prepare expert:math", "prepare expert:
          "compose ffn -> mixtral"]
 
 
+@pytest.mark.slow           # 18 processes, ~10 min on 2 cores: `pytest -m slow tests/test_rehearse.py`
 def test_tiny_rehearsal_runs_every_phase(tmp_path):
     out = tmp_path / "reh"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--shape=tiny", "--steps=1", "--seq-len=64", "--batch=8",

@@ -5,7 +5,7 @@
 
 Both sides are this engine's jitted `full`-phase step (everything trains, as in the BTX paper's MoE fine-tuning)
 on the same FFN-MoE (btx_jax/model/moe_ffn.py), differing only in MoESpec.impl: "sparse" is what "auto" picks
-on this backend (segment tiles on CPU, ragged_dot on GPU/TPU), "dense" runs every expert on every token and masks
+on this backend (segment tiles on CPU and GPU, ragged_dot on TPU), "dense" runs every expert on every token and masks
 by the routing weights.  Steps alternate between the two (btx_jax/train/throughput.py `interleaved`).
 
 Model FLOPs are counted honestly for the k ACTIVE experts (the dense reference does E/k x the FFN work but is

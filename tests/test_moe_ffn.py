@@ -1,9 +1,12 @@
 """The FFN-MoE block (btx_jax/model/moe_ffn.py): sparse dispatch (segment tiles, ragged_dot) equals the dense
 all-experts reference in values and gradients; router statistics; expert parallelism on 8 virtual devices gives
-the 1-device losses; the router and ffn phases train exactly their leaves."""
+the 1-device losses; the router and ffn phases train exactly their leaves; compiled by XLA:GPU (deviceless, for
+one H100) the dispatch "auto" picks for a GPU mesh does about k/E of the dense block's matmul FLOPs."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import re
 
 import jax
@@ -14,9 +17,11 @@ import pytest
 from btx_jax import param_paths
 from btx_jax.config import LlamaConfig, MoESpec
 from btx_jax.model import Llama, init_params, summarize_aux
+from btx_jax.model import moe_ffn
 from btx_jax.model.moe_ffn import dense_ffn, ragged_ffn, segment_ffn
 from btx_jax.pretrained import Pretrained, load_pretrained
 from btx_jax import mesh as mesh_lib
+from btx_jax.train import aot
 from btx_jax.train.phases import PHASES
 from btx_jax.train.trainer import train
 
@@ -128,3 +133,48 @@ def test_phases_train_exactly_their_ffn_moe_leaves(moe_dir, tmp_path, phase):
     assert changed == want and want
     assert ("layers/moe/router/kernel" in want) == (phase != "ffn")
     assert ("layers/moe/up_proj" in want) == (phase == "ffn")
+
+
+def test_auto_dispatch_follows_the_platform_of_the_mesh():
+    config = LlamaConfig(**ARCH, moe=MoESpec(4, 2))
+    assert moe_ffn.for_platform(config, "tpu").moe.impl == "ragged"
+    assert moe_ffn.for_platform(config, "gpu").moe.impl == "segment"
+    pinned = config.replace(moe=MoESpec(4, 2, impl="dense"))
+    assert moe_ffn.for_platform(pinned, "tpu") is pinned
+
+
+def hlo_dot_flops(text: str) -> int:
+    """2 x output elements x contracted size, summed over the `dot` instructions of an optimized HLO module (on
+    XLA:GPU every matmul is one, inside its Triton GEMM fusion; no loops here, so each runs once)."""
+    dims = lambda s: [int(x) for x in s.split(",") if x]
+    shapes = {m[1]: dims(m[2]) for m in re.finditer(r"%([\w.\-]+) = \w+\[([\d,]*)\]", text)}
+    total = 0
+    for m in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), [^)]*\), .*?lhs_contracting_dims=\{([\d,]*)\}",
+                         text):
+        total += 2 * math.prod(dims(m[1])) * math.prod(shapes[m[2]][d] for d in dims(m[3]))
+    return total
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                    reason='jax_cuda12_plugin is not installed (pip install "jax[cuda12]"): no GPU compiler')
+def test_gpu_compiled_ffn_block_does_k_over_e_of_the_dense_flops():
+    """Forward + backward of the FFN block for one compile-only H100: the dispatch "auto" resolves to for the GPU
+    is within 1.5x of k/E of the dense reference's dot FLOPs; ragged_dot, which XLA:GPU expands densely, is not."""
+    target = aot.parse_target("gpu:h100-1")
+    aot.prepare(target)
+    device = aot.target_devices(target)[0]
+    N, D, M, E, k = 1024, 256, 512, 8, 2
+    spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype,
+                                                                sharding=jax.sharding.SingleDeviceSharding(device))
+    args = (spec((N, D)), spec((E, D, M)), spec((E, D, M)), spec((E, M, D)), spec((N, k), jnp.float32),
+            spec((N, k), jnp.int32))
+
+    def flops(impl):
+        loss = lambda *a: jnp.sum(moe_ffn.IMPLS[impl](*a))
+        return hlo_dot_flops(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile().as_text())
+
+    dense = flops("dense")
+    assert dense >= 2 * 3 * 2 * N * D * M * E        # every expert's three matmuls, forward and input gradients
+    sparse = flops(moe_ffn.resolve_impl("auto", device.platform))
+    assert sparse <= 1.5 * dense * k / E, (sparse, dense)
+    assert flops("ragged") > 1.5 * dense * k / E

@@ -1,8 +1,11 @@
 """btx_jax/train/plan.py (scripts/plan.py): the abstract plan agrees with the memory of the real state on 8 virtual
-devices, its FLOPs grow ~linearly with the batch, and the CLI end to end on `--target cpu:N` (bad input: one line,
-exit 2).  (conftest.py sets XLA_FLAGS to 8 host devices.)"""
+devices, its FLOPs grow ~linearly with the batch, and the CLI end to end on `--target cpu:N` and, through XLA's deviceless
+GPU compiler, `--target gpu:h100-8` (bad input: one line, exit 2).  (conftest.py sets XLA_FLAGS to 8 host
+devices.)"""
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import jax
@@ -13,6 +16,8 @@ from btx_jax.train import plan as plan_mod
 REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=128)
+needs_cuda = pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
+                                reason='jax_cuda12_plugin is not installed (pip install "jax[cuda12]"): no GPU compiler')
 
 
 def small_cfg():
@@ -109,3 +114,51 @@ def test_max_batch_secant_search_finds_the_largest_fitting_multiple(monkeypatch)
     budget = 0.9 * 95 * 2**30
     assert best % 4 == 0 and peak(best) <= budget < peak(best + 4)
     assert 64 not in compiled and len(compiled) <= 5, compiled
+
+
+def refusal(capsys, argv) -> str:
+    """The one stderr line of a plan CLI run refused with exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        plan_mod.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_plan_cli_refuses_unknown_gpus_and_malformed_target_files(tmp_path, capsys):
+    base = ["--config", "configs/expert.py:synthetic", "--seq-len", "32"]
+    assert "unknown GPU 'b200'" in refusal(capsys, base + ["--target", "gpu:b200-8"])
+    (tmp_path / "no_memory.txtpb").write_text("name: 1\n")
+    err = refusal(capsys, base + ["--target", f"gpu:{tmp_path}/no_memory.txtpb"])
+    assert "no_memory.txtpb is not a GpuTargetConfigProto" in err
+
+
+@needs_cuda
+def test_plan_cli_refuses_a_config_xla_cannot_parse_and_a_batch_off_the_gpu_count(tmp_path, capsys):
+    base = ["--config", "configs/expert.py:synthetic", "--seq-len", "32"]
+    bogus = tmp_path / "bogus.txtpb"
+    bogus.write_text((plan_mod.aot.GPU_TARGETS_DIR / "h100_sxm.txtpb").read_text() + "bogus_field: 3\n")
+    err = refusal(capsys, base + ["--target", f"gpu:{bogus}"])
+    assert "bogus.txtpb: XLA cannot use this GPU target config" in err and 'no field named "bogus_field"' in err
+    err = refusal(capsys, base + ["--target", "gpu:h100-8", "--batch", "12"])
+    assert "global_batch_size/microbatches=12 is not divisible by the data-parallel size 8" in err
+
+
+@needs_cuda
+def test_plan_cli_on_8_h100s_reports_gpu_memory_fit_and_model_count_flops(tmp_path, capsys):
+    """A tiny expert step compiled for 8 compile-only H100s with a 5 MB device (budget 4.5 MB): batch 8 fits,
+    16 does not, so the search compiles those two and the JSON row carries the TPU rows' fields."""
+    out = tmp_path / "plan.json"
+    assert plan_mod.main(["--config", "configs/expert.py:synthetic", "--seq-len", "32", "--loss-chunk", "16",
+                          "--batch", "8", "--target", "gpu:h100-8", "--search", "--device-memory", "5MB",
+                          "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "gpu:h100-8 = 8 NVIDIA H100 80GB HBM3 devices" in text and "XLA has no GPU cost model" in text
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["target"], row["devices"], row["fits"], row["attention"]) == ("gpu:h100-8", 8, True, "auto")
+    assert 0 < row["bytes"]["peak"] <= 0.9 * 5e6
+    assert row["flops_xla_raw"] is None and row["flops_source"].startswith("model count")
+    assert row["flops_per_device"] > 0 and row["cost"] == {}
+    peaks = {r["batch"]: r["peak"] for r in row["search"]}
+    assert row["max_batch"] == 8 and peaks[16] > 0.9 * 5e6, peaks

@@ -21,6 +21,8 @@ train step and the evaluation's routing heatmaps work unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,10 +34,19 @@ from btx_jax.model.swiglu import swiglu
 MAX_TILE = 512
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The dispatch `impl` means on `platform` (default: JAX's default backend, which is "cpu" while compiling
+    for compile-only GPU or TPU devices: pass the platform of the mesh's devices there)."""
     if impl != "auto":
         return impl
-    return "ragged" if jax.default_backend() == "tpu" else "segment"
+    return "ragged" if (platform or jax.default_backend()) == "tpu" else "segment"
+
+
+def for_platform(config: LlamaConfig, platform: str) -> LlamaConfig:
+    """`config` with its FFN-MoE's impl "auto" resolved for the devices of `platform` (unchanged otherwise)."""
+    if config.moe is None or config.moe.impl != "auto":
+        return config
+    return config.replace(moe=dataclasses.replace(config.moe, impl=resolve_impl("auto", platform)))
 
 
 def tile_rows(slots: int, num_experts: int) -> int:

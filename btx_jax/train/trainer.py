@@ -38,7 +38,7 @@ from btx_jax.data.interrupt import interruptible_build
 from btx_jax.data.packing import FIELDS
 from btx_jax.data.synthetic import SyntheticPipeline
 from btx_jax.errors import UserError
-from btx_jax.model import Llama, attention
+from btx_jax.model import Llama, attention, moe_ffn
 from btx_jax.pretrained import ModelSource
 from btx_jax import mesh as mesh_lib
 from btx_jax.train import aot, checkpoints, phases
@@ -179,7 +179,8 @@ def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
                        "rng": replicated}
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
     platform = mesh.devices.flat[0].platform
-    model = model.clone(attention=attention.resolve(model.attention, platform))
+    model = model.clone(attention=attention.resolve(model.attention, platform),
+                        config=moe_ffn.for_platform(model.config, platform))
     step_fn = jax.jit(make_train_step(model, tx, microbatches=int(t["microbatches"]), lb_alpha=float(t["lb_alpha"]),
                                       z_alpha=float(t["z_alpha"]), loss_chunk=int(t.get("loss_chunk", 0)), mesh=mesh,
                                       rules=rules, loss_layout=t["loss_layout"]),

@@ -16,7 +16,7 @@ from lm_eval.tasks import TaskManager
 
 from btx_jax import report
 from btx_jax.config import ConfigError
-from btx_jax.harness import TASKS_DIR, BtxLM
+from btx_jax.harness import TASKS_DIR, BtxLM, check_task_file
 from btx_jax.pretrained import Pretrained
 
 # headline metric of a task, first match wins (multiple choice: acc; generation: exact match)
@@ -49,8 +49,8 @@ def check_tasks(tasks: list[str], *, include_path: str | None = None, builtin_ta
     first unknown one, the closest bundled name and the bundled tasks: before any model runs.  The harness's
     own tasks are indexed only when a task is neither bundled nor a `btx_*` name (ours only) nor a file."""
     for t in tasks:
-        if t.endswith(".yaml") and not Path(t).is_file():
-            raise FileNotFoundError(f"task file not found: {t}")
+        if t.endswith(".yaml"):
+            check_task_file(t)
     names = [t for t in tasks if not t.endswith(".yaml")]
     local = task_manager(False, include_path)
     outside = [t for t in names if not local.match_tasks([t]) and not t.startswith("btx_")]

@@ -37,6 +37,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -312,6 +313,19 @@ def check_model_args(arg_string: str) -> None:
     model_tokenizer(directory, config.vocab_size, adapter=args.get("adapter"), tokenizer=args.get("tokenizer"))
 
 
+def check_task_file(path: str | Path) -> None:
+    """A task YAML that exists and parses (syntax only: its `!function` tags are composed, never constructed or
+    run), else one error naming the file and the line."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"task file not found: {path}")
+    try:
+        yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """lm-eval's command line with `btx` registered and btx_jax/tasks on the task path; user errors -> exit 2."""
     from lm_eval.__main__ import cli_evaluate
@@ -321,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in zip(args[:-1], args[1:]):
             if flag == "--tasks":
                 for t in value.split(","):
-                    if t.endswith(".yaml") and not glob.glob(t):
-                        raise FileNotFoundError(f"task file not found: {t}")
+                    if t.endswith(".yaml"):
+                        for file in glob.glob(t) or [t]:
+                            check_task_file(file)
             if flag == "--model_args" and "--model" in args and args[args.index("--model") + 1] == "btx":
                 check_model_args(value)
     except USER_ERRORS as e:

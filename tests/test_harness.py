@@ -140,7 +140,7 @@ def test_mergoo_moe_evaluates_from_its_directory(dirs, tmp_path):
     np.testing.assert_allclose(logp, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["missing_model", "vocab_mismatch", "missing_task_file"])
+@pytest.mark.parametrize("case", ["missing_model", "vocab_mismatch", "missing_task_file", "broken_task_file"])
 def test_cli_bad_input_is_one_line_exit_2(dirs, tmp_path, capsys, case):
     model, tasks = str(dirs["stories"]), "btx_jcommonsenseqa"
     if case == "missing_model":
@@ -149,13 +149,17 @@ def test_cli_bad_input_is_one_line_exit_2(dirs, tmp_path, capsys, case):
         model = str(build_hf_llama(tmp_path / "small", vocab_size=256))
         for f in TOKENIZER_FILES:
             shutil.copy(dirs["stories"] / f, tmp_path / "small" / f)
-    else:
+    elif case == "missing_task_file":
         tasks = str(tmp_path / "missing.yaml")
+    else:                                    # a YAML syntax error (an unclosed bracket) on line 2
+        (tmp_path / "broken.yaml").write_text("task: broken\ndoc_to_text: [unclosed\n")
+        tasks = str(tmp_path / "broken.yaml")
     rc = main(["--model", "btx", "--model_args", f"pretrained={model}", "--tasks", tasks, "--limit", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
-    assert {"missing_model": "nope", "vocab_mismatch": "512 tokens", "missing_task_file": "missing.yaml"}[case] in err[-1]
+    assert {"missing_model": "nope", "vocab_mismatch": "512 tokens", "missing_task_file": "missing.yaml",
+            "broken_task_file": "broken.yaml: line 3 not valid YAML"}[case] in err[-1]
 
 
 def test_cli_runs_a_local_task_file_on_the_full_jglue_validation_set(dirs, tmp_path, capsys):

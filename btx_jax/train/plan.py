@@ -60,6 +60,7 @@ from btx_jax.counting import model_flops_per_token
 from btx_jax.model.llama import REMAT_POLICIES, DecoderLayer
 from btx_jax.pretrained import random_source
 from btx_jax.train import aot
+from btx_jax.train.device_memory import step_peak_bytes
 from btx_jax.train.model_init import lora_spec
 from btx_jax.train.phases import merge
 from btx_jax.train.step import LOSS_LAYOUTS, resolve_layout
@@ -144,9 +145,7 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
         "cost": aot.cost_model(compiled, target),
     }
     b = out["bytes"]
-    # The state is donated: outputs alias arguments, so the live peak is arguments + temporaries + the
-    # non-aliased outputs (metrics).
-    b["peak"] = b["argument"] + b["temp"] + b["output"] - b["alias"]
+    b["peak"] = step_peak_bytes(mem)
     if target.platform == "gpu" and b["peak"] > target.hbm_bytes:    # the GPU compiler never refuses
         out["fits"] = False
         out["error"] = f"peak {_fmt_gb(b['peak'])} GiB > the GPU's {_fmt_gb(target.hbm_bytes)} GiB"

@@ -11,8 +11,11 @@ mapping (swapped norms, a missing transpose, a wrong rope layout) shows up as a 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +132,19 @@ def convert_script():
     """The conversion CLI's entry point module (btx_jax/convert.py: `main(argv) -> exit code`)."""
     from btx_jax import convert
     return convert
+
+
+needs_mount = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="a real tmpfs needs root")
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str):
+    """A real tmpfs of `size` (e.g. "64k", "3m") mounted at `where` inside the block (tests marked `needs_mount`);
+    skips the test where mounting is not permitted."""
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]).returncode:
+        pytest.skip("mount not permitted here")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)])

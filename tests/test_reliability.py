@@ -26,7 +26,7 @@ from btx_jax.config import ConfigError
 from btx_jax.generate import InputError
 from btx_jax.train import trainer
 from btx_jax.train.health import TrainingHealth
-from conftest import REPO_ROOT, random_ids
+from conftest import REPO_ROOT, needs_mount, random_ids, small_tmpfs
 from configs import expert
 
 ARCH = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -272,21 +272,15 @@ def test_cli_reports_an_unwrapped_disk_fault_in_one_line(capsys):
                    "permissions and rerun\n")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="a real tmpfs needs root")
+@needs_mount
 def test_real_full_tmpfs(tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("mount not permitted here")
-    try:
+    with small_tmpfs(tmp_path / "tmpfs", "64k") as mnt:
         with pytest.raises(disk.DiskError, match=f"{mnt / 'out'}: no space left on device"):
             _tiny_model().save_pretrained(mnt / "out", format="hf")
         assert list(mnt.iterdir()) == []
         with pytest.raises(disk.DiskError, match="no space left on device \\(writing needs about"):
             _tiny_model().save_pretrained(mnt / "out", format="btx")
         assert list(mnt.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(mnt)])
 
 
 # ---- model sanity -----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from btx_jax.disk import DiskError
 from btx_jax.lock import held
 from btx_jax.train import checkpoints
 from btx_jax.train.validate import check_data
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, needs_mount, small_tmpfs
 
 TOK = load_tokenizer(BUNDLED_TOKENIZER)
 WIKI = Path(bundled_source("wiki")["path"])
@@ -414,17 +414,11 @@ def test_an_integer_text_field_is_one_line(tmp_path):
                             "or a template such as '{text}')")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="a real tmpfs needs root")
+@needs_mount
 def test_a_full_cache_dir_is_a_disk_error_naming_it(tmp_path):
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("mount not permitted here")
-    try:
+    with small_tmpfs(tmp_path / "tmpfs", "64k") as mnt:
         with pytest.raises(DiskError) as e:
             the_store({"sources": [{"path": str(WIKI)}], "cache_dir": str(mnt)})
         (store,) = [p for p in mnt.iterdir() if p.is_dir() and p.name != "digests"]
         assert str(e.value) == (f"{store / 'arrow'}: no space left on device; earlier results are untouched: free "
                                 "space and rerun")
-    finally:
-        subprocess.run(["umount", str(mnt)])

@@ -8,7 +8,6 @@ tests/test_distributed.py.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 from btx_jax import disk
 from btx_jax.train import trainer
 from btx_jax.train.device_memory import StepDoesNotFit
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, needs_mount, small_tmpfs
 from test_reliability import compilation_cache, config, digest, steps  # noqa: F401 - the module's cache fixture
 
 TRAIN = [sys.executable, str(REPO_ROOT / "scripts" / "train.py")]
@@ -160,15 +159,11 @@ UNCHECKED = ("import runpy, sys\nfrom btx_jax import disk\ndisk.require = lambda
              "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="a real tmpfs needs root")
+@needs_mount
 def test_disk_filling_up_under_orbax_threads_is_one_line(tmp_path):
     """A 3 MB tmpfs holds the LoRA checkpoints but not the 5.5 MiB final version, and the preflight is
     bypassed: orbax's writer threads meet the full disk; stderr holds one line and no traceback."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("mount not permitted here")
-    try:
+    with small_tmpfs(tmp_path / "tmpfs", "3m") as mnt:
         workdir = mnt / "run"
         args = _args(workdir, "--config.train.steps=4", "--config.train.ckpt_every=2",
                      "--config.model.arch.num_layers=2", "--config.train.seq_len=32")
@@ -183,5 +178,3 @@ def test_disk_filling_up_under_orbax_threads_is_one_line(tmp_path):
         # at most the hidden temp directory of the version (orbax's threads may still write into it after the
         # cleanup); the next save_final of that version removes it first
         assert all(p.name.startswith(".4-") and p.name.endswith(".tmp") for p in (workdir / "finals").iterdir())
-    finally:
-        subprocess.run(["umount", str(mnt)])

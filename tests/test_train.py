@@ -231,6 +231,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
             "        if calls[0] == 3:\n"
             "            state = {**state, 'trainable': jax.tree_util.tree_map(lambda x: x * jnp.nan, state['trainable'])}\n"
             "        return step(state, batch)\n"
+            "    poisoned.memory_analysis = step.memory_analysis      # for the trainer's memory preflight\n"
             "    return poisoned\n"
             "trainer.compile_step = compile_step\n"
             f"sys.argv = {[str(REPO / 'scripts' / 'train.py'), *args]!r}\n"

@@ -22,6 +22,7 @@ def _script(name: str, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow       # minutes on 2 cores: outside the default run (`pytest -m slow`)
 def test_bench_smoke_both_sides_in_one_run(tmp_path):
     out = tmp_path / "bench.json"
     _script("bench.py", "--arch", "tiny", "--batch", "1", "--seq", "32", "--rank", "8", "--steps", "2",
@@ -39,6 +40,7 @@ def test_bench_smoke_both_sides_in_one_run(tmp_path):
     assert set(data["attention_ms"]) == {"btx_jax blocked", "btx_jax xla", "torch sdpa"}
 
 
+@pytest.mark.slow
 def test_gpu_check_tiny_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     proc = _script("gpu_check.py", "--tiny", "--out", str(out))

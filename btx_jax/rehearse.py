@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from btx_jax.checkpoint import btx
+from btx_jax.data import load_tokenizer
 from btx_jax.errors import UserError
 from btx_jax.seed_corpora import FIXTURES
+from btx_jax.textgen import check_matches
 
 GIB = 2 ** 30
 PER_DEVICE = re.compile(r"per device ([\d.]+) GiB state\+batch, ([\d.]+) GiB temporaries")
@@ -173,6 +175,9 @@ def rehearse(repo: Path, out: Path, arch: dict, phases: dict, *, steps: int = 3,
              overwrite: bool = False) -> list[Step]:
     """Run every step (all of them, even after a failure) and write OUT/rehearsal.md and .json."""
     repo, out = Path(repo).absolute(), Path(out).absolute()
+    # evaluate and generate refuse a tokenizer that does not belong to the model: say so before any work
+    check_matches(load_tokenizer(tokenizer), int(arch["vocab_size"]),
+                  "the rehearsal's model (--vocab 4096 fits the bundled tokenizer)")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: exists and is not empty (pass --overwrite to replace it)")

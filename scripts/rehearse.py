@@ -1,7 +1,7 @@
 """Rehearse the seed's recipe at a chosen shape: every phase, as a user runs it, measured (btx_jax/rehearse.py).
 
     python scripts/rehearse.py --shape tiny --steps 2 --out /tmp/reh
-    python scripts/rehearse.py --shape 1.1b --out /tmp/reh11                 # TinyLlama-1.1B shapes
+    python scripts/rehearse.py --shape 1.1b --vocab 4096 --out /tmp/reh11    # TinyLlama-1.1B shapes, bundled tokenizer
     python scripts/rehearse.py --shape 271m --hidden 1024 --layers 8 --out /tmp/reh_medium
 
 A random bf16 HF Llama of the shape (presets below; --hidden etc. override one field), the seed-scale presets

@@ -59,3 +59,14 @@ def test_a_non_empty_out_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {tmp_path}: exists and is not empty (pass --overwrite to replace it)"]
     assert (tmp_path / "keep.txt").is_file()
+
+
+def test_a_tokenizer_that_does_not_fit_the_shape_is_one_line_before_any_work(tmp_path):
+    """The 1.1B shape has 32,000 ids, the bundled tokenizer 4,096: evaluate and generate would refuse it at
+    the end, so rehearse refuses it first."""
+    out = tmp_path / "reh"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--shape=1.1b", f"--out={out}"], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 2 and not out.exists()
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: tokenizer ") and "has 4096 tokens" in line and "--vocab 4096" in line

@@ -18,6 +18,9 @@ ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
 
 
+DTYPES = ("float32", "bfloat16", "float16")     # parameter / compute dtypes a config or command may name
+
+
 class ConfigError(UserError, ValueError):
     """A configuration (config.json, adapter_config.json, btx config) that cannot be used."""
 

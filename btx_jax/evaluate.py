@@ -29,6 +29,7 @@ import numpy as np
 from btx_jax import mesh as mesh_lib, report
 from btx_jax.checkpoint.tensor_files import check_destination
 from btx_jax.cli import ArgumentParser, fail, positive_int, run_cli
+from btx_jax.config import DTYPES
 from btx_jax.data import bundled_source, eval_batches
 from btx_jax.data.packing import FIELDS
 from btx_jax.generate import InputError
@@ -36,8 +37,6 @@ from btx_jax.model import Llama
 from btx_jax.pretrained import Pretrained, inference_dtype, open_model
 from btx_jax.textgen import complete, model_tokenizer
 from btx_jax.train.step import forward, token_losses
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -165,8 +164,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--domains", default="wiki,math,novel", help="bundled domains to evaluate")
     p.add_argument("--tokenizer", default=None, help="tokenizer for every model (default: each model's own, saved "
                    "with it or recorded by its training run; the bundled one for the demo's 4,096-token models)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="parameter and compute dtype (auto: bfloat16 "
-                   "on accelerators, float32 on CPU)")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="parameter and compute dtype (auto: bfloat16 on accelerators, float32 on CPU)")
     p.add_argument("--cache-dir", default=None, help="where the tokenised evaluation stores are kept (default: "
                    "the data pipeline's)")
     p.add_argument("--seq-len", type=positive_int, default=128)

@@ -1,6 +1,7 @@
-"""Training checkpoints with orbax's CheckpointManager: every N steps and at the end, keep the last K.  Each step holds the trainable parameters, optimizer state, step and RNG (not the frozen
-weights: they come from the model's source, and their digest is kept to check a resume against), the data
-iterator's state and the resolved config; resuming with an incompatible config is refused.
+"""Training checkpoints with orbax's CheckpointManager: every N steps and at the end, keep the last K.  Each
+step holds the trainable parameters, optimizer state, step and RNG (not the frozen weights: they come from the
+model's source, and their digest is kept to check a resume against), the data iterator's state and the
+resolved config; resuming with an incompatible config is refused.
 
 Host memory.  A save copies the state to host memory a batch of leaves at a time (orbax's
 `save_device_host_concurrent_gb`: at most HOST_BUDGET bytes, or one leaf when a leaf is larger) and writes each

@@ -18,14 +18,13 @@ import re
 import jax
 import numpy as np
 
-from btx_jax.config import ConfigError
+from btx_jax.config import DTYPES, ConfigError
 from btx_jax.model import attention
 from btx_jax.model.llama import REMAT_POLICIES
 from btx_jax import mesh as mesh_lib
 from btx_jax.train import phases
 from btx_jax.train.step import LOSS_LAYOUTS
 
-DTYPES = ("float32", "bfloat16", "float16")
 SECTIONS = {
     "": ("phase", "trainable", "model", "mesh", "mesh_rules", "train", "data", "distributed"),
     "model": ("init", "arch", "lora", "compose"),

@@ -30,7 +30,6 @@ the number of experts.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 

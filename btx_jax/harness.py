@@ -57,6 +57,7 @@ from btx_jax.textgen import check_matches, model_tokenizer
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 MIN_BUCKET = 32
 MIN_CONT_BUCKET = 4       # continuation slots scored per row: 4, 8, 16, ... (a few compilations)
+TOKENIZER_OPTION = "tokenizer=PATH in --model_args"   # how lm-eval's command line names a tokenizer
 _HARNESS_ARGS = ("device", "max_batch_size", "trust_remote_code")    # passed by lm-eval itself; not used here
 
 
@@ -116,10 +117,11 @@ class BtxLM(TemplateLM):
                 raise DataError("a Pretrained object given: pass tokenizer= as well")
             self.pre = pretrained
             self.tok = check_matches(tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer),
-                                     pretrained.config.vocab_size)
+                                     pretrained.config.vocab_size, option=TOKENIZER_OPTION)
         else:
             src = open_model(pretrained, adapter=adapter)
-            self.tok = model_tokenizer(pretrained, src.config.vocab_size, adapter=adapter, tokenizer=tokenizer)
+            self.tok = model_tokenizer(pretrained, src.config.vocab_size, adapter=adapter, tokenizer=tokenizer,
+                                       option=TOKENIZER_OPTION)
             self.pre = src.load(dtype=inference_dtype(dtype), mesh=mesh_lib.make_mesh({"fsdp": -1}))
         self.model = self.pre.model()
         self._batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
@@ -310,7 +312,8 @@ def check_model_args(arg_string: str) -> None:
         raise ConfigError("btx backend: --model_args needs pretrained=DIR")
     directory = Path(args["pretrained"])
     config = open_model(directory, adapter=args.get("adapter")).config        # configs and tensor headers only
-    model_tokenizer(directory, config.vocab_size, adapter=args.get("adapter"), tokenizer=args.get("tokenizer"))
+    model_tokenizer(directory, config.vocab_size, adapter=args.get("adapter"), tokenizer=args.get("tokenizer"),
+                    option=TOKENIZER_OPTION)
 
 
 def check_task_file(path: str | Path) -> None:

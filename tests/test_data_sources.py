@@ -32,3 +32,20 @@ def test_a_worker_traceback_gives_its_first_exception():
     except OSError as e:
         assert cause_of(e) == "ValueError: column names don't match more context"
     assert cause_of(KeyError()) == "KeyError"
+
+
+def test_two_local_copies_laid_out_alike_read_their_own_rows(tmp_path, monkeypatch):
+    """datasets keys a local hub-style folder's cache by its layout, not its path or contents: two copies with
+    the same README `configs:` and file names would share one cache entry (the second read the first's rows).
+    Each store keeps the Arrow files of its own copy."""
+    from btx_jax.data.sources import Source, load_records
+    from btx_jax.seed_corpora import hub_folder
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))    # one shared datasets cache, as for a user
+    got = []
+    for name, rows in (("a", 5), ("b", 2)):
+        folder = hub_folder(tmp_path / name / "wikipedia", "20231101.ja",
+                            [{"text": f"{name} {i}"} for i in range(rows)])
+        source = Source(name="wikipedia_ja", path=(str(folder),), subset="20231101.ja")
+        got.append(list(load_records(source, cache_dir=str(tmp_path / f"store_{name}" / "arrow"))["text"]))
+    assert got == [[f"a {i}" for i in range(5)], [f"b {i}" for i in range(2)]]

@@ -253,8 +253,10 @@ def load_records(source: Source, cache_dir: str | None = None, *, streaming: boo
     import datasets
 
     files = local_files(source)
-    if files is None:
-        return _where(source, _load_hub(source, streaming=streaming))
+    if files is None:     # a local directory's Arrow files go to `cache_dir` too: datasets' own cache keys them by
+        # the directory's layout, not its path or contents, so two copies laid out alike would share one entry
+        local = not streaming and Path(source.path[0]).is_dir()
+        return _where(source, _load_hub(source, streaming=streaming, cache_dir=cache_dir if local else None))
     builder = _builder(source, files)
     for f in files:
         if f.stat().st_size == 0:
@@ -317,8 +319,9 @@ def cause_of(error: Exception) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
-def _load_hub(source: Source, streaming: bool = False):
-    """A hub dataset (or a local directory laid out like one); one line when it cannot be resolved."""
+def _load_hub(source: Source, streaming: bool = False, cache_dir: str | None = None):
+    """A hub dataset (or a local directory laid out like one; its Arrow files under `cache_dir` when given);
+    one line when it cannot be resolved."""
     import datasets
 
     name = source.path[0]
@@ -327,7 +330,7 @@ def _load_hub(source: Source, streaming: bool = False):
     hub_log.setLevel(logging.ERROR)  # no retry warnings: the failure is reported below in one line
     try:
         return datasets.load_dataset(name, source.subset, split=source.split, revision=source.revision,
-                                     streaming=streaming)
+                                     streaming=streaming, cache_dir=cache_dir)
     except Exception as e:  # datasets raises many types here (connection, not found, offline, bad config)
         offline = " (not in the local datasets cache, and the hub is offline or does not have it)"
         local = Path(name).is_dir()

@@ -315,7 +315,8 @@ def build_store(source: Source, tokenizer, options: dict, path: Path, *, num_pro
     """Tokenise the source into `path` (see module docstring); resumes a killed build."""
     from tqdm.auto import tqdm
 
-    arrow_cache = path / "arrow" if local_files(source) is not None else None
+    local = local_files(source) is not None or Path(source.path[0]).is_dir()    # files, or a hub-style folder
+    arrow_cache = path / "arrow" if local else None
     records = load_records(source, cache_dir=str(arrow_cache) if arrow_cache else None)
     check_fields(source, records.column_names, options, records.features)
     (path / "shards").mkdir(parents=True, exist_ok=True)

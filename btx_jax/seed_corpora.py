@@ -1,5 +1,5 @@
 """Local copies of the seed's datasets, laid out as the hub has them (each dataset's real columns and files:
-btx_jax/data/README.md, "The seed's datasets"), for the seed-scale presets to read with only `path` changed:
+docs/data.md, "The seed's datasets"), for the seed-scale presets to read with only `path` changed:
 tests/test_seed_presets.py checks what each preset tokenises from them, scripts/rehearse.py trains on them.
 
     path, expected = FIXTURES["gsm8k"](directory, rows=3)

@@ -25,7 +25,7 @@ SEED_LORA = dict(targets=("gate_proj", "up_proj", "down_proj"), rank=640, alpha=
 
 
 # The seed's datasets as data sources, read through each hub dataset's own columns (evidence for every column
-# name: btx_jax/data/README.md, "The seed's datasets"). Hub names load from the hub or the datasets cache; to
+# name: docs/data.md, "The seed's datasets"). Hub names load from the hub or the datasets cache; to
 # read a local copy change only `path`: a folder laid out like the hub dataset (README.md `configs:` + data
 # files; `subset` picks the config), or files / globs with the same columns (jsonl, json, parquet, csv), e.g.
 #   --config.data.sources[0].path=/data/wikipedia   (sources in the order the preset lists them)

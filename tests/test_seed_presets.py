@@ -1,6 +1,6 @@
 """The seed-scale presets read their datasets' real columns: every source of expert.py:wiki/math/novel, router.py
 and sft.py, pointed (only `path` changed, as a user would) at tiny local copies with each dataset's schema
-(btx_jax/data/README.md, "The seed's datasets"), tokenises the columns it should and nothing else; train.steps
+(docs/data.md, "The seed's datasets"), tokenises the columns it should and nothing else; train.steps
 follows the token budget."""
 
 import json

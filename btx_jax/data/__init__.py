@@ -1,7 +1,7 @@
 """btx_jax.data: sources (HF datasets), tokenizers, tokenised stores, packing, SFT formatting, mixtures,
 grain loading.
 
-See btx_jax/data/README.md and the docstrings of pipeline.py (config schema), sources.py (source
+See docs/data.md and the docstrings of pipeline.py (config schema), sources.py (source
 schema), store.py (tokenised store), loader.py (grain), packing.py (batch layout and packing) and
 sft.py (templates, loss mask).
 """

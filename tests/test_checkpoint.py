@@ -340,3 +340,47 @@ def test_cli_subprocess_from_repo_root(hf_llama, tmp_path):
     _assert_cli_failed(bad.returncode, bad.stderr, tmp_path / "dst", ["missing"])
     usage = subprocess.run(script + ["--help"], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert usage.returncode == 0 and "hf-to-btx" in usage.stdout and "btx-to-mergoo" in usage.stdout
+
+
+def test_write_tensors_streams_each_array_and_reads_back_as_safetensors(tmp_path):
+    """write_tensors keeps no array after writing it (host memory: one tensor, not a 5 GB shard), and its files
+    are what safetensors (and so transformers / torch) read: every dtype, shape and value, shards + index."""
+    import weakref
+
+    import ml_dtypes
+
+    from btx_jax.checkpoint.tensor_files import write_tensors
+
+    rng = np.random.default_rng(0)
+    want = {"a.bf16": rng.normal(size=(3, 5)).astype(ml_dtypes.bfloat16), "b.f32": rng.normal(size=(7,)).astype(
+        np.float32), "c.i64": np.arange(6, dtype=np.int64).reshape(2, 3), "d.f16": np.ones((2, 2), np.float16),
+        "e.scalar": np.array(3.5, np.float32), "f.bool": np.array([True, False])}
+    alive = []
+
+    def tensors():
+        for name, arr in want.items():
+            assert all(ref() is None for ref in alive), "an earlier array is still held"
+            arr = arr.copy()
+            alive.append(weakref.ref(arr))
+            yield name, arr
+            del arr
+
+    for sub, max_shard in (("one", 2**30), ("sharded", 64)):
+        (tmp_path / sub).mkdir()
+        alive.clear()
+        write_tensors(tmp_path / sub, tensors(), max_shard_bytes=max_shard)
+        files = sorted(p.name for p in (tmp_path / sub).iterdir())
+        got = {}
+        for f in files:
+            if f.endswith(".safetensors"):
+                got.update(load_file(str(tmp_path / sub / f)))
+        assert set(got) == set(want)
+        for name, arr in want.items():
+            assert got[name].dtype == arr.dtype and got[name].shape == arr.shape, name
+            np.testing.assert_array_equal(got[name], arr)
+        if sub == "one":
+            assert files == ["model.safetensors"]
+        else:
+            index = json.loads((tmp_path / sub / "model.safetensors.index.json").read_text())
+            assert len(files) > 2 and set(index["weight_map"]) == set(want)
+            assert index["metadata"]["total_size"] == sum(a.nbytes for a in want.values())

@@ -19,10 +19,9 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, which safetensors' numpy backend needs)
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors' numpy reads and our writes)
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from btx_jax import disk
 from btx_jax.errors import UserError
@@ -176,34 +175,66 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
                        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
+# safetensors' dtype names (its format spec) for the dtypes checkpoints hold
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+class _ShardWriter:
+    """One safetensors file written a tensor at a time: each array's bytes go to a data file as it arrives
+    (nothing is kept), and `close` writes the header and then streams the data after it.  safetensors' own
+    `save_file` needs every tensor of the file in memory at once: a 5 GB shard of host copies."""
+
+    def __init__(self, path: Path):
+        self.path, self.data_path = path, path.with_name(path.name + ".data")
+        self.data = open(self.data_path, "wb")
+        self.header: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        if arr.dtype.name not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{name}: dtype {arr.dtype} cannot be stored in safetensors")
+        self.header[name] = {"dtype": SAFETENSORS_DTYPES[arr.dtype.name], "shape": list(arr.shape),
+                             "data_offsets": [self.size, self.size + arr.nbytes]}
+        self.data.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+        self.size += arr.nbytes
+
+    def close(self) -> None:
+        self.data.close()
+        text = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":"))
+        head = text.encode() + b" " * (-len(text.encode()) % 8)        # data starts 8-byte aligned
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(len(head).to_bytes(8, "little") + head)
+            shutil.copyfileobj(data, out, 64 * 2**20)
+        self.data_path.unlink()
+
+
 def write_tensors(directory: Path, tensors: Iterator[tuple[str, np.ndarray]], prefix: str = "model",
                   max_shard_bytes: int = 5 * 2**30, progress=None) -> None:
     """Write (name, array) pairs as `{prefix}.safetensors`, or as numbered shards plus an index file when
-    the total exceeds `max_shard_bytes`.  Arrays are consumed one shard at a time; `progress(nbytes)` is
-    called for each array."""
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size, total = 0, 0
-    paths = []
+    the total exceeds `max_shard_bytes`.  Each array is written as it arrives and dropped (host memory: one
+    array, not a shard); `progress(nbytes)` is called for each array."""
+    paths: list[tuple[Path, list[str]]] = []
+    shard, total = None, 0
 
-    def flush():
-        nonlocal size
-        if shards[-1] or not paths:
-            path = directory / f"{prefix}-{len(paths) + 1:05d}.safetensors"
-            save_file(shards[-1], str(path), metadata={"format": "pt"})
-            paths.append((path, list(shards[-1])))
-        shards[-1] = {}
-        size = 0
+    def start() -> _ShardWriter:
+        return _ShardWriter(directory / f"{prefix}-{len(paths) + 1:05d}.safetensors")
 
     for name, arr in tensors:
-        arr = np.ascontiguousarray(arr)
-        if size and size + arr.nbytes > max_shard_bytes:
-            flush()
-        shards[-1][name] = arr
-        size += arr.nbytes
+        if shard is None:
+            shard = start()
+        elif shard.size and shard.size + arr.nbytes > max_shard_bytes:
+            shard.close()
+            paths.append((shard.path, list(shard.header)))
+            shard = start()
+        shard.add(name, arr)
         total += arr.nbytes
         if progress is not None:
             progress(arr.nbytes)
-    flush()
+        del arr
+    shard = shard or start()
+    shard.close()
+    paths.append((shard.path, list(shard.header)))
     if len(paths) == 1:
         paths[0][0].rename(directory / f"{prefix}.safetensors")
         return

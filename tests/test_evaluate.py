@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from btx_jax import compose, evaluate, load_pretrained, param_paths
+from btx_jax import LoraMoESpec, compose, evaluate, load_pretrained, param_paths
 from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
 from conftest import hf_model
 
@@ -50,7 +50,7 @@ def test_routing_rows_are_gate_weights(hf_llama, tmp_path):
         e = with_fresh_lora(memory_source(base), lora_spec({"rank": 4, "alpha": 8.0}), seed=i).load()
         e.save_pretrained(tmp_path / f"e{i}", format="btx")
         experts.append(str(tmp_path / f"e{i}"))
-    moe = compose(base, experts, top_k=2)
+    moe = compose(base, experts, LoraMoESpec(top_k=2))
     tok = load_tokenizer(BUNDLED_TOKENIZER)
     r = evaluate.evaluate_domain(moe, eval_batches(bundled_source("wiki"), tok, 32, 4, 1))
     for target, rows in r["routing"].items():

@@ -190,6 +190,7 @@ def compose_source(base, experts: Sequence, spec: LoraMoESpec | FfnMoESpec, *,
     experts, or the FFN-MoE of a seed and dense experts."""
     if not isinstance(spec, (LoraMoESpec, FfnMoESpec)):
         raise TypeError(f"compose: spec must be a LoraMoESpec or an FfnMoESpec, got {type(spec).__name__}")
+    experts = list(experts)
     warn_repeated(experts)
     build = ffn_moe_source if isinstance(spec, FfnMoESpec) else lora_moe_source
     return build(base, experts, spec, allow_pickle=allow_pickle)

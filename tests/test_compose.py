@@ -174,3 +174,21 @@ def test_the_package_exports_the_function_and_the_module_keeps_its_name():
             if isinstance(node, ast.Import) and any(a.name == "btx_jax.compose" and a.asname for a in node.names):
                 through_attribute.append(str(path))
     assert not through_attribute
+
+
+def test_model_compose_config_makes_the_spec(setup):
+    """The router phase's model.compose.* make the mode's spec: router_seed defaults to the run's seed and
+    an option of the other mode is refused, named by its config key."""
+    from btx_jax.train.model_init import initial_source
+    base_dir, base, _, dirs = setup
+    src = initial_source({"init": str(base_dir), "compose": {"experts": [str(d) for d in dirs], "top_k": 2}}, 5)
+    want = btx_jax.compose(base_dir, dirs, btx_jax.LoraMoESpec(top_k=2, router_seed=5)).flat_numpy()
+    got = src.load().flat_numpy()
+    assert np.array_equal(got["layers/mlp/up_proj/router"], want["layers/mlp/up_proj/router"])
+    for compose_cfg, needle in [({"mode": "ffn", "router_layers": [0]},
+                                 "model.compose.router_layers: not an option of mode 'ffn' (only of mode 'lora')"),
+                                ({"top_k": 0}, "model.compose.top_k=0: must be an integer >= 1"),
+                                ({"experts": []}, "model.compose.experts: needs at least one expert directory")]:
+        with pytest.raises(btx_jax.ConfigError) as e:
+            initial_source({"init": str(base_dir), "compose": {"experts": [str(dirs[0])], **compose_cfg}}, 0)
+        assert _line(e).startswith(needle), _line(e)

@@ -1,4 +1,4 @@
-"""compose(mode="ffn") (btx_jax/compose_ffn.py): dense experts (HF dirs, btx checkpoints, PEFT LoRA dirs,
+"""compose(..., FfnMoESpec(...)) (btx_jax/compose_ffn.py): dense experts (HF dirs, btx checkpoints, PEFT LoRA dirs,
 Pretrained) -> FFN-MoE; stacking order and seed expert, shared-weight averaging.  Bad input through
 scripts/compose.py (one line, exit 2, nothing written): test_compose_cli.py."""
 from __future__ import annotations
@@ -89,3 +89,16 @@ def test_sources_agree_and_lora_experts_are_materialised(setup, tmp_path):
     ids = random_ids(1, 6)
     moe = btx_jax.compose(seed, [peft_dir], btx_jax.FfnMoESpec(top_k=1))
     assert np.abs(moe.logits(ids) - lora.logits(ids)).max() <= 1e-4
+
+
+def test_mesh_builds_the_ffn_moe_into_its_shardings(setup):
+    """compose(..., mesh=) builds an FFN-MoE leaf by leaf into the mesh's shardings: the same weights."""
+    _, seed, experts = setup
+    mesh = btx_jax.mesh.make_mesh({"data": 1, "fsdp": 4, "tensor": 1, "expert": 2})
+    spec = btx_jax.FfnMoESpec(top_k=2, seed_expert=True)
+    sharded = btx_jax.compose(seed, experts, spec, mesh=mesh)
+    stack = sharded.params["layers"]["moe"]["up_proj"]
+    assert len(stack.sharding.device_set) == 8 and stack.sharding.mesh.shape["expert"] == 2
+    here = btx_jax.compose(seed, experts, spec).flat_numpy()
+    got = sharded.flat_numpy()
+    assert all(np.array_equal(got[k], here[k]) for k in here)

@@ -1,13 +1,19 @@
-"""Branch-Train-MiX "mix" step: compose domain LoRA experts on one base into a LoRA-MoE (mergoo semantics), or
-with mode="ffn" full-FFN experts into an FFN-MoE (the paper's BTX, Mixtral architecture: btx_jax/compose_ffn.py).
+"""Branch-Train-MiX "mix" step: compose experts on one base into a mixture of experts, one spec per mode:
 
-    moe = btx_jax.compose("llama-dir", ["lora-wiki", "lora-math", "lora-novel"], top_k=2,
-                          router_init="normal")
+    moe = btx_jax.compose("llama-dir", ["lora-wiki", "lora-math", "lora-novel"], btx_jax.LoraMoESpec(top_k=2))
     moe.save_pretrained("moe-dir", format="mergoo")        # or "btx"
+    moe = btx_jax.compose("seed-dir", ["ffn-wiki", "ffn-math"], btx_jax.FfnMoESpec(top_k=2, seed_expert=True))
 
-Experts are PEFT adapter directories, btx_jax LoRA checkpoints (save_pretrained(format="btx") of a plain-LoRA
-model) or plain-LoRA `Pretrained` objects.  Every expert must fit the base (tensor shapes) and target the same
-projections; ranks, alphas and rsLoRA may differ per expert (their A/B are concatenated along the rank axis).
+`LoraMoESpec` (the default): LoRA experts into a LoRA-MoE per linear (mergoo semantics, this module).
+`FfnMoESpec`: dense experts branched from a seed into an FFN-MoE per layer (the BTX paper, Mixtral:
+btx_jax/compose_ffn.py).  Both share the router options (btx_jax/router_init.py RouterSpec); a spec checks its
+fields when it is made, `make_spec(mode, options)` builds one from named options (the CLI, model.compose.*) and
+refuses an option its mode does not have.  `compose(..., dtype=, mesh=, allow_pickle=)` are how it is read.
+
+LoRA experts are PEFT adapter directories, btx_jax LoRA checkpoints (save_pretrained(format="btx") of a
+plain-LoRA model) or plain-LoRA `Pretrained` objects.  Every expert must fit the base (tensor shapes) and target
+the same projections; ranks, alphas and rsLoRA may differ per expert (their A/B are concatenated along the rank
+axis).
 
 The result routes every target projection of the layers in `router_layers` (default: all) with a bias-free
 router on the projection's own input width; the base is always applied, the top-k experts' LoRA deltas are
@@ -24,6 +30,8 @@ freshly loaded gates get from HF's initializer_range) breaks the ties with small
 spread over all experts from the start.  The seed expert (`seed_expert=True`, a LoRA-free choice that keeps the
 base projection alone, like BTX keeping the seed FFN) is the last router output.
 
+The package exports the function as `btx_jax.compose`, over this module's name; inside the package import from
+`btx_jax.compose` the module (`from btx_jax.compose import ...`), never through the `btx_jax` attribute.
 The command line is scripts/compose.py (btx_jax/compose_cli.py).
 """
 from __future__ import annotations
@@ -31,18 +39,59 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from btx_jax.checkpoint import btx, peft
-from btx_jax.compose_ffn import compose_ffn_source
+from btx_jax.compose_ffn import FfnMoESpec, ffn_moe_source
 from btx_jax.config import AdapterSpec, ConfigError
 from btx_jax.model import abstract_leaves, routed_layers
 from btx_jax.pretrained import ModelSource, Pretrained, memory_source, open_model, warn_other_base
-from btx_jax.router_init import check_router_init, router_weights
+from btx_jax.router_init import RouterSpec
 
-MODES = ("lora", "ffn")   # LoRA-MoE per linear (mergoo) | FFN-MoE per layer (the BTX paper, Mixtral)
+
+@dataclasses.dataclass(frozen=True)
+class LoraMoESpec(RouterSpec):
+    """A LoRA-MoE (mergoo): the router options (btx_jax/router_init.py RouterSpec) plus `router_layers`: the
+    decoder layers to route (mergoo's router_layers_index; None: all; the others run the base alone and hold
+    zeros) and `allow_other_base`: skip the check that btx experts were trained on this base (their recorded
+    digest)."""
+    router_layers: tuple[int, ...] | None = None
+    allow_other_base: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.router_layers is not None:
+            layers = self.router_layers
+            if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__") or \
+                    not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise ConfigError(f"router_layers={layers!r}: must be a list of layer indices (integers >= 0)")
+            object.__setattr__(self, "router_layers", tuple(sorted({int(i) for i in layers})))
+        if not isinstance(self.allow_other_base, bool):
+            raise ConfigError(f"allow_other_base={self.allow_other_base!r}: must be true or false")
+
+
+SPECS = {"lora": LoraMoESpec, "ffn": FfnMoESpec}   # LoRA-MoE per linear (mergoo) | FFN-MoE per layer (BTX, Mixtral)
+MODES = tuple(SPECS)
+
+
+def make_spec(mode: str, options: dict, label: Callable[[str], str] = str) -> LoraMoESpec | FfnMoESpec:
+    """The spec of `mode` from its `options` by field name; an unknown mode, an option the mode does not have or
+    a bad value is a ConfigError naming it as `label(field)` (e.g. "model.compose.top_k", "--top-k")."""
+    if mode not in SPECS:
+        raise ConfigError(f"{label('mode')}={mode!r}: must be one of {', '.join(MODES)}")
+    names = [f.name for f in dataclasses.fields(SPECS[mode])]
+    for key in options:
+        if key not in names:
+            other = [m for m, c in SPECS.items() if key in {f.name for f in dataclasses.fields(c)}]
+            raise ConfigError(f"{label(key)}: not an option of mode {mode!r}"
+                              + (f" (only of mode {other[0]!r})" if other else f" (its options: {', '.join(names)})"))
+    try:
+        return SPECS[mode](**options)
+    except ConfigError as e:            # "field=value: ..." -> "label(field)=value: ..."
+        field, sep, rest = str(e).partition("=")
+        raise ConfigError(f"{label(field)}={rest}" if sep and field in names else str(e)) from None
 
 
 def _expert_lora(expert, base_config, label: str, allow_pickle: bool):
@@ -62,20 +111,11 @@ def _expert_lora(expert, base_config, label: str, allow_pickle: bool):
     return config.adapter, lora
 
 
-def compose_source(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False,
-                   router_init: str = "normal", router_std: float = 0.02, router_layers: Sequence[int] | None = None,
-                   router_jitter: float = 0.0, seed: int = 0, allow_pickle: bool = False,
-                   allow_other_base: bool = False) -> ModelSource:
-    """The LoRA-MoE as a `ModelSource` (nothing read yet; see `compose` for the arguments).  Its reference
-    names the base and the expert directories, so a lean checkpoint of it stores only routers and what trains."""
+def lora_moe_source(base, experts: Sequence, spec: LoraMoESpec, *, allow_pickle: bool = False) -> ModelSource:
+    """The LoRA-MoE as a `ModelSource` (nothing read yet).  Its reference names the base and the expert
+    directories, so a lean checkpoint of it stores only routers and what trains."""
     experts = list(experts)
-    if not experts:
-        raise ConfigError("compose needs at least one expert")
-    check_router_init(router_init)
-    choices = len(experts) + int(bool(seed_expert))
-    if not 1 <= int(top_k) <= choices:
-        raise ConfigError(f"top_k={top_k} must be between 1 and the number of experts ({choices}"
-                          f"{' including the seed expert' if seed_expert else ''})")
+    spec.check_choices(len(experts))
     base = base if isinstance(base, ModelSource) else memory_source(base) if isinstance(base, Pretrained) \
         else open_model(base, allow_pickle=allow_pickle)
     if base.config.adapter is not None:
@@ -86,19 +126,18 @@ def compose_source(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool
         if isinstance(e, (str, Path)):
             warn_other_base(e, base.reference["path"])
     first_targets = loaded[0][0].targets
-    for (spec, _), label in zip(loaded[1:], labels[1:]):
-        if set(spec.targets) != set(first_targets):
-            raise ConfigError(f"{label}: targets {list(spec.targets)} differ from {labels[0]}'s "
+    for (other, _), label in zip(loaded[1:], labels[1:]):
+        if set(other.targets) != set(first_targets):
+            raise ConfigError(f"{label}: targets {list(other.targets)} differ from {labels[0]}'s "
                               f"{list(first_targets)}; all experts must target the same modules")
-    spec = AdapterSpec(targets=first_targets, experts=tuple(s.experts[0] for s, _ in loaded),
-                       dropout=max(s.dropout for s, _ in loaded), router=True, top_k=int(top_k),
-                       seed_expert=bool(seed_expert), router_jitter=float(router_jitter),
-                       router_layers=None if router_layers is None else tuple(sorted({int(i) for i in router_layers})),
-                       init=loaded[0][0].init)
-    config = base.config.replace(adapter=spec)
+    adapter = AdapterSpec(targets=first_targets, experts=tuple(s.experts[0] for s, _ in loaded),
+                          dropout=max(s.dropout for s, _ in loaded), router=True, top_k=int(spec.top_k),
+                          seed_expert=bool(spec.seed_expert), router_jitter=float(spec.router_jitter),
+                          router_layers=spec.router_layers, init=loaded[0][0].init)
+    config = base.config.replace(adapter=adapter)
     flags = routed_layers(config)
-    rng = np.random.default_rng(seed)
-    routers = {path: router_weights(rng, sds.shape, router_init, router_std) * flags.reshape((-1,) + (1,) * (sds.ndim - 1))
+    rng = spec.rng()
+    routers = {path: spec.weights(rng, sds.shape) * flags.reshape((-1,) + (1,) * (sds.ndim - 1))
                for path, sds in sorted(abstract_leaves(config).items())
                if path.endswith("/router")}
     on_disk = base.reference is not None and all(isinstance(e, (str, Path)) for e in experts)
@@ -106,7 +145,7 @@ def compose_source(base, experts: Sequence, *, top_k: int = 2, seed_expert: bool
     src = src.with_leaves(config, routers, covered=False)
     reference = {**base.reference, "experts": [str(btx.resolve(e)) for e in experts]} if on_disk else None
     src = dataclasses.replace(src, reference=reference)
-    return src if allow_other_base else _checking_base(src, experts, labels)
+    return src if spec.allow_other_base else _checking_base(src, experts, labels)
 
 
 def _checking_base(src: ModelSource, experts: list, labels: list[str]) -> ModelSource:
@@ -128,7 +167,7 @@ def _checking_base(src: ModelSource, experts: list, labels: list[str]) -> ModelS
                 found = btx.digest({p: out[p] for p in ref["digest_paths"]})
                 if found != ref["digest"]:
                     raise ConfigError(f"{label}: was trained on another base ({ref['path']}, digest {ref['digest']}; "
-                                      f"this base: {found}); pass allow_other_base=True (--allow-other-base, "
+                                      f"this base: {found}); set allow_other_base (LoraMoESpec, --allow-other-base, "
                                       "model.compose.allow_other_base) if they are meant to be used together")
         return out
     return dataclasses.replace(src, fill=fill)
@@ -145,33 +184,23 @@ def warn_repeated(experts: Sequence) -> None:
         first.setdefault(key, i)
 
 
-def compose(base, experts: Sequence, *, mode: str = "lora", top_k: int = 2, seed_expert: bool = False,
-            router_init: str = "normal", router_std: float = 0.02, router_layers: Sequence[int] | None = None,
-            router_jitter: float = 0.0, seed: int = 0, dtype=None, allow_pickle: bool = False,
-            allow_other_base: bool = False, shared: str = "average", max_drift: float | None = 0.5,
-            mesh=None) -> Pretrained:
-    """LoRA-MoE `Pretrained` from a base (HF Llama directory or base `Pretrained`) and LoRA experts, or with
-    `mode="ffn"` an FFN-MoE (Mixtral) from a seed and dense experts (btx_jax/compose_ffn.py; `shared` and
-    `max_drift` are its options).
-
-    `top_k`: experts mixed per token (1..len(experts) + seed_expert).  `router_init`: "normal" (default) or
-    "zeros" (see the module docstring on ties).  `router_layers`: decoder layer indices to route (mergoo's
-    router_layers_index; default all); the other layers run the base projection alone and hold zeros.
-    `allow_other_base`: skip the check that btx experts were trained on this base (their recorded digest).
-    `mesh`: shard the MoE over it as it is built, leaf by leaf (default: one device)."""
-    if mode not in MODES:
-        raise ConfigError(f"compose mode {mode!r} is not one of {', '.join(MODES)}")
+def compose_source(base, experts: Sequence, spec: LoraMoESpec | FfnMoESpec, *,
+                   allow_pickle: bool = False) -> ModelSource:
+    """The MoE `spec` describes, as a `ModelSource` (btx_jax/pretrained.py): the LoRA-MoE of a base and LoRA
+    experts, or the FFN-MoE of a seed and dense experts."""
+    if not isinstance(spec, (LoraMoESpec, FfnMoESpec)):
+        raise TypeError(f"compose: spec must be a LoraMoESpec or an FfnMoESpec, got {type(spec).__name__}")
+    experts = list(experts)
     warn_repeated(experts)
-    if mode == "ffn":
-        if router_layers is not None:
-            raise ConfigError("router_layers applies to the LoRA-MoE only; an FFN-MoE routes every layer")
-        src = compose_ffn_source(base, experts, top_k=top_k, seed_expert=seed_expert, router_init=router_init,
-                                 router_std=router_std, router_jitter=router_jitter, shared=shared,
-                                 max_drift=max_drift, rng_seed=seed, allow_pickle=allow_pickle)
-    else:
-        src = compose_source(base, experts, top_k=top_k, seed_expert=seed_expert, router_init=router_init,
-                             router_std=router_std, router_layers=router_layers, router_jitter=router_jitter,
-                             seed=seed, allow_pickle=allow_pickle, allow_other_base=allow_other_base)
+    build = ffn_moe_source if isinstance(spec, FfnMoESpec) else lora_moe_source
+    return build(base, experts, spec, allow_pickle=allow_pickle)
+
+
+def compose(base, experts: Sequence, spec: LoraMoESpec | FfnMoESpec = LoraMoESpec(), *, dtype=None, mesh=None,
+            allow_pickle: bool = False) -> Pretrained:
+    """The MoE `spec` describes (default: a top-2 LoRA-MoE) from a base (a model directory or a `Pretrained`)
+    and experts (directories or `Pretrained`s), loaded in `dtype` (default: the base `Pretrained`'s, else fp32)
+    and sharded over `mesh` leaf by leaf as it is built (default: one device)."""
     if dtype is None and isinstance(base, Pretrained):
         dtype = base.dtype
-    return src.load(dtype=dtype, mesh=mesh)
+    return compose_source(base, experts, spec, allow_pickle=allow_pickle).load(dtype=dtype, mesh=mesh)

@@ -1,7 +1,7 @@
 """Branch-Train-MiX as in the paper (Sukhbaatar et al. 2024): mix full-FFN experts into an FFN-MoE (Mixtral).
 
-    moe = btx_jax.compose("seed", ["expert_wiki", "expert_math", "expert_novel"], mode="ffn", top_k=2,
-                          seed_expert=True)
+    moe = btx_jax.compose("seed", ["expert_wiki", "expert_math", "expert_novel"],
+                          btx_jax.FfnMoESpec(top_k=2, seed_expert=True))
     moe.save_pretrained("moe-dir", format="mixtral")          # runs in transformers, vLLM, ...
 
 Every expert is a dense model branched from the seed: an HF Llama directory, a btx checkpoint (trained with the
@@ -30,6 +30,7 @@ the number of experts.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -44,11 +45,28 @@ from btx_jax.config import ConfigError, LlamaConfig, MoESpec
 from btx_jax.model import routed_layers
 from btx_jax.model.lora import expert_columns
 from btx_jax.pretrained import ModelSource, Pretrained, detect_format, memory_source, open_model
-from btx_jax.router_init import check_router_init, router_weights
+from btx_jax.router_init import RouterSpec
 
 FFN = ("gate_proj", "up_proj", "down_proj")
 ROUTER = "layers/moe/router/kernel"
 SHARED = ("average", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class FfnMoESpec(RouterSpec):
+    """An FFN-MoE (the paper's BTX, Mixtral): the router options (btx_jax/router_init.py RouterSpec) plus
+    `shared`: the non-FFN weights "average"d over the experts or taken from the "seed"; `max_drift`: the largest
+    relative L2 distance of an expert from the seed (the branched check; None: no check)."""
+    shared: str = "average"
+    max_drift: float | None = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.shared not in SHARED:
+            raise ConfigError(f"shared={self.shared!r}: must be one of {', '.join(SHARED)}")
+        if self.max_drift is not None and not (isinstance(self.max_drift, (int, float)) and not
+                                               isinstance(self.max_drift, bool) and self.max_drift > 0):
+            raise ConfigError(f"max_drift={self.max_drift!r}: must be a number > 0 (or None: no check)")
 
 
 def _dense_paths(src: ModelSource) -> set[str]:
@@ -154,43 +172,32 @@ class _Builder:
                                   f"seed's, relative L2; limit max_drift={max_drift})")
 
 
-def compose_ffn_source(seed, experts: Sequence, *, top_k: int = 2, seed_expert: bool = False,
-                       router_init: str = "normal", router_std: float = 0.02, router_jitter: float = 0.0,
-                       shared: str = "average", max_drift: float | None = 0.5, rng_seed: int = 0,
-                       allow_pickle: bool = False) -> ModelSource:
+def ffn_moe_source(seed, experts: Sequence, spec: FfnMoESpec, *, allow_pickle: bool = False) -> ModelSource:
     """The FFN-MoE (config.moe set) of a seed model and dense experts branched from it, as a `ModelSource`:
     configs are read and checked now, weights when it is filled (the branched check then: the relative L2
     distance over the leaves filled).  Nothing refers to files: a checkpoint of it stores every leaf."""
     experts = list(experts)
-    if not experts:
-        raise ConfigError("compose needs at least one expert")
-    check_router_init(router_init)
-    if shared not in SHARED:
-        raise ConfigError(f"shared={shared!r} is not one of {', '.join(SHARED)}")
-    choices = len(experts) + int(bool(seed_expert))
-    if not 1 <= int(top_k) <= choices:
-        raise ConfigError(f"top_k={top_k} must be between 1 and the number of experts ({choices}"
-                          f"{' including the seed expert' if seed_expert else ''})")
+    choices = spec.check_choices(len(experts))
     seed = memory_source(seed) if isinstance(seed, Pretrained) else open_model(seed, allow_pickle=allow_pickle)
     if seed.config.adapter is not None or seed.config.moe is not None:
         raise ConfigError("compose: the seed model has adapters or experts; pass the plain (dense) seed model")
     labels = [str(e) if isinstance(e, (str, Path)) else f"experts[{i}]" for i, e in enumerate(experts)]
     sources = [_expert_source(e, seed, label, allow_pickle) for e, label in zip(experts, labels)]
     c = seed.config
-    config: LlamaConfig = c.replace(moe=MoESpec(num_experts=choices, top_k=int(top_k), seed_expert=bool(seed_expert),
-                                                router_jitter=float(router_jitter)))
-    router = router_weights(np.random.default_rng(rng_seed), (c.num_layers, c.hidden_size, choices), router_init,
-                            router_std)
+    config: LlamaConfig = c.replace(moe=MoESpec(num_experts=choices, top_k=int(spec.top_k),
+                                                seed_expert=bool(spec.seed_expert),
+                                                router_jitter=float(spec.router_jitter)))
+    router = spec.weights(spec.rng(), (c.num_layers, c.hidden_size, choices))
 
     def fill(target):
-        build = _Builder(seed, sources, bool(seed_expert), shared)
+        build = _Builder(seed, sources, bool(spec.seed_expert), spec.shared)
         out = {}
         for path, t in sorted(target.items()):          # one leaf at a time
             name = path.rsplit("/", 1)[-1]
             out[path] = (mesh_lib.place(router, t) if path == ROUTER
                          else build.stacked_leaf(name, t) if path.startswith("layers/moe/")
                          else build.shared_leaf(path, t))
-        build.check_drift(labels, max_drift)
+        build.check_drift(labels, spec.max_drift)
         return out
 
     return ModelSource(config, fill)

@@ -84,7 +84,7 @@ class AdapterSpec:
 class MoESpec:
     """Every layer's FFN is a mixture of `num_experts` SwiGLU FFNs (each of the model's intermediate_size) with a
     router on the hidden state; each token runs its `top_k` experts (Mixtral semantics, btx_jax/model/moe_ffn.py).
-    `seed_expert`: the last expert is the seed model's own FFN (informational: set by compose mode="ffn").
+    `seed_expert`: the last expert is the seed model's own FFN (informational: set by composing with FfnMoESpec).
     `impl`: "auto" (ragged_dot on TPU; sort-and-segment tiles on CPU and GPU, whose XLA expands ragged_dot densely;
     chosen for the platform of the mesh's devices), "ragged", "segment" or "dense" (every expert on every token,
     masked: the reference)."""

@@ -34,9 +34,9 @@ from btx_jax.data import bundled_source, eval_batches
 from btx_jax.data.packing import FIELDS
 from btx_jax.generate import InputError
 from btx_jax.model import Llama
+from btx_jax.model.loss import forward, token_losses
 from btx_jax.pretrained import Pretrained, inference_dtype, open_model
 from btx_jax.textgen import complete, model_tokenizer
-from btx_jax.train.step import forward, token_losses
 
 
 @functools.partial(jax.jit, static_argnums=0)

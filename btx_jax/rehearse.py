@@ -157,16 +157,17 @@ def plan(repo: Path, out: Path, arch: dict, phases: dict, *, steps: int, seq_len
                                        f"--tokenizer={model}", "--chat", "--prompt=日本の首都はどこですか？",
                                        "--max-new-tokens=16"]))
     convert = [py, str(repo / "scripts" / "convert.py")]
+    dtype = "--dtype=bfloat16"          # results in the seed's own dtype (fp32 doubles host memory and files)
     wiki = str(runs / "expert_wiki" / "final")
-    out_steps += [Step("export peft (expert wiki)", [*convert, "btx-to-peft", wiki, "export/expert_wiki_peft"]),
+    out_steps += [Step("export peft (expert wiki)", [*convert, "btx-to-peft", wiki, "export/expert_wiki_peft", dtype]),
                   Step("export merged hf (expert wiki)", [*convert, "btx-to-hf", wiki, "export/expert_wiki_hf",
-                                                          "--merge-lora", "--no-progress"]),
+                                                          "--merge-lora", "--no-progress", dtype]),
                   Step("export mergoo (sft)", [*convert, "btx-to-mergoo", str(runs / "sft" / "final"),
-                                               "export/sft_mergoo", "--no-progress"])]
+                                               "export/sft_mergoo", "--no-progress", dtype])]
     experts = [str(runs / f"expert_{p.split(':')[1]}" / "final") for p in phases if p.startswith("expert:")]
     out_steps.append(Step("compose ffn -> mixtral", [py, str(repo / "scripts" / "compose.py"), str(model), *experts,
                                                       "--mode=ffn", "--top-k=2", "--format=mixtral",
-                                                      "--out=export/ffn_moe_mixtral"]))
+                                                      "--out=export/ffn_moe_mixtral", dtype]))
     return out_steps
 
 

@@ -1,16 +1,15 @@
 """The evaluation report: a markdown file with the per-domain loss table, the routing table and heatmap,
-loss curves from each phase's metrics.jsonl, downstream task scores (table + bar chart) and sample generations."""
+loss curves from each phase's metrics.jsonl, downstream task scores (table + bar chart) and sample generations.
+
+Plots are drawn on a `matplotlib.figure.Figure` with its own Agg canvas, matplotlib imported where they are
+drawn: no pyplot, so the caller's matplotlib backend and figure state stay as they were."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def write_json(path: Path, obj) -> Path:
@@ -37,26 +36,38 @@ def read_metrics(workdir: Path) -> list[dict]:
     return [rows[s] for s in sorted(rows)]
 
 
+def _figure(figsize: tuple[float, float]):
+    """(figure, axes) on an Agg canvas of its own (pyplot and the process's backend are not touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def plot_loss_curves(workdirs: dict[str, Path], out: Path) -> Path | None:
     curves = {name: read_metrics(d) for name, d in workdirs.items()}
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure((7, 4))
     for name, rows in curves.items():
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (token cross-entropy)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_routing_heatmap(matrix: np.ndarray, domains: list[str], experts: list[str], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(1.4 * len(experts) + 2, 0.8 * len(domains) + 1.5))
+    fig, ax = _figure((1.4 * len(experts) + 2, 0.8 * len(domains) + 1.5))
     im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=max(float(matrix.max()), 1e-6))
     ax.set_xticks(range(len(experts)), experts)
     ax.set_yticks(range(len(domains)), domains)
@@ -67,10 +78,7 @@ def plot_routing_heatmap(matrix: np.ndarray, domains: list[str], experts: list[s
             ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center",
                     color="white" if matrix[i, j] < 0.6 * matrix.max() else "black")
     fig.colorbar(im, ax=ax, label="mean gate weight")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -99,7 +107,7 @@ def plot_downstream(scores: dict[str, dict[str, dict]], out: Path, chance: dict[
     """Grouped bars (one group per task, one bar per model) with ±1 stderr error bars and chance lines."""
     models, tasks = list(scores), list(next(iter(scores.values())))
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(models) * len(tasks) + 2), 4))
+    fig, ax = _figure((max(5.0, 1.2 * len(models) * len(tasks) + 2), 4))
     for i, name in enumerate(models):
         x = np.arange(len(tasks)) + (i - (len(models) - 1) / 2) * width
         ax.bar(x, [scores[name][t]["value"] for t in tasks], width,
@@ -113,10 +121,7 @@ def plot_downstream(scores: dict[str, dict[str, dict]], out: Path, chance: dict[
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def write_report(out_dir: Path, *, results: dict, domains: list[str], routing: dict[str, np.ndarray] | None,

@@ -191,7 +191,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = 3, 0      # the first (compiling) step is the warm-up
-    throughput.set_threads(args.threads)
+    with throughput.cpu_threads(args.threads):       # this process's XLA / torch threads
+        return run(args)
+
+
+def run(args) -> int:
     import jax
     import torch
     torch.set_num_threads(args.threads)

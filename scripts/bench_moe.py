@@ -57,7 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
-    throughput.set_threads(args.threads)
+    with throughput.cpu_threads(args.threads):       # this process's XLA / torch threads
+        return run(args)
+
+
+def run(args) -> int:
     import jax
 
     from btx_jax.model.moe_ffn import resolve_impl

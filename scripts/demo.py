@@ -65,6 +65,7 @@ def phase_configs(out: Path, quick: bool):
 
 def run(args) -> None:
     from btx_jax import compose, evaluate, report
+    from btx_jax.compose import make_spec
     from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, load_tokenizer
     from btx_jax.textgen import complete
     from btx_jax.train.trainer import train
@@ -87,9 +88,10 @@ def run(args) -> None:
     for init, router_phase in (("moe_init", "router"), ("ffn_moe_init", "ffn_router")):
         if not (out / init).is_dir():         # the MoE before router training, for the comparison
             router_cfg = dict(plan)[router_phase].model.compose
-            compose(str(out / "seed" / "final"), list(router_cfg.experts), mode=router_cfg.get("mode", "lora"),
-                    top_k=router_cfg.top_k, router_init=router_cfg.router_init, seed=0).save_pretrained(
-                        out / init, format="btx")
+            spec = make_spec(router_cfg.get("mode", "lora"),
+                             {"top_k": router_cfg.top_k, "router_init": router_cfg.router_init})
+            compose(str(out / "seed" / "final"), list(router_cfg.experts), spec).save_pretrained(out / init,
+                                                                                             format="btx")
 
     print("\n[demo] ===== evaluate =====", flush=True)
     tokenizer = load_tokenizer(BUNDLED_TOKENIZER)

@@ -4,6 +4,7 @@ bad targets and a missing TPU compiler, and the TPU compiler's out-of-memory ref
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -61,14 +62,14 @@ def test_missing_cuda_plugin_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "jax_cuda12_plugin" else real(name, *a))
     with pytest.raises(ConfigError, match=r'gpu:h100-8: the GPU compiler is not installed: pip install -e "\.\[cuda\]"'):
-        aot.prepare(aot.parse_target("gpu:h100-8"))
+        aot.compile_only(aot.parse_target("gpu:h100-8"))
 
 
 def test_missing_libtpu_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     with pytest.raises(ConfigError, match=r'pip install -e "\.\[tpu\]"'):
-        aot.prepare(aot.parse_target("tpu:v5e-16"))
+        aot.compile_only(aot.parse_target("tpu:v5e-16"))
 
 
 def test_compiler_out_of_memory_becomes_does_not_fit():
@@ -113,12 +114,24 @@ def test_cost_model_on_the_lora_b_matmul():
     got = {}
     for name in ("tpu:v5e-16", "tpu:v5p-8"):
         target = aot.parse_target(name)
-        aot.prepare(target)
-        mesh = Mesh(np.asarray(aot.target_devices(target)), ("fsdp",))
-        h = jax.ShapeDtypeStruct((16384, 640), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
-        b = jax.ShapeDtypeStruct((640, 2816), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
-        compiled = jax.jit(lambda h, b: (h @ b.astype(h.dtype)).astype(jnp.float32).sum()).lower(h, b).compile()
-        got[name] = aot.cost_model(compiled, target)
+        with aot.compile_only(target):
+            mesh = Mesh(np.asarray(aot.target_devices(target)), ("fsdp",))
+            h = jax.ShapeDtypeStruct((16384, 640), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+            b = jax.ShapeDtypeStruct((640, 2816), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
+            compiled = jax.jit(lambda h, b: (h @ b.astype(h.dtype)).astype(jnp.float32).sum()).lower(h, b).compile()
+            got[name] = aot.cost_model(compiled, target)
     assert got["tpu:v5p-8"]["step_s"] > 0 and 0 < got["tpu:v5p-8"]["mfu"] < 1
     v5e = got["tpu:v5e-16"]
     assert v5e.get("step_s", 0) > 0 or v5e == {"unpriced_s": pytest.approx(-1, abs=1e-3)}, v5e
+
+
+def test_compile_only_sets_the_process_settings_within_the_block_only(monkeypatch):
+    import jax
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_dump_to=/dev/null")
+    monkeypatch.delenv("TPU_SKIP_MDS_QUERY", raising=False)
+    platforms = jax.config.jax_platforms
+    with aot.compile_only(aot.parse_target("cpu:4")):
+        assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/dev/null --xla_force_host_platform_device_count=4"
+        assert jax.config.jax_platforms == "cpu"
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8 --xla_dump_to=/dev/null"
+    assert jax.config.jax_platforms == platforms and "TPU_SKIP_MDS_QUERY" not in os.environ

@@ -4,6 +4,7 @@ the evaluate.py CLI report, its cache dir, its refusal of unknown tasks and its 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from btx_jax import compose, evaluate, load_pretrained, param_paths
+from btx_jax import LoraMoESpec, compose, evaluate, load_pretrained, param_paths
 from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
 from conftest import hf_model
 
@@ -50,7 +51,7 @@ def test_routing_rows_are_gate_weights(hf_llama, tmp_path):
         e = with_fresh_lora(memory_source(base), lora_spec({"rank": 4, "alpha": 8.0}), seed=i).load()
         e.save_pretrained(tmp_path / f"e{i}", format="btx")
         experts.append(str(tmp_path / f"e{i}"))
-    moe = compose(base, experts, top_k=2)
+    moe = compose(base, experts, LoraMoESpec(top_k=2))
     tok = load_tokenizer(BUNDLED_TOKENIZER)
     r = evaluate.evaluate_domain(moe, eval_batches(bundled_source("wiki"), tok, 32, 4, 1))
     for target, rows in r["routing"].items():
@@ -175,3 +176,18 @@ def test_downstream_scores_of_finished_tasks_survive_a_later_crash(hf_llama, tmp
     scores = json.loads((tmp_path / "out" / "downstream.json").read_text())
     assert list(scores) == ["a"] and list(scores["a"]) == ["btx_jcommonsenseqa"]
     assert scores["a"]["btx_jcommonsenseqa"]["n"] == 2 and 0.0 <= scores["a"]["btx_jcommonsenseqa"]["value"] <= 1.0
+
+
+def test_importing_and_plotting_leave_the_matplotlib_backend_alone(tmp_path):
+    """btx_jax.evaluate imports no matplotlib; the report's plots use their own Agg canvas, never pyplot."""
+    code = ("import sys, numpy as np, btx_jax.evaluate\n"
+            "assert 'matplotlib' not in sys.modules\n"
+            "from btx_jax import report\n"
+            f"out = report.plot_routing_heatmap(np.eye(2), ['a', 'b'], ['e0', 'e1'], {str(tmp_path / 'h.png')!r})\n"
+            "assert 'matplotlib.pyplot' not in sys.modules\n"
+            "import matplotlib\n"
+            "assert matplotlib.rcParams._get_backend_or_none() is None, matplotlib.rcParams._get_backend_or_none()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**{k: v for k, v in os.environ.items() if k != "MPLBACKEND"}, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

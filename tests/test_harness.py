@@ -19,7 +19,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from btx_jax import compose, load_pretrained  # noqa: E402
+from btx_jax import LoraMoESpec, compose, load_pretrained  # noqa: E402
 from btx_jax.harness import TASKS_DIR, BtxLM, main  # noqa: E402
 from conftest import build_hf_llama  # noqa: E402
 from llama2c import STORIES, stories260k_hf  # noqa: E402
@@ -129,7 +129,7 @@ def test_mergoo_moe_evaluates_from_its_directory(dirs, tmp_path):
         src = with_fresh_lora(open_model(dirs["random"]), lora_spec({"rank": 4, "alpha": 8.0}), seed=i)
         src.load().save_pretrained(tmp_path / f"e{i}", format="btx")
         experts.append(str(tmp_path / f"e{i}"))
-    moe = compose(base, experts, top_k=1)
+    moe = compose(base, experts, LoraMoESpec(top_k=1))
     moe_dir = moe.save_pretrained(tmp_path / "moe", format="mergoo")
     lm = BtxLM(pretrained=str(moe_dir), tokenizer=str(dirs["random"]), batch_size=2)
     ctx, cont = lm.tok_encode("Once upon a time,"), lm.tok_encode(" there", add_special_tokens=False)

@@ -110,7 +110,7 @@ def test_compose_refuses_experts_of_another_base(trained, tmp_path):
     other = build_hf_llama(tmp_path / "other", seed=3, **ARCH)
     final = root / "expert" / "final"
     with pytest.raises(ConfigError, match="trained on another base"):
-        btx_jax.compose(other, [final, final], top_k=1)
-    moe = btx_jax.compose(other, [final, final], top_k=1, allow_other_base=True)
+        btx_jax.compose(other, [final, final], btx_jax.LoraMoESpec(top_k=1))
+    moe = btx_jax.compose(other, [final, final], btx_jax.LoraMoESpec(top_k=1, allow_other_base=True))
     assert np.isfinite(moe.logits(random_ids(1, 8, vocab=256))).all()
-    btx_jax.compose(base, [final, final], top_k=1)          # its own base passes
+    btx_jax.compose(base, [final, final], btx_jax.LoraMoESpec(top_k=1))          # its own base passes

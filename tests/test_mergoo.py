@@ -54,7 +54,8 @@ def test_fixture_base_and_each_expert(ref):
 
 @needs_fixture
 def test_fixture_compose_then_copy_routers(ref):
-    composed = btx_jax.compose(FIXTURE / "base", [FIXTURE / f"expert{i}" for i in range(3)], top_k=2)
+    composed = btx_jax.compose(FIXTURE / "base", [FIXTURE / f"expert{i}" for i in range(3)],
+                               btx_jax.LoraMoESpec(top_k=2))
     mergoo = btx_jax.load_pretrained(FIXTURE / "moe")
     assert composed.config == mergoo.config
     flat, theirs = composed.flat_numpy(), mergoo.flat_numpy()
@@ -95,7 +96,7 @@ def _experts(base, targets=("gate_proj", "up_proj", "down_proj")):
 
 
 def test_mergoo_round_trip_with_down_proj(tiny_base, tmp_path):
-    moe = btx_jax.compose(tiny_base, _experts(tiny_base), top_k=2, seed=3)
+    moe = btx_jax.compose(tiny_base, _experts(tiny_base), btx_jax.LoraMoESpec(top_k=2, router_seed=3))
     out = moe.save_pretrained(tmp_path / "moe", format="mergoo")
     cfg = json.loads((out / "config.json").read_text())
     assert set(MERGOO_KEYS) <= set(cfg)
@@ -118,7 +119,8 @@ def test_mergoo_round_trip_with_down_proj(tiny_base, tmp_path):
 
 
 def test_router_layers_subset(tiny_base, tmp_path):
-    moe = btx_jax.compose(tiny_base, _experts(tiny_base)[:2], top_k=1, router_layers=[1], seed=1)
+    moe = btx_jax.compose(tiny_base, _experts(tiny_base)[:2],
+                          btx_jax.LoraMoESpec(top_k=1, router_layers=[1], router_seed=1))
     flat = moe.flat_numpy()
     assert not flat["layers/mlp/gate_proj/lora_a"][0].any() and not flat["layers/mlp/down_proj/router"][0].any()
     out = moe.save_pretrained(tmp_path / "moe", format="mergoo")
@@ -151,7 +153,7 @@ def test_router_layers_subset(tiny_base, tmp_path):
 
 
 def test_missing_gates_are_initialised(tiny_base, tmp_path):
-    moe = btx_jax.compose(tiny_base, _experts(tiny_base, ("gate_proj", "up_proj"))[:2], top_k=2)
+    moe = btx_jax.compose(tiny_base, _experts(tiny_base, ("gate_proj", "up_proj"))[:2], btx_jax.LoraMoESpec(top_k=2))
     out = moe.save_pretrained(tmp_path / "moe", format="mergoo")
     t = load_file(str(out / "model.safetensors"))
     save_file({k: v for k, v in t.items() if not k.endswith("gate.weight")}, str(out / "model.safetensors"))
@@ -167,7 +169,7 @@ def test_missing_gates_are_initialised(tiny_base, tmp_path):
 
 def test_seed_expert_and_plain_lora_refused(tiny_base, tmp_path):
     experts = _experts(tiny_base)[:2]
-    moe = btx_jax.compose(tiny_base, experts, top_k=2, seed_expert=True)
+    moe = btx_jax.compose(tiny_base, experts, btx_jax.LoraMoESpec(top_k=2, seed_expert=True))
     with pytest.raises(btx_jax.CheckpointError, match="seed") as e:
         moe.save_pretrained(tmp_path / "s", format="mergoo")
     assert "\n" not in str(e.value)
@@ -177,7 +179,7 @@ def test_seed_expert_and_plain_lora_refused(tiny_base, tmp_path):
 
 
 def test_bad_mergoo_config(tiny_base, tmp_path):
-    moe = btx_jax.compose(tiny_base, _experts(tiny_base, ("gate_proj",))[:2], top_k=1)
+    moe = btx_jax.compose(tiny_base, _experts(tiny_base, ("gate_proj",))[:2], btx_jax.LoraMoESpec(top_k=1))
     out = moe.save_pretrained(tmp_path / "moe", format="mergoo")
     cfg = json.loads((out / "config.json").read_text())
     for change, message in [({"num_experts_per_tok": 3}, "top_k=3"), ({"num_experts": 3}, "num_experts=3"),

@@ -161,20 +161,20 @@ def test_gpu_compiled_ffn_block_does_k_over_e_of_the_dense_flops():
     """Forward + backward of the FFN block for one compile-only H100: the dispatch "auto" resolves to for the GPU
     is within 1.5x of k/E of the dense reference's dot FLOPs; ragged_dot, which XLA:GPU expands densely, is not."""
     target = aot.parse_target("gpu:h100-1")
-    aot.prepare(target)
-    device = aot.target_devices(target)[0]
-    N, D, M, E, k = 1024, 256, 512, 8, 2
-    spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype,
-                                                                sharding=jax.sharding.SingleDeviceSharding(device))
-    args = (spec((N, D)), spec((E, D, M)), spec((E, D, M)), spec((E, M, D)), spec((N, k), jnp.float32),
-            spec((N, k), jnp.int32))
+    with aot.compile_only(target):
+        device = aot.target_devices(target)[0]
+        N, D, M, E, k = 1024, 256, 512, 8, 2
+        spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype,
+                                                                    sharding=jax.sharding.SingleDeviceSharding(device))
+        args = (spec((N, D)), spec((E, D, M)), spec((E, D, M)), spec((E, M, D)), spec((N, k), jnp.float32),
+                spec((N, k), jnp.int32))
 
-    def flops(impl):
-        loss = lambda *a: jnp.sum(moe_ffn.IMPLS[impl](*a))
-        return hlo_dot_flops(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile().as_text())
+        def flops(impl):
+            loss = lambda *a: jnp.sum(moe_ffn.IMPLS[impl](*a))
+            return hlo_dot_flops(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile().as_text())
 
-    dense = flops("dense")
-    assert dense >= 2 * 3 * 2 * N * D * M * E        # every expert's three matmuls, forward and input gradients
-    sparse = flops(moe_ffn.resolve_impl("auto", device.platform))
-    assert sparse <= 1.5 * dense * k / E, (sparse, dense)
-    assert flops("ragged") > 1.5 * dense * k / E
+        dense = flops("dense")
+        assert dense >= 2 * 3 * 2 * N * D * M * E        # every expert's three matmuls, forward and input gradients
+        sparse = flops(moe_ffn.resolve_impl("auto", device.platform))
+        assert sparse <= 1.5 * dense * k / E, (sparse, dense)
+        assert flops("ragged") > 1.5 * dense * k / E

@@ -82,7 +82,7 @@ def test_merge_lora_into_hf(hf_llama, tmp_path):
 def test_merge_refuses_moe(hf_llama, tmp_path):
     base = btx_jax.load_pretrained(hf_llama())
     from test_lora import random_lora
-    moe = btx_jax.compose(base, [random_lora(base, seed=1), random_lora(base, seed=2)], top_k=1)
+    moe = btx_jax.compose(base, [random_lora(base, seed=1), random_lora(base, seed=2)], btx_jax.LoraMoESpec(top_k=1))
     with pytest.raises(btx_jax.CheckpointError, match="not a linear fold"):
         moe.save_pretrained(tmp_path / "m", format="hf", merge_lora=True)
     with pytest.raises(btx_jax.CheckpointError, match="format='mergoo'"):
@@ -161,7 +161,7 @@ def test_btx_expert_lora_is_read_once_per_placement_and_not_kept(hf_llama, tmp_p
 
     from btx_jax import mesh as mesh_lib
     from btx_jax.checkpoint import btx
-    from btx_jax.compose import compose_source
+    from btx_jax.compose import LoraMoESpec, compose_source
     from btx_jax.pretrained import load_pretrained, memory_source
     from btx_jax.train.model_init import lora_spec, with_fresh_lora
 
@@ -179,7 +179,7 @@ def test_btx_expert_lora_is_read_once_per_placement_and_not_kept(hf_llama, tmp_p
         restored.extend((str(directory), path, weakref.ref(a)) for path, a in out.items() if "lora_" in path)
         return out
     monkeypatch.setattr(btx, "restore", recording)
-    src = compose_source(base_dir, experts, top_k=1)
+    src = compose_source(base_dir, experts, LoraMoESpec(top_k=1))
     mesh = mesh_lib.make_mesh({"fsdp": -1})
     assert mesh.devices.size == 8
     loaded = src.load(mesh=mesh)
@@ -189,7 +189,8 @@ def test_btx_expert_lora_is_read_once_per_placement_and_not_kept(hf_llama, tmp_p
     assert n_leaves and len(keys) == len(set(keys)) == len(experts) * n_leaves
     assert all(ref() is None for _, _, ref in restored), "a host copy of an expert's LoRA is still alive"
     ids = random_ids(1, 8, vocab=256)
-    np.testing.assert_allclose(loaded.logits(ids), compose_source(base, experts, top_k=1).load().logits(ids),
+    np.testing.assert_allclose(loaded.logits(ids),
+                               compose_source(base, experts, LoraMoESpec(top_k=1)).load().logits(ids),
                                atol=1e-5)
 
 

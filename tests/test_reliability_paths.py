@@ -343,9 +343,9 @@ def test_composing_the_same_expert_twice_warns(hf_llama, tmp_path, capsys):
     base = hf_llama()
     one, two = _peft_expert(base, tmp_path / "one"), _peft_expert(base, tmp_path / "two", seed=2)
     capsys.readouterr()
-    btx_jax.compose(base, [one, two], top_k=1)
+    btx_jax.compose(base, [one, two], btx_jax.LoraMoESpec(top_k=1))
     assert "warning" not in capsys.readouterr().err
-    btx_jax.compose(base, [one, two, str(one) + "/"], top_k=1)
+    btx_jax.compose(base, [one, two, str(one) + "/"], btx_jax.LoraMoESpec(top_k=1))
     assert capsys.readouterr().err == f"warning: expert 2 ({one}/) is the same as expert 0: the mixture holds two " \
                                       "identical experts\n"
 

@@ -70,8 +70,8 @@ def test_compose_builds_the_moe_sharded(hf_llama, tmp_path):
         pre = src.load()
         experts.append(pre.save_pretrained(tmp_path / f"e{i}", format="peft"))
     mesh = _mesh()
-    moe = btx_jax.compose(path, experts, top_k=1, mesh=mesh)
-    here = btx_jax.compose(path, experts, top_k=1)
+    moe = btx_jax.compose(path, experts, btx_jax.LoraMoESpec(top_k=1), mesh=mesh)
+    here = btx_jax.compose(path, experts, btx_jax.LoraMoESpec(top_k=1))
     for k, v in param_paths.flatten(moe.params).items():
         assert v.sharding.spec == mesh_lib.spec_for(param_paths.rule_for(k).axes, v.shape, mesh), k
         np.testing.assert_array_equal(np.asarray(v), here.flat_numpy()[k], err_msg=k)

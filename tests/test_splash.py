@@ -79,18 +79,18 @@ def test_splash_compiles_inside_the_train_step_for_a_tpu_topology():
     from configs import expert
 
     target = aot.parse_target("tpu:v5e-4")
-    aot.prepare(target)
-    c = expert.get_config("synthetic")
-    arch = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=2, num_kv_heads=1,
-                head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=512)
-    c.train.update(global_batch_size=4, seq_len=256, dtype="bfloat16", frozen_dtype="bfloat16", attention="auto")
-    cfg = resolved(c)
-    config = LlamaConfig(**arch).replace(adapter=lora_spec(cfg["model"]["lora"]))
-    mesh = mesh_lib.make_mesh(cfg["mesh"], aot.target_devices(target))
-    built = wire(cfg, mesh, random_source(config, 0)).built
-    batch = {k: jax.ShapeDtypeStruct((4, 256), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=built.batch_sharding) for k in FIELDS}
-    compiled, _ = aot.compile_lowered(built.step_fn.lower(built.abstract_state, batch), "tiny", log=lambda _: None)
-    hlo = compiled.as_text()
-    assert "tpu_custom_call" in hlo and "splash" in hlo.lower()
-    assert aot.cost_model(compiled, target)["step_s"] > 0
+    with aot.compile_only(target):
+        c = expert.get_config("synthetic")
+        arch = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=2, num_kv_heads=1,
+                    head_dim=128, rms_norm_eps=1e-5, max_position_embeddings=512)
+        c.train.update(global_batch_size=4, seq_len=256, dtype="bfloat16", frozen_dtype="bfloat16", attention="auto")
+        cfg = resolved(c)
+        config = LlamaConfig(**arch).replace(adapter=lora_spec(cfg["model"]["lora"]))
+        mesh = mesh_lib.make_mesh(cfg["mesh"], aot.target_devices(target))
+        built = wire(cfg, mesh, random_source(config, 0)).built
+        batch = {k: jax.ShapeDtypeStruct((4, 256), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                         sharding=built.batch_sharding) for k in FIELDS}
+        compiled, _ = aot.compile_lowered(built.step_fn.lower(built.abstract_state, batch), "tiny", log=lambda _: None)
+        hlo = compiled.as_text()
+        assert "tpu_custom_call" in hlo and "splash" in hlo.lower()
+        assert aot.cost_model(compiled, target)["step_s"] > 0

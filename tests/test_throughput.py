@@ -2,6 +2,7 @@
 (the one train() runs) on a random LoRA model: it trains exactly the phase's leaves.  Timings are never asserted."""
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -45,3 +46,13 @@ def test_lora_step_trains_the_phase_leaves():
     state = out["last"]["state"]
     after = param_paths.flatten(jax.device_get(state["trainable"]))
     assert int(state["step"]) == 2 and any(not np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_cpu_threads_sets_the_threads_within_the_block_only(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    with throughput.cpu_threads(3):
+        assert os.environ["XLA_FLAGS"] == "--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=3"
+        assert os.environ["OMP_NUM_THREADS"] == "3"
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    assert os.environ["OMP_NUM_THREADS"] == "7"

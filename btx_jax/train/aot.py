@@ -2,7 +2,7 @@
 
     target = parse_target("tpu:v5p-8")        # or "cpu:8", "tpu:v5e-16", "tpu:v6e:2x4" (a libtpu topology name),
                                               # "gpu:h100-8", "gpu:h100-2x8" (nodes x GPUs), "gpu:my.txtpb@8"
-    prepare(target)                           # before JAX starts its backends: platform and flags
+    with compile_only(target):                # entry points, before JAX starts its backends: platform and flags
     devices = target_devices(target)          # compile-only TPU / GPU devices, or the virtual CPU devices
     compiled, seconds = compile_lowered(lowered, label)   # progress lines while XLA works
     cost_model(compiled, target)              # per-chip step time from XLA's cost model, and the MFU it implies
@@ -26,6 +26,7 @@ GPU compiler never refuses a program larger than the device (and has no cost mod
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -34,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 from btx_jax.config import ConfigError
 
@@ -161,21 +163,43 @@ def parse_target(text: str) -> Target:
                       f"libtpu topology name (e.g. tpu:v5p:2x2x1) or gpu:<{'|'.join(GPUS)}>-<count> (e.g. gpu:h100-8)")
 
 
-def prepare(target: Target) -> None:
-    """Platform and flags for `target`; call before JAX starts a backend (before jax.devices())."""
+@contextlib.contextmanager
+def process_settings(env: dict[str, str], platforms: str) -> Iterator[None]:
+    """Within the block: the environment variables `env` set and JAX's `jax_platforms` = `platforms`; the
+    previous values come back after it.  Entry points only (XLA reads its flags when a backend starts, so they
+    act only if JAX has started none yet)."""
     import jax
+    saved, saved_platforms = {k: os.environ.get(k) for k in env}, jax.config.jax_platforms
+    os.environ.update(env)
+    jax.config.update("jax_platforms", platforms)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        jax.config.update("jax_platforms", saved_platforms)
+
+
+def compile_only(target: Target):
+    """Context manager for an entry point: within it JAX compiles for `target` from this host (platform and
+    flags; enter it before JAX starts its backends, before jax.devices()); a missing compiler is a ConfigError
+    before anything is changed."""
+    env = {}
     if target.platform == "cpu":
         flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={target.devices}".strip()
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={target.devices}".strip()
     elif target.platform == "gpu":
         if importlib.util.find_spec("jax_cuda12_plugin") is None:
             raise ConfigError(f"--target {target.text}: {CUDA_HINT}")
     else:
         if importlib.util.find_spec("libtpu") is None:
             raise ConfigError(f"--target {target.text}: {LIBTPU_HINT}")
-        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")           # no metadata server: not on a TPU VM
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no TPU to lock
-    jax.config.update("jax_platforms", "cpu")       # compile for TPU / GPU from this host; never open one
+        env["TPU_SKIP_MDS_QUERY"] = os.environ.get("TPU_SKIP_MDS_QUERY", "1")          # no metadata server
+        env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = os.environ.get("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no TPU to lock
+    return process_settings(env, "cpu")       # compile for TPU / GPU from this host; never open one
 
 
 def target_devices(target: Target) -> list:
@@ -184,7 +208,7 @@ def target_devices(target: Target) -> list:
         devices = jax.devices("cpu")
         if len(devices) < target.devices:
             raise ConfigError(f"--target {target.text}: only {len(devices)} CPU devices (JAX started before "
-                              "prepare() set the device count)")
+                              "compile_only() set the device count)")
         return devices[:target.devices]
     from jax.experimental import topologies
     if target.platform == "gpu":

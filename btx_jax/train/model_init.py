@@ -5,14 +5,13 @@ until the trainer fills its sharded target):
               or a btx_jax checkpoint (e.g. the previous phase's `final/`)
     arch      LlamaConfig fields for init="random"
     lora      fresh LoRA expert to add (phase 1): targets, rank, alpha, rslora, dropout, init
-    compose   MoE composition (phase 2): experts (dirs), mode ("lora": LoRA-MoE | "ffn": FFN-MoE), top_k,
-              seed_expert, router_init, router_layers, allow_other_base (skip the check that btx experts were
-              trained on this base)
+    compose   MoE composition (phase 2): experts (dirs), mode ("lora": LoRA-MoE | "ffn": FFN-MoE) and the
+              fields of that mode's spec (btx_jax/compose.py LoraMoESpec / FfnMoESpec: top_k, seed_expert,
+              router_init, ...; router_seed defaults to the run's seed); another key is an error
 """
 from __future__ import annotations
 
-from btx_jax.compose import compose_source
-from btx_jax.compose_ffn import compose_ffn_source
+from btx_jax.compose import compose_source, make_spec
 from btx_jax.config import AdapterSpec, ConfigError, ExpertSpec, LlamaConfig
 from btx_jax.pretrained import ModelSource, open_model, random_source
 
@@ -39,16 +38,11 @@ def with_fresh_lora(src: ModelSource, spec: AdapterSpec, seed: int) -> ModelSour
 def initial_source(model_cfg, seed: int) -> ModelSource:
     m = _plain(model_cfg)
     if m.get("compose"):
-        c = _plain(m["compose"])
-        if c.get("mode", "lora") == "ffn":       # built into the trainer's shardings, stored whole when saved
-            return compose_ffn_source(m["init"], list(c["experts"]), top_k=int(c.get("top_k", 2)),
-                                      seed_expert=bool(c.get("seed_expert", False)),
-                                      router_init=c.get("router_init", "normal"), rng_seed=seed)
-        return compose_source(m["init"], list(c["experts"]), top_k=int(c.get("top_k", 2)),
-                              seed_expert=bool(c.get("seed_expert", False)),
-                              router_init=c.get("router_init", "normal"),
-                              router_layers=c.get("router_layers"), seed=seed,
-                              allow_other_base=bool(c.get("allow_other_base", False)))
+        options = {"router_seed": seed, **_plain(m["compose"])}
+        mode, experts = options.pop("mode", "lora"), options.pop("experts", None)
+        if not experts:
+            raise ConfigError("model.compose.experts: needs at least one expert directory")
+        return compose_source(m["init"], list(experts), make_spec(mode, options, lambda k: f"model.compose.{k}"))
     if m.get("init", "random") == "random":
         if not m.get("arch"):
             raise ConfigError("model.init='random' needs model.arch (LlamaConfig fields)")

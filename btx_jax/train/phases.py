@@ -1,7 +1,7 @@
 """Which parameters train in each phase: regex tables over parameter paths (btx_jax/param_paths.py).
 
     expert  LoRA A/B only (phase 1: one domain expert on the seed model)
-    ffn     the MLP weights only (phase 1 of the paper's BTX: a full-FFN expert; compose(mode="ffn") mixes them)
+    ffn     the MLP weights only (phase 1 of the paper's BTX: a full-FFN expert; compose with FfnMoESpec mixes them)
     router  routers (LoRA-MoE or FFN-MoE) + lm_head (phase 2, the seed recipe's choice)
     sft     everything except the MLP / FFN experts and the LoRA experts (phase 3, the seed's choice)
     full    everything (pretraining the seed model)

@@ -23,8 +23,8 @@ forward + backward, remat recomputation not counted).
 Nothing is allocated: parameters come from `btx_jax.model.abstract_params` (jax.eval_shape), the phase
 split from the path patterns of btx_jax/train/phases.py, and the step is the one `train()` runs
 (`btx_jax.train.trainer.build_step`), lowered with ShapeDtypeStructs that carry their shardings and compiled
-for N virtual CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N is set by `run`, through
-aot.prepare, before JAX starts a backend).  Numbers are the CPU compiler's: GPU temporaries differ (fusion,
+for N virtual CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N: `main` runs within
+aot.compile_only, entered before JAX starts a backend).  Numbers are the CPU compiler's: GPU temporaries differ (fusion,
 scheduling, bf16 dots), so leave headroom (--headroom, default 10%).
 
 Phases other than `expert` plan the LoRA-MoE the router / SFT phases train: the expert LoRA spec of the
@@ -322,10 +322,9 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run(args) -> int:
-    """Plan every phase of `args.phase` (the config's by default), print the table, write --out."""
-    target = aot.parse_target(args.target or f"cpu:{args.devices}")
-    aot.prepare(target)
+def run(args, target: aot.Target) -> int:
+    """Plan every phase of `args.phase` (the config's by default) for `target`, print the table, write --out
+    (within aot.compile_only(target))."""
     memory = args.device_memory or target.hbm_bytes
     cfg = resolved(load_config(args.config))
     apply_flags(cfg, args)
@@ -367,5 +366,10 @@ def run(args) -> int:
 def main(argv=None) -> int:
     """scripts/plan.py: exit 0, or 2 with one line on stderr for bad input."""
     args = build_parser().parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)     # progress lines during long compiles
-    return run_cli(lambda: run(args))
+    return run_cli(lambda: _compile_only_run(args))
+
+
+def _compile_only_run(args) -> int:
+    target = aot.parse_target(args.target or f"cpu:{args.devices}")
+    with aot.compile_only(target):      # the process's platform and XLA flags, for this command only
+        return run(args, target)

@@ -1,7 +1,8 @@
 """The jit-compiled train step: token-mean cross-entropy + router aux losses, gradients with respect to the
 trainable sub-tree only, gradient accumulation over microbatches with `lax.scan`, one optimizer update.
 
-The cross-entropy is chunked (btx_jax/model/chunked_ce.py: lm_head applied `loss_chunk` positions at a time,
+The forward pass and the plain token loss are btx_jax/model/loss.py's (evaluation runs the same).  The
+cross-entropy is chunked (btx_jax/model/chunked_ce.py: lm_head applied `loss_chunk` positions at a time,
 no [tokens, vocab] fp32 logits) unless `loss_chunk=0`, which projects all logits at once (the plain path).
 
 State is a plain dict pytree {step, trainable, frozen, opt_state, rng} (what orbax checkpoints).
@@ -15,27 +16,10 @@ import jax.numpy as jnp
 import optax
 
 from btx_jax import mesh as mesh_lib, param_paths
-from btx_jax.model import Llama, routed_count, summarize_aux
+from btx_jax.model import Llama
 from btx_jax.model.chunked_ce import DEFAULT_CHUNK, chunked_cross_entropy
+from btx_jax.model.loss import forward, token_losses
 from btx_jax.train.phases import merge
-
-
-def forward(model: Llama, params, batch, rng=None, return_hidden: bool = False):
-    """(fp32 logits [B, T, V], aux dict) for one batch; aux holds lb_loss, z_loss, expert_frac.  With
-    `return_hidden`, (final hidden states, lm_head weight) instead of the logits."""
-    rngs = {"dropout": rng} if rng is not None else {}
-    out, variables = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
-                                 return_hidden=return_hidden, rngs=rngs, mutable=["aux"])
-    if not routed_count(model.config):
-        return out, {}
-    return out, summarize_aux(variables["aux"]["layers"], model.config)
-
-
-def token_losses(logits_BTV, batch):
-    """(sum of masked token cross-entropies, number of masked tokens)."""
-    ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce_BT * mask), jnp.sum(mask)
 
 
 LOSS_LAYOUTS = ("auto", "batch", "vocab")

@@ -2,7 +2,7 @@
 jitted train step (the one train() runs, from `wire`) on a random model and a random batch on one device, the
 steps of several implementations timed in alternation, and the matmul peak measured in the same run.
 
-    set_threads(2)                       # CPU benchmarks: same intra-op threads for XLA and torch, before either starts
+    with cpu_threads(2): run(args)       # a CPU benchmark's main: same intra-op threads for XLA and torch
     peak = matmul_peak(2048, "float32", others={"torch": lambda: torch.mm(t, t)})     # {"xla": FLOP/s, "torch": ...}
     ours = lora_step(base_config(), "router", arch, rank=64, experts=3, top_k=2, global_batch_size=4, seq_len=512)
     ours = phase_step(base_config(), "full", config, params, global_batch_size=4, seq_len=512)   # any LlamaConfig
@@ -25,19 +25,19 @@ from btx_jax.data.packing import FIELDS
 from btx_jax.data.synthetic import SyntheticPipeline
 from btx_jax.model import init_params
 from btx_jax.pretrained import Pretrained, memory_source
+from btx_jax.train.aot import process_settings
 from btx_jax.train.trainer import initial_state, resolved, wire
 
 
-def set_threads(n: int) -> None:
-    """Same intra-op thread count for XLA and torch on CPU; call before JAX starts a backend and before torch is
-    imported.  JAX runs on the CPU unless JAX_PLATFORMS says otherwise."""
-    os.environ["XLA_FLAGS"] = " ".join(
-        f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f
-        and "intra_op_parallelism" not in f) + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}"
-    os.environ["JAX_PLATFORMS"] = os.environ.get("JAX_PLATFORMS", "cpu")
-    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])     # jax read the variable when imported
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def cpu_threads(n: int):
+    """Context manager for a CPU benchmark's entry point: the same intra-op thread count for XLA and torch
+    within it (enter it before JAX starts a backend and before torch is imported); JAX runs on the CPU unless
+    JAX_PLATFORMS says otherwise.  The previous settings come back after it."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if "host_platform_device_count" not in f and "intra_op_parallelism" not in f]
+    env = {"XLA_FLAGS": " ".join(flags + ["--xla_cpu_multi_thread_eigen=true", f"intra_op_parallelism_threads={n}"]),
+           "OMP_NUM_THREADS": str(n), "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false")}
+    return process_settings(env, os.environ.get("JAX_PLATFORMS") or "cpu")
 
 
 def first_step(step: Callable[[], object]) -> dict:

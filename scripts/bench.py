@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     import jax
     import torch
     torch.set_num_threads(args.threads)
-    from configs.common import ARCHS, base_config
+    from btx_jax.configs.common import ARCHS, base_config
     arch = dict(ARCHS[args.arch])
 
     ta = torch.randn(2048, 2048)

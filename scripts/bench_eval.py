@@ -48,7 +48,7 @@ def bench_arch(name: str, reqs, args) -> dict:
     from btx_jax.harness import BtxLM
     from btx_jax.model import init_params
     from btx_jax.pretrained import Pretrained
-    from configs.common import ARCHS
+    from btx_jax.configs.common import ARCHS
 
     config = LlamaConfig(**ARCHS[name])
     pre = Pretrained(config, init_params(config, jax.random.PRNGKey(0)))

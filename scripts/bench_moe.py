@@ -35,7 +35,7 @@ def jax_step(arch: dict, impl: str, args) -> dict:
 
     from btx_jax.config import LlamaConfig, MoESpec
     from btx_jax.model import init_params
-    from configs.common import base_config
+    from btx_jax.configs.common import base_config
 
     config = LlamaConfig(**arch, moe=MoESpec(args.experts, args.top_k))
     params = init_params(config, jax.random.PRNGKey(0))
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import jax
 
     from btx_jax.model.moe_ffn import resolve_impl
-    from configs.common import ARCHS
+    from btx_jax.configs.common import ARCHS
     arch = dict(ARCHS[args.arch])
     tokens = args.batch * args.seq
     sparse = resolve_impl("auto")

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import jax
-    from configs.common import ARCHS, base_config
+    from btx_jax.configs.common import ARCHS, base_config
     if args.tiny:
         arch, dtype, n_peak = dict(ARCHS["tiny"]), "float32", 1024
         batch, seq, steps = args.batch or 2, args.seq or 64, 2

@@ -15,7 +15,7 @@ from btx_jax import chain, convert
 from btx_jax.checkpoint import btx
 from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.train.trainer import train
-from configs import router, sft
+from btx_jax.configs import router, sft
 from conftest import build_hf_llama, random_ids
 from test_lean_checkpoints import ARCH, expert_run
 

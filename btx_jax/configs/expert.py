@@ -11,7 +11,7 @@ Presets (`--config=configs/expert.py:DOMAIN[,tiny]`), DOMAIN in wiki | math | no
   DOMAIN,tiny,ffn   a full-FFN expert instead (phase `ffn`: the MLP kernels train, no LoRA) for the paper's BTX
   synthetic     engine tests: a random tiny model, LoRA r=8, random tokens
 """
-from configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, SEED_LORA, base_config, bundled, parse_preset,
+from btx_jax.configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, SEED_LORA, base_config, bundled, parse_preset,
                             seed_scale, seed_sources, tiny_scale, token_budget)
 
 DOMAINS = ("wiki", "math", "novel")

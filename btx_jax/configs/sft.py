@@ -1,7 +1,7 @@
 """Phase 3: supervised fine-tuning of the router-trained LoRA-MoE on Japanese instruction data, experts
 frozen (trainable: embeddings, attention, norms, routers, lm_head), loss on the response tokens only.
 
-Presets: `` (seed scale: the seed's SFT sets, configs/common.py SEED_SOURCES, 1B tokens: train.steps = tokens //
+Presets: `` (seed scale: the seed's SFT sets, common.py SEED_SOURCES, 1B tokens: train.steps = tokens //
 (global_batch_size * seq_len), recomputed when either changes) | `tiny` (the CPU demo: bundled JCommonsenseQA +
 JSQuAD instructions)."""
 from btx_jax.configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, base_config, bundled, parse_preset, seed_scale,

@@ -86,7 +86,8 @@ def report(path: str | Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="btx chain", description=__doc__.split("\n\n")[0], epilog="example: btx chain runs/btx/sft/final")
+    p = ArgumentParser(prog="btx chain", description=__doc__.split("\n\n")[0],
+                       epilog="example: btx chain runs/btx/sft/final")
     p.add_argument("model", metavar="DIR", help="a btx checkpoint, e.g. <run>/final")
     args = p.parse_args(argv)
     try:

@@ -157,7 +157,8 @@ def plan(out: Path, arch: dict, phases: dict, *, steps: int, seq_len: int, batch
                                        f"--model=sft={runs / 'sft' / 'final'}", f"--tokenizer={model}",
                                        f"--seq-len={seq_len}", f"--batch-size={batch}", "--max-batches=2",
                                        "--out=eval"]))
-    out_steps.append(Step("generate", [*btx_cmd, "generate", f"--model={runs / 'sft' / 'final'}",
+    out_steps.append(Step("generate", [*btx_cmd, "generate",
+                                       f"--model={runs / 'sft' / 'final'}",
                                        f"--tokenizer={model}", "--chat", "--prompt=日本の首都はどこですか？",
                                        "--max-new-tokens=16"]))
     convert = [*btx_cmd, "convert"]

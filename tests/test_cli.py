@@ -17,7 +17,7 @@ from btx_jax.configs import DIR, resolve
 def test_btx_alone_lists_every_command_with_one_line(argv, capsys):
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for name, (_, _, line) in COMMANDS.items():
+    for name, (_, line) in COMMANDS.items():
         assert f"  {name} " in out and line in out
     assert {"train", "prepare-data", "plan", "compose", "convert", "evaluate", "generate", "demo", "lm-eval",
             "chain", "rehearse"} <= set(COMMANDS)

@@ -150,7 +150,8 @@ def parse_flags(argv: list[str], flag_values=None, doc: str = "") -> list[str]:
     from absl import flags
     fv = flags.FLAGS if flag_values is None else flag_values
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(f"usage: {argv[0]} [--flag=value ...]\n\n{doc.strip()}\n\nflags:\n{fv.get_help(include_special_flags=False)}")
+        flag_help = fv.get_help(include_special_flags=False)
+        print(f"usage: {argv[0]} [--flag=value ...]\n\n{doc.strip()}\n\nflags:\n{flag_help}")
         raise SystemExit(0)
     argv = resolve_config_flag(argv)
     try:

@@ -165,8 +165,8 @@ def run(args) -> None:
     print(f"\n[demo] report: {path}  ({time.time() - t0:.0f} s)")
 
 
-def main(argv: Sequence[str], prog: str = "btx demo") -> int:
-    p = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str]) -> int:
+    p = ArgumentParser(prog="btx demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--quick", action="store_true", help="a tenth of the steps (CI's end-to-end test)")
     args = p.parse_args(argv)

@@ -16,8 +16,8 @@ from typing import Sequence
 from btx_jax.cli import ArgumentParser, positive_int, run_cli
 
 
-def main(argv: Sequence[str], prog: str = "btx generate") -> int:
-    p = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str]) -> int:
+    p = ArgumentParser(prog="btx generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF, mergoo or btx checkpoint directory")
     p.add_argument("--adapter", default=None, help="PEFT adapter directory applied on --model")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's own, see above)")

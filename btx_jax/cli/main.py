@@ -11,38 +11,33 @@ import importlib
 import sys
 from typing import Sequence
 
-# name: (module, its function taking the arguments after the command name, one line of help)
+# name: (the module whose main(argv) runs it on the arguments after the name, one line of help)
 COMMANDS = {
-    "train": ("btx_jax.cli.train", "main", "train one phase (pretrain, expert, router, sft) from a config"),
-    "prepare-data": ("btx_jax.cli.prepare_data", "main", "tokenise a config's data sources ahead of training"),
-    "plan": ("btx_jax.train.plan", "main", "memory and scale plan: compile the train step, report bytes per device"),
-    "compose": ("btx_jax.compose_cli", "main", "compose experts on a base Llama into a LoRA-MoE or an FFN-MoE"),
-    "convert": ("btx_jax.convert", "main", "convert checkpoints between HF / PEFT / mergoo / Mixtral and btx"),
-    "evaluate": ("btx_jax.evaluate", "main", "evaluate checkpoints per domain; markdown report with plots"),
-    "generate": ("btx_jax.cli.generate", "main", "generate text from a checkpoint"),
-    "demo": ("btx_jax.cli.demo", "main", "the whole pipeline on a tiny Llama with the bundled data, on a CPU"),
-    "lm-eval": ("btx_jax.harness", "main", "lm-evaluation-harness with the `btx` model and the bundled tasks"),
-    "chain": ("btx_jax.chain", "main", "list a lean checkpoint's chain with each link's status"),
-    "rehearse": ("btx_jax.cli.rehearse", "main", "rehearse the seed's recipe at a chosen shape, every phase measured"),
-    "train-tokenizer": ("btx_jax.cli.train_tokenizer", "main", "train the bundled sentencepiece tokenizer"),
+    "train": ("btx_jax.cli.train", "train one phase (pretrain, expert, router, sft) from a config"),
+    "prepare-data": ("btx_jax.cli.prepare_data", "tokenise a config's data sources ahead of training"),
+    "plan": ("btx_jax.train.plan", "memory and scale plan: compile the train step, report bytes per device"),
+    "compose": ("btx_jax.compose_cli", "compose experts on a base Llama into a LoRA-MoE or an FFN-MoE"),
+    "convert": ("btx_jax.convert", "convert checkpoints between HF / PEFT / mergoo / Mixtral and btx"),
+    "evaluate": ("btx_jax.evaluate", "evaluate checkpoints per domain; markdown report with plots"),
+    "generate": ("btx_jax.cli.generate", "generate text from a checkpoint"),
+    "demo": ("btx_jax.cli.demo", "the whole pipeline on a tiny Llama with the bundled data, on a CPU"),
+    "lm-eval": ("btx_jax.harness", "lm-evaluation-harness with the `btx` model and the bundled tasks"),
+    "chain": ("btx_jax.chain", "list a lean checkpoint's chain with each link's status"),
+    "rehearse": ("btx_jax.cli.rehearse", "rehearse the seed's recipe at a chosen shape, every phase measured"),
+    "train-tokenizer": ("btx_jax.cli.train_tokenizer", "train the bundled sentencepiece tokenizer"),
 }
-# the commands whose main takes the program name (the others' parsers name themselves)
-_TAKES_PROG = {"train", "prepare-data", "generate", "demo", "rehearse", "train-tokenizer"}
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {help_line}" for name, (_, _, help_line) in COMMANDS.items()]
-    return f"usage: btx COMMAND [--flag=value ...]\n\ncommands:\n" + "\n".join(lines) + "\n\n" + __doc__.split(
+    lines = [f"  {name:<{width}}  {help_line}" for name, (_, help_line) in COMMANDS.items()]
+    return "usage: btx COMMAND [--flag=value ...]\n\ncommands:\n" + "\n".join(lines) + "\n\n" + __doc__.split(
         "\n\n", 2)[2] + "\n\nexample:\n  btx train --config=expert:synthetic --workdir=/tmp/x --config.train.steps=2"
 
 
 def command(name: str, argv: Sequence[str]) -> int:
     """Run command `name` on `argv` (the arguments after it): its exit code."""
-    module, function, _ = COMMANDS[name]
-    fn = getattr(importlib.import_module(module), function)
-    code = fn(list(argv), prog=f"btx {name}") if name in _TAKES_PROG else fn(list(argv))
-    return int(code or 0)
+    return int(importlib.import_module(COMMANDS[name][0]).main(list(argv)) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,8 @@ from typing import Sequence
 from btx_jax.cli import parse_flags, run_cli
 
 
-def main(argv: Sequence[str], prog: str = "btx prepare-data") -> int:
+def main(argv: Sequence[str]) -> int:
+    prog = "btx prepare-data"
     from absl import flags
     from ml_collections import config_flags
 

@@ -44,8 +44,8 @@ def phases() -> dict:
             for name, (file, words) in presets.items()}
 
 
-def main(argv: Sequence[str], prog: str = "btx rehearse") -> int:
-    p = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str]) -> int:
+    p = ArgumentParser(prog="btx rehearse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=SHAPES, default="tiny")
     for flag in FIELDS:
         p.add_argument(f"--{flag.replace('_', '-')}", type=positive_int, default=None,

@@ -13,7 +13,8 @@ from typing import Sequence
 from btx_jax.cli import parse_flags, run_cli
 
 
-def main(argv: Sequence[str], prog: str = "btx train") -> int:
+def main(argv: Sequence[str]) -> int:
+    prog = "btx train"
     from absl import flags, logging
     from ml_collections import config_flags
 

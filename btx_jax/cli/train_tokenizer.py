@@ -38,8 +38,9 @@ def train_texts(data_dir: Path) -> list[str]:
     return texts
 
 
-def main(argv: Sequence[str], prog: str = "btx train-tokenizer") -> int:
-    parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str]) -> int:
+    parser = ArgumentParser(prog="btx train-tokenizer", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=CORPORA, help="the bundled corpora directory")
     parser.add_argument("--out", type=Path, default=CORPORA / "tokenizer" / "tokenizer.model")
     parser.add_argument("--vocab-size", type=positive_int, default=4096)

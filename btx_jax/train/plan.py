@@ -1,12 +1,12 @@
 """Memory and scale plan: AOT-compile the real train step on abstract inputs and report, per device,
 parameter / optimizer / gradient / temporary bytes, FLOPs per step, and the largest global batch that fits.
 
-    python scripts/plan.py --config configs/expert.py:wiki --devices 8 --phase expert,router,sft \
+    btx plan --config expert:wiki --devices 8 --phase expert,router,sft \
         --experts 3 --top-k 2 --batch 32 --device-memory 80GB --search
 
-    python scripts/plan.py --config configs/sft.py:wiki --phase sft --target tpu:v5e-16 --search
+    btx plan --config sft:wiki --phase sft --target tpu:v5e-16 --search
 
-    python scripts/plan.py --config configs/expert.py:wiki --phase expert,router,sft --target gpu:h100-8 \
+    btx plan --config expert:wiki --phase expert,router,sft --target gpu:h100-8 \
         --batch 128 --search
 
 `--target` picks the compiler: `cpu:N` (N virtual CPU devices, the default with --devices), a TPU slice
@@ -272,7 +272,8 @@ def table(rows: list[dict], memory: int | None) -> str:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="btx plan", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example:\n  btx plan --config=expert:wiki --devices=8 --phase=expert,router,sft --search")
+                       epilog="example:\n  btx plan --config=expert:wiki --devices=8 --phase=expert,router,sft "
+                              "--search")
     p.add_argument("--config", default="expert:wiki", help="config NAME[:PRESET] or FILE.py[:PRESET]")
     p.add_argument("--phase", default=None, help="comma-separated phases (default: the config's)")
     p.add_argument("--devices", type=int, default=8, help="virtual CPU devices to compile for (= --target cpu:N)")
@@ -370,7 +371,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    """scripts/plan.py: exit 0, or 2 with one line on stderr for bad input."""
+    """`btx plan`: exit 0, or 2 with one line on stderr for bad input."""
     args = build_parser().parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)     # progress lines during long compiles
     return run_cli(lambda: run(args))

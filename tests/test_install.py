@@ -11,11 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from btx_jax.cli.main import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow       # 55-95 s on 2 shared cores (a pip build, a 2-step train, 12 `--help`s): `pytest -m slow`
 def test_a_plain_install_trains_and_helps_from_anywhere(tmp_path):
     src, venv, elsewhere = tmp_path / "src", tmp_path / "venv", tmp_path / "elsewhere"
     src.mkdir()

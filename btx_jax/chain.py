@@ -1,7 +1,7 @@
 """The chain of a lean checkpoint: every directory its frozen weights come from, each link's status
-(scripts/chain.py; docs/finals.md).
+(`btx chain`; docs/finals.md).
 
-    python scripts/chain.py runs/btx/sft/final
+    btx chain runs/btx/sft/final
 
 prints one line per link, indented under the checkpoint that names it: `present` / `MISSING`, for a lean
 checkpoint whether the frozen weights it names still have the recorded digest (`digest ok` / `CHANGED`), for
@@ -86,7 +86,8 @@ def report(path: str | Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = ArgumentParser(prog="chain.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="btx chain", description=__doc__.split("\n\n")[0],
+                       epilog="example: btx chain runs/btx/sft/final")
     p.add_argument("model", metavar="DIR", help="a btx checkpoint, e.g. <run>/final")
     args = p.parse_args(argv)
     try:

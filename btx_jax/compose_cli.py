@@ -1,10 +1,10 @@
-"""The compose command line (scripts/compose.py): experts on a base Llama -> a LoRA-MoE (mergoo semantics), or with
+"""The compose command line (`btx compose`): experts on a base Llama -> a LoRA-MoE (mergoo semantics), or with
 --mode ffn dense experts on a seed -> an FFN-MoE (Mixtral), saved in the chosen format (btx_jax/compose.py).
 
     main(["BASE", "EXPERT", "EXPERT", "--out", "DST", "--top-k", "2", "--format", "mergoo"])   # -> 0
 
 The flags make the mode's spec (btx_jax/compose.py make_spec: a flag of the other mode, e.g. --shared without
---mode ffn, is refused).  Bad usage is one line `compose.py: error: ...` (btx_jax/cli.py ArgumentParser), bad
+--mode ffn, is refused).  Bad usage is one line `btx compose: error: ...` (btx_jax/cli.py ArgumentParser), bad
 input (bad values, experts that do not fit the base, an existing --out without --overwrite, disk faults) one
 line `error: ...` (btx_jax/cli.py run_cli); both return 2 and nothing is written then.
 """
@@ -26,6 +26,12 @@ SPEC_FLAGS = ("top_k", "seed_expert", "router_init", "router_std", "router_jitte
               "allow_other_base", "shared", "max_drift")    # the flags (dest names) that make the spec; None: not given
 
 
+EXAMPLES = """examples:
+  btx compose llama2 runs/wiki/final runs/math/final runs/novel/final --out moe --top-k 2 --format mergoo
+  btx compose llama2 runs/wiki/final runs/math/final --mode ffn --format mixtral --dtype bfloat16 --out btx_moe
+"""
+
+
 def _layers(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -34,8 +40,9 @@ def _layers(text: str) -> list[int]:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="compose.py", description="Compose experts on a base Llama into a LoRA-MoE (mergoo "
-                       "semantics) or an FFN-MoE (Branch-Train-MiX's mix step).")
+    p = ArgumentParser(prog="btx compose", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Compose experts on a base Llama into a LoRA-MoE (mergoo semantics) or an FFN-MoE "
+                       "(Branch-Train-MiX's mix step).", epilog=EXAMPLES)
     p.add_argument("base", help="HF Llama directory")
     p.add_argument("experts", nargs="+", help="PEFT adapter directories or btx_jax LoRA checkpoints")
     p.add_argument("--out", required=True, help="destination directory")

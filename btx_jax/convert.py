@@ -1,14 +1,14 @@
 """Convert checkpoints between Hugging Face (Llama, Mixtral) / PEFT / mergoo and btx_jax's own format.
 
-    python scripts/convert.py hf-to-btx  SRC DST [--dtype bfloat16] [--allow-pickle] [--overwrite]
-    python scripts/convert.py btx-to-hf  SRC DST [--max-shard-size 5GB] [--dtype bfloat16] [--overwrite]
-    python scripts/convert.py peft-to-btx ADAPTER DST --base HF_BASE
-    python scripts/convert.py btx-to-peft SRC DST
-    python scripts/convert.py mergoo-to-btx SRC DST
-    python scripts/convert.py btx-to-mergoo SRC DST [--max-shard-size 5GB]
-    python scripts/convert.py mixtral-to-btx SRC DST
-    python scripts/convert.py btx-to-mixtral SRC DST [--max-shard-size 5GB]     (FFN-MoE <-> MixtralForCausalLM)
-    python scripts/convert.py btx-to-btx SRC DST --self-contained   (a lean final's chain in one directory)
+    btx convert hf-to-btx  SRC DST [--dtype bfloat16] [--allow-pickle] [--overwrite]
+    btx convert btx-to-hf  SRC DST [--max-shard-size 5GB] [--dtype bfloat16] [--overwrite]
+    btx convert peft-to-btx ADAPTER DST --base HF_BASE
+    btx convert btx-to-peft SRC DST
+    btx convert mergoo-to-btx SRC DST
+    btx convert btx-to-mergoo SRC DST [--max-shard-size 5GB]
+    btx convert mixtral-to-btx SRC DST
+    btx convert btx-to-mixtral SRC DST [--max-shard-size 5GB]     (FFN-MoE <-> MixtralForCausalLM)
+    btx convert btx-to-btx SRC DST --self-contained   (a lean final's chain in one directory)
 
 Every tensor's name and shape is checked against the config.  On bad input (missing directory or file,
 foreign architecture, missing / misshapen tensor, corrupt safetensors, pickle checkpoint without
@@ -18,7 +18,7 @@ a file, a symlink, a path below a file, SRC or a directory inside it, or (with -
 SRC or any directory SRC's chain needs is refused.  DST is written into a temporary sibling directory and renamed at the end,
 so an error never leaves a half-written DST; SIGTERM / Ctrl-C print one line, remove it and exit 143 / 130.
 
-The CLI is scripts/convert.py (it calls `main`).  A new conversion is one entry in CONVERSIONS: which format SRC must be, how to load it, which format to save.
+The CLI is `btx convert` (it calls `main`).  A new conversion is one entry in CONVERSIONS: which format SRC must be, how to load it, which format to save.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 from btx_jax.checkpoint import btx
 from btx_jax.checkpoint.tensor_files import CheckpointError, check_destination
-from btx_jax.cli import parse_bytes, run_cli, stopping_cleanly
+from btx_jax.cli import ArgumentParser, parse_bytes, run_cli, stopping_cleanly
 from btx_jax.config import DTYPES, ConfigError
 from btx_jax.pretrained import check_savable, detect_format, open_model
 
@@ -76,7 +76,8 @@ CONVERSIONS: dict[str, Conversion] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="btx convert", description=__doc__.split("\n\n", 2)[0] + "\n\n" +
+                            __doc__.split("\n\n", 2)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, conv in CONVERSIONS.items():
         p = sub.add_parser(name, help=conv.help, description=conv.help)

@@ -158,7 +158,7 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="evaluate.py", description=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="btx evaluate", description=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, help="NAME=DIR (HF, mergoo or btx checkpoint)")
     p.add_argument("--workdir", action="append", help="NAME=DIR of a training run, for the loss-curve plot")
     p.add_argument("--domains", default="wiki,math,novel", help="bundled domains to evaluate")

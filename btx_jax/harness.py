@@ -45,7 +45,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from btx_jax import mesh as mesh_lib
-from btx_jax.cli import USER_ERRORS
+from btx_jax.cli import run_cli
 from btx_jax.config import ConfigError
 from btx_jax.data.errors import DataError
 from btx_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -329,37 +329,42 @@ def check_task_file(path: str | Path) -> None:
         raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """lm-eval's command line with `btx` registered and btx_jax/tasks on the task path; user errors -> exit 2."""
-    from lm_eval.__main__ import cli_evaluate
+def check_args(args: list[str]) -> None:
+    """Before lm-eval starts: every `--tasks` YAML file parses and the `btx` model's `--model_args` are valid."""
+    for flag, value in zip(args[:-1], args[1:]):
+        if flag == "--tasks":
+            for t in value.split(","):
+                if t.endswith(".yaml"):
+                    for file in glob.glob(t) or [t]:
+                        check_task_file(file)
+        if flag == "--model_args" and "--model" in args and args[args.index("--model") + 1] == "btx":
+            check_model_args(value)
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        for flag, value in zip(args[:-1], args[1:]):
-            if flag == "--tasks":
-                for t in value.split(","):
-                    if t.endswith(".yaml"):
-                        for file in glob.glob(t) or [t]:
-                            check_task_file(file)
-            if flag == "--model_args" and "--model" in args and args[args.index("--model") + 1] == "btx":
-                check_model_args(value)
-    except USER_ERRORS as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+
+def _evaluate(args: list[str]) -> None:
+    from lm_eval.__main__ import cli_evaluate
+    check_args(args)
     if not any(a == "--include_path" or a.startswith("--include_path=") for a in args) and \
             any(a in ("--tasks", "run", "ls", "validate") or a.startswith("--tasks=") for a in args):
-        args += ["--include_path", str(TASKS_DIR)]
-    sys.argv = ["lm-eval", *args]
+        args = [*args, "--include_path", str(TASKS_DIR)]
+    saved, sys.argv = sys.argv, ["lm-eval", *args]       # lm-eval's command line reads sys.argv only
     try:
         cli_evaluate()
-    except USER_ERRORS as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
     except ValueError as e:        # the harness's own "Tasks not found: ..." and friends
         if "not found" not in str(e):
             raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(e)) from None
+    finally:
+        sys.argv = saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`btx lm-eval` (and `btx-lm-eval`): lm-eval's command line with `btx` registered and btx_jax/tasks on the
+    task path.  0, or 2 after one line `error: ...` on stderr for a user error (btx_jax/cli run_cli)."""
+    try:
+        run_cli(lambda: _evaluate(list(sys.argv[1:] if argv is None else argv)))
+    except SystemExit as e:
+        return int(e.code or 0)
     return 0
 
 

@@ -151,7 +151,7 @@ class Pretrained:
         users = btx.dependents(dst) if overwrite and dst.is_dir() else []
         if users:
             raise CheckpointError(f"{dst}: not replaced: {len(users)} lean checkpoint(s) are built on it "
-                                  f"({', '.join(map(str, users))}); export them first with `python scripts/convert.py "
+                                  f"({', '.join(map(str, users))}); export them first with `btx convert "
                                   "btx-to-btx --self-contained SRC DST`, or write elsewhere")
         nbytes = (sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self.params))
                   if format in ("btx", "mergoo") else None)     # every tensor is written (hf/peft: a subset)
@@ -204,7 +204,7 @@ def save_hf(directory: Path, pre: Pretrained, *, merge_lora: bool = False,
                   max_shard_bytes=max_shard_bytes, progress=progress)
 
 
-CHAIN_COMMAND = "python scripts/chain.py"
+CHAIN_COMMAND = "btx chain"
 
 
 class ChainError(CheckpointError):

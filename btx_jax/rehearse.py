@@ -1,8 +1,9 @@
-"""The seed's recipe rehearsed at a chosen shape, every phase a subprocess of the real scripts, measured.
+"""The seed's recipe rehearsed at a chosen shape, every phase a subprocess of the real `btx` commands, measured.
 
-    rehearse(repo, out, arch, phases, steps=3, seq_len=256, batch=8, devices=8)
+    rehearse(out, arch, phases, steps=3, seq_len=256, batch=8, devices=8)
 
-`repo` is the checkout whose scripts/ and configs/ run (scripts/rehearse.py passes its own).  It writes a
+Every step runs `python -m btx_jax.cli COMMAND ...` of this very btx_jax (`btx rehearse` is the command line).
+It writes a
 random bf16 HF Llama of `arch` with a tokenizer beside it, local copies of the seed's datasets laid out as the
 hub has them (btx_jax/seed_corpora.py), then runs the seed-scale presets `phases` names ({phase: (config file
 with preset, [its source names in order])}) changed only in model.init, the tokenizer, the data paths and the
@@ -24,7 +25,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import btx_jax
 from btx_jax.checkpoint import btx
+from btx_jax.configs import resolve
 from btx_jax.data import load_tokenizer
 from btx_jax.errors import UserError
 from btx_jax.seed_corpora import FIXTURES
@@ -117,23 +120,24 @@ def write_corpora(data: Path, phases: dict, rows: int) -> dict[str, str]:
     return paths
 
 
-def plan(repo: Path, out: Path, arch: dict, phases: dict, *, steps: int, seq_len: int, batch: int,
+def plan(out: Path, arch: dict, phases: dict, *, steps: int, seq_len: int, batch: int,
          tokenizer: str, rows: int) -> list[Step]:
     """The steps, in order (the corpora are written here; the model by the first step)."""
     py, model, runs = sys.executable, out / "model", Path("runs") / "btx"
+    btx_cmd = [py, "-m", "btx_jax.cli"]
     paths = write_corpora(out / "data", phases, rows)
     sizes = [f"--config.train.seq_len={seq_len}", f"--config.train.global_batch_size={batch}",
              f"--config.train.steps={steps}", "--config.train.ckpt_every=1", "--config.train.log_every=1"]
 
     def config(phase: str, init: bool = True) -> list[str]:
         file, names = phases[phase]
-        args = [f"--config={repo / 'configs' / file}", f"--config.data.tokenizer={model}"]
+        args = [f"--config={resolve(file)}", f"--config.data.tokenizer={model}"]
         args += [f"--config.data.sources[{i}].path={paths[n]}" for i, n in enumerate(names)]
         return args + ([f"--config.model.init={model}"] if init else [])
 
-    train = [py, str(repo / "scripts" / "train.py")]
+    train = [*btx_cmd, "train"]
     out_steps = [Step("model", [py, "-c", MODEL, json.dumps(arch), str(model), tokenizer])]
-    out_steps += [Step(f"prepare {p}", [py, str(repo / "scripts" / "prepare_data.py"), *config(p)]) for p in phases]
+    out_steps += [Step(f"prepare {p}", [*btx_cmd, "prepare-data", *config(p)]) for p in phases]
     for p in phases:
         if p.startswith("expert:"):
             d = p.split(":")[1]
@@ -148,15 +152,16 @@ def plan(repo: Path, out: Path, arch: dict, phases: dict, *, steps: int, seq_len
     out_steps.append(Step("sft resume (+1 step)", [*sft, f"--config.train.steps={steps + 1}"],
                           workdir=str(runs / "sft")))
     # the seed, an expert and the SFT model: evaluate.py loads one at a time, sharded (peak = the largest one)
-    out_steps.append(Step("evaluate", [py, str(repo / "scripts" / "evaluate.py"), f"--model=seed={model}",
+    out_steps.append(Step("evaluate", [*btx_cmd, "evaluate", f"--model=seed={model}",
                                        f"--model=wiki={runs / 'expert_wiki' / 'final'}",
                                        f"--model=sft={runs / 'sft' / 'final'}", f"--tokenizer={model}",
                                        f"--seq-len={seq_len}", f"--batch-size={batch}", "--max-batches=2",
                                        "--out=eval"]))
-    out_steps.append(Step("generate", [py, str(repo / "scripts" / "generate.py"), f"--model={runs / 'sft' / 'final'}",
+    out_steps.append(Step("generate", [*btx_cmd, "generate",
+                                       f"--model={runs / 'sft' / 'final'}",
                                        f"--tokenizer={model}", "--chat", "--prompt=日本の首都はどこですか？",
                                        "--max-new-tokens=16"]))
-    convert = [py, str(repo / "scripts" / "convert.py")]
+    convert = [*btx_cmd, "convert"]
     dtype = "--dtype=bfloat16"          # results in the seed's own dtype (fp32 doubles host memory and files)
     wiki = str(runs / "expert_wiki" / "final")
     out_steps += [Step("export peft (expert wiki)", [*convert, "btx-to-peft", wiki, "export/expert_wiki_peft", dtype]),
@@ -165,17 +170,18 @@ def plan(repo: Path, out: Path, arch: dict, phases: dict, *, steps: int, seq_len
                   Step("export mergoo (sft)", [*convert, "btx-to-mergoo", str(runs / "sft" / "final"),
                                                "export/sft_mergoo", "--no-progress", dtype])]
     experts = [str(runs / f"expert_{p.split(':')[1]}" / "final") for p in phases if p.startswith("expert:")]
-    out_steps.append(Step("compose ffn -> mixtral", [py, str(repo / "scripts" / "compose.py"), str(model), *experts,
+    out_steps.append(Step("compose ffn -> mixtral", [*btx_cmd, "compose", str(model), *experts,
                                                       "--mode=ffn", "--top-k=2", "--format=mixtral",
                                                       "--out=export/ffn_moe_mixtral", dtype]))
     return out_steps
 
 
-def rehearse(repo: Path, out: Path, arch: dict, phases: dict, *, steps: int = 3, seq_len: int = 256,
+def rehearse(out: Path, arch: dict, phases: dict, *, steps: int = 3, seq_len: int = 256,
              batch: int = 8, devices: int = 8, tokenizer: str, rows: int = 200, compile_cache: bool = False,
              overwrite: bool = False) -> list[Step]:
     """Run every step (all of them, even after a failure) and write OUT/rehearsal.md and .json."""
-    repo, out = Path(repo).absolute(), Path(out).absolute()
+    out = Path(out).absolute()
+    package_root = str(Path(btx_jax.__file__).resolve().parents[1])     # the children run this btx_jax
     # evaluate and generate refuse a tokenizer that does not belong to the model: say so before any work
     check_matches(load_tokenizer(tokenizer), int(arch["vocab_size"]),
                   "the rehearsal's model (--vocab 4096 fits the bundled tokenizer)")
@@ -186,12 +192,12 @@ def rehearse(repo: Path, out: Path, arch: dict, phases: dict, *, steps: int = 3,
     (out / "logs").mkdir(parents=True)
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
            "BTX_DATA_CACHE": str(out / "data_cache"),      # the token stores prepare_data writes, train reads
-           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+           "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     if compile_cache:        # the experts compile the same step: share compilations across processes
         env.update(JAX_COMPILATION_CACHE_DIR=str(out / ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     tic = time.perf_counter()
     done = [run_step(s, out, env, out / "logs")
-            for s in plan(repo, out, arch, phases, steps=steps, seq_len=seq_len, batch=batch, tokenizer=tokenizer,
+            for s in plan(out, arch, phases, steps=steps, seq_len=seq_len, batch=batch, tokenizer=tokenizer,
                           rows=rows)]
     summary = {"arch": arch, "devices": devices, "steps": steps, "seq_len": seq_len, "global_batch": batch,
                "tokenizer": tokenizer, "total_wall_s": time.perf_counter() - tic,

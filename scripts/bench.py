@@ -21,19 +21,17 @@ matmul in XLA and in torch.  Steps, timing and the peak probe are btx_jax/train/
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from btx_jax.config import MLP_TARGETS  # noqa: E402
-from btx_jax.counting import lora_flops_per_token  # noqa: E402
-from btx_jax.train import throughput  # noqa: E402
+from btx_jax.cli import ArgumentParser
+from btx_jax.config import MLP_TARGETS
+from btx_jax.counting import lora_flops_per_token
+from btx_jax.train import throughput
 
 
 # ---------------------------------------------------------------- PyTorch side
@@ -170,7 +168,7 @@ def data_pipeline_throughput(args, step_tokens_per_s: float) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="bench", help="configs/common.py ARCHS name")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
@@ -199,7 +197,7 @@ def run(args) -> int:
     import jax
     import torch
     torch.set_num_threads(args.threads)
-    from configs.common import ARCHS, base_config
+    from btx_jax.configs.common import ARCHS, base_config
     arch = dict(ARCHS[args.arch])
 
     ta = torch.randn(2048, 2048)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -24,7 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from btx_jax.cli import ArgumentParser
+
 
 GIB = 1 << 30
 
@@ -104,7 +104,7 @@ def run_child(args, corpus: Path, cache: Path, num_proc: int, workers: int, batc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="200", help="corpus sizes in MB, comma-separated")
     parser.add_argument("--procs", default="1,2", help="preparation processes compared on the first size")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/btx_bench_data"))

@@ -8,14 +8,13 @@ Requests are the real ones of the bundled 3-shot JCommonsenseQA task (5 per docu
 the model's length), built by the harness itself. Each setting runs once to compile, then is timed."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from btx_jax.cli import ArgumentParser
+
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,7 +47,7 @@ def bench_arch(name: str, reqs, args) -> dict:
     from btx_jax.harness import BtxLM
     from btx_jax.model import init_params
     from btx_jax.pretrained import Pretrained
-    from configs.common import ARCHS
+    from btx_jax.configs.common import ARCHS
 
     config = LlamaConfig(**ARCHS[name])
     pre = Pretrained(config, init_params(config, jax.random.PRNGKey(0)))
@@ -74,7 +73,7 @@ def bench_arch(name: str, reqs, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench_eval.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="bench_eval.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="tiny,bench", help="configs/common.py ARCHS names, comma-separated")
     p.add_argument("--docs", type=int, default=20, help="JCommonsenseQA documents (5 requests each)")
     p.add_argument("--num-fewshot", type=int, default=None, help="override the task's 3 shots (0: short requests)")

@@ -27,6 +27,8 @@ SIZES = {"68M": (512, 1408, 8, 8), "271M": (1024, 2816, 16, 16)}
 
 CHILD = """
 import resource, sys, runpy
+
+from btx_jax.cli import ArgumentParser
 sys.argv = {argv!r}
 try:       # host peak up to the first step (compile, loading, state init), before that step runs
     from btx_jax.train import trainer
@@ -89,7 +91,7 @@ def run_expert(repo: Path, model: Path, workdir: Path, remat: str | None = None)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="68M,271M", help=f"comma-separated, from {', '.join(SIZES)}")
     p.add_argument("--repo", action="append", default=None,
                    help="checkout whose scripts/train.py runs (repeat to compare; default: this one)")

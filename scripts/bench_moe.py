@@ -15,7 +15,6 @@ work; the padding of the segment tiles (at most E x tile rows) is overhead, not 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -23,10 +22,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from btx_jax.counting import ffn_moe_flops_per_token  # noqa: E402
-from btx_jax.train import throughput  # noqa: E402
+from btx_jax.cli import ArgumentParser
+from btx_jax.counting import ffn_moe_flops_per_token
+from btx_jax.train import throughput
 
 
 def jax_step(arch: dict, impl: str, args) -> dict:
@@ -35,7 +34,7 @@ def jax_step(arch: dict, impl: str, args) -> dict:
 
     from btx_jax.config import LlamaConfig, MoESpec
     from btx_jax.model import init_params
-    from configs.common import base_config
+    from btx_jax.configs.common import base_config
 
     config = LlamaConfig(**arch, moe=MoESpec(args.experts, args.top_k))
     params = init_params(config, jax.random.PRNGKey(0))
@@ -45,7 +44,7 @@ def jax_step(arch: dict, impl: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench_moe.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="bench_moe.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="bench", help="configs/common.py ARCHS name")
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=2)
@@ -65,7 +64,7 @@ def run(args) -> int:
     import jax
 
     from btx_jax.model.moe_ffn import resolve_impl
-    from configs.common import ARCHS
+    from btx_jax.configs.common import ARCHS
     arch = dict(ARCHS[args.arch])
     tokens = args.batch * args.seq
     sparse = resolve_impl("auto")

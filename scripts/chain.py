@@ -1,15 +1,7 @@
-"""List a lean checkpoint's chain with each link's status (see btx_jax/chain.py, docs/finals.md).
-
-    python scripts/chain.py runs/btx/sft/final
-"""
-from __future__ import annotations
-
-import os
+"""`btx chain` from a checkout: `python scripts/chain.py ARGS` is `btx chain ARGS` (`btx chain --help`)."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from btx_jax.chain import main  # noqa: E402
+from btx_jax.cli.main import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["chain", *sys.argv[1:]]))

@@ -1,18 +1,7 @@
-"""Evaluate checkpoints per domain and write a markdown report with tables and plots (see btx_jax/evaluate.py).
-
-    python scripts/evaluate.py --model seed=runs/demo/seed/final --model moe=runs/demo/router/final \
-        --workdir seed=runs/demo/seed --out runs/demo/eval
-    python scripts/evaluate.py --help
-
-Bad input (a --seq-len beyond a model's max_position_embeddings included) prints one line and exits 2."""
-from __future__ import annotations
-
-import os
+"""`btx evaluate` from a checkout: `python scripts/evaluate.py ARGS` is `btx evaluate ARGS` (`btx evaluate --help`)."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from btx_jax.evaluate import main  # noqa: E402
+from btx_jax.cli.main import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -15,19 +15,18 @@ table; --out writes JSON.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from btx_jax.config import MLP_TARGETS  # noqa: E402
-from btx_jax.counting import lora_flops_per_token  # noqa: E402
-from btx_jax.model.attention import IMPLS, causal_attention, resolve  # noqa: E402
-from btx_jax.train import throughput  # noqa: E402
+from btx_jax.cli import ArgumentParser
+from btx_jax.config import MLP_TARGETS
+from btx_jax.counting import lora_flops_per_token
+from btx_jax.model.attention import IMPLS, causal_attention, resolve
+from btx_jax.train import throughput
 
 
 def check_attention(impl: str, B: int, T: int, N: int, K: int, H: int, dtype: str) -> dict:
@@ -59,7 +58,7 @@ def check_attention(impl: str, B: int, T: int, N: int, K: int, H: int, dtype: st
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU smoke run (tiny arch, fp32)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import jax
-    from configs.common import ARCHS, base_config
+    from btx_jax.configs.common import ARCHS, base_config
     if args.tiny:
         arch, dtype, n_peak = dict(ARCHS["tiny"]), "float32", 1024
         batch, seq, steps = args.batch or 2, args.seq or 64, 2

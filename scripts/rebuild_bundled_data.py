@@ -10,10 +10,11 @@ train and a held-out valid split; SOURCE.md per folder says where every file cam
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
+
+from btx_jax.cli import ArgumentParser
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -107,7 +108,7 @@ def prepare_sft(shared: Path, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=Path("/work/shared/data"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "btx_jax/data/corpora")
     args = parser.parse_args()

@@ -1,11 +1,78 @@
-"""btx_jax/cli.py: byte sizes of size flags (decimal and binary units, the forms scripts/plan.py and
-scripts/convert.py accept) and their one-line refusals; bad flag values as one stderr line and exit 2."""
+"""btx_jax/cli/: the `btx` dispatcher (its command list, unknown commands), configs by name or path, flag typos
+and bad values as one stderr line and exit 2, byte sizes of size flags (decimal and binary units, the forms
+`btx plan` and `btx convert` accept) and their one-line refusals."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from btx_jax.cli import ArgumentParser, parse_bytes, size_flag
+from btx_jax.cli.main import COMMANDS, main
 from btx_jax.config import ConfigError
+from btx_jax.configs import DIR, resolve
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"]])
+def test_btx_alone_lists_every_command_with_one_line(argv, capsys):
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for name, (_, line) in COMMANDS.items():
+        assert f"  {name} " in out and line in out
+    assert {"train", "prepare-data", "plan", "compose", "convert", "evaluate", "generate", "demo", "lm-eval",
+            "chain", "rehearse"} <= set(COMMANDS)
+
+
+def test_an_unknown_command_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["trian", "--config=expert:synthetic"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: btx: unknown command 'trian' (did you mean train?); the commands: {', '.join(COMMANDS)}"]
+
+
+@pytest.mark.parametrize("command", ["train", "prepare-data", "generate", "demo", "rehearse", "train-tokenizer"])
+def test_help_shows_the_flags_and_an_example(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert f"btx {command} --" in out and "--" in out.split(f"btx {command} --", 1)[1]
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("expert:wiki,tiny", f"{DIR / 'expert.py'}:wiki,tiny"), ("expert.py:wiki", f"{DIR / 'expert.py'}:wiki"),
+    ("configs/expert.py:wiki", f"{DIR / 'expert.py'}:wiki"),       # the docs' form from before configs/ moved
+    ("router:", f"{DIR / 'router.py'}:"), ("sft", f"{DIR / 'sft.py'}"),
+    ("my/own.py:x", "my/own.py:x"), ("common:x", "common:x"),
+])
+def test_configs_resolve_by_name_or_stay_a_path(spec, want):
+    assert resolve(spec) == want
+
+
+def test_a_config_file_of_that_name_here_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("expert.py").write_text("def get_config(p=''):\n    return None\n")
+    assert resolve("expert.py:wiki") == "expert.py:wiki"
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["train", "--config=expert:synthetic", "--wrkdir=/tmp/x"], "error: Unknown command line flag 'wrkdir'"),
+    (["train", "--config=expert:synthetic", "--workdir=/tmp/x", "--config.train.stepz=2"],
+     "error: --config.train.stepz: unknown config key 'train.stepz' (did you mean train.steps?)"),
+    (["train", "--config=expert:wikki", "--workdir=/tmp/x"], "preset 'wikki'"),
+    (["train", "--config=nope/missing.py", "--workdir=/tmp/x"], "error: --config: cannot load the config file"),
+    (["prepare-data", "--config=expert:synthetic", "--num_proc=2"], "error: Unknown command line flag 'num_proc'"),
+    (["prepare-data", "--config=expert:synthetic", "--num-proc=0"], "error: flag --num-proc=0"),
+    (["train", "--config=expert:synthetic", "--workdir=/tmp/x", "stray"], "error: btx train: unexpected argument"),
+    (["generate", "--model=x", "--prompt=a", "--max-new-tokens=0"], "btx generate: error: argument --max-new"),
+])
+def test_flag_typos_and_bad_values_are_one_line_and_exit_2(argv, line, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.startswith(line) or (line in err and err.startswith("error: ")), err
 
 
 @pytest.mark.parametrize("text,size", [

@@ -11,7 +11,7 @@ from btx_jax import count_params, param_paths
 from btx_jax.config import MLP_TARGETS, AdapterSpec, ExpertSpec, LlamaConfig, MoESpec
 from btx_jax.counting import ffn_moe_flops_per_token, leaf_counts, lora_flops_per_token
 from btx_jax.model import init_params
-from configs.common import ARCHS
+from btx_jax.configs.common import ARCHS
 
 LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                         num_kv_heads=32, head_dim=128)

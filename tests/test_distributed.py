@@ -19,7 +19,7 @@ import numpy as np
 import jax
 from jax.experimental import multihost_utils
 from btx_jax.train.trainer import maybe_initialize_distributed
-from configs import expert
+from btx_jax.configs import expert
 distributed = expert.get_config("synthetic").distributed   # the shipped defaults: nothing set but these
 distributed.update(enabled=True, cpu_collectives="gloo", initialization_timeout=60)
 maybe_initialize_distributed({"distributed": distributed.to_dict()})

@@ -15,7 +15,7 @@ from btx_jax import chain, convert
 from btx_jax.checkpoint import btx
 from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.train.trainer import train
-from configs import router, sft
+from btx_jax.configs import router, sft
 from conftest import build_hf_llama, random_ids
 from test_lean_checkpoints import ARCH, expert_run
 
@@ -103,7 +103,7 @@ def test_missing_link_names_the_chain_and_the_listing_command(btx_chain, tmp_pat
         assert rc == 2 and not (tmp_path / "out").exists()
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert f"{btx.resolve(sft_final)} -> {router_version} -> {root / 'base'} -> {first}" in err
-        assert f"python scripts/chain.py {btx.resolve(sft_final)}" in err and "not found" in err, err
+        assert f"btx chain {btx.resolve(sft_final)}" in err and "not found" in err, err
         assert chain.main([str(sft_final)]) == 1
         out = capsys.readouterr().out
         assert f"{first}: MISSING" in out and "digest not checked (a link is missing)" in out

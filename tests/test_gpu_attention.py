@@ -83,7 +83,7 @@ def compiled_gpu_step(attention: str, B: int, seq: int, arch: dict):
     from btx_jax.pretrained import random_source
     from btx_jax.train.model_init import lora_spec
     from btx_jax.train.trainer import resolved, wire
-    from configs import expert
+    from btx_jax.configs import expert
 
     c = expert.get_config("synthetic")
     c.model.arch.update(arch)

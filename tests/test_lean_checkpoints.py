@@ -14,7 +14,7 @@ from btx_jax.checkpoint import btx
 from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.config import ConfigError
 from btx_jax.train.trainer import train
-from configs import expert, router
+from btx_jax.configs import expert, router
 from conftest import build_hf_llama, random_ids
 
 ARCH = dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

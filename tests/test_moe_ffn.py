@@ -91,7 +91,7 @@ def test_expert_axis_shards_experts_and_fsdp_still_shards_the_rest():
 
 
 def _config(init, phase, steps=4, **mesh):
-    from configs import expert
+    from btx_jax.configs import expert
     c = expert.get_config("synthetic")
     c.phase = phase
     c.model.init = str(init)

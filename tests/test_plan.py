@@ -22,7 +22,7 @@ needs_cuda = pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is
 
 def small_cfg():
     from btx_jax.train.trainer import resolved
-    from configs import expert
+    from btx_jax.configs import expert
     c = expert.get_config("synthetic")
     c.model.arch = ARCH
     c.train.update(global_batch_size=8, seq_len=32)

@@ -27,7 +27,7 @@ from btx_jax.generate import InputError
 from btx_jax.train import trainer
 from btx_jax.train.health import TrainingHealth
 from conftest import REPO_ROOT, needs_mount, random_ids, small_tmpfs
-from configs import expert
+from btx_jax.configs import expert
 
 ARCH = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
             head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=64)

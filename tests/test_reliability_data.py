@@ -112,7 +112,7 @@ def test_killed_builds_leave_no_workers_and_the_rerun_finishes_identical(tmp_pat
     corpus, cache = big_corpus(tmp_path), tmp_path / "cache"
     config = data_config(tmp_path, {"sources": [{"path": str(corpus)}], "cache_dir": str(cache), "shard_mb": 0.5})
 
-    stopped = run_prepare(config, "--num_proc=2")
+    stopped = run_prepare(config, "--num-proc=2")
     err = interrupt(stopped, cache, signal.SIGTERM, 1)
     assert stopped.returncode == 143 and "Traceback" not in err
     (store,) = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith("corpus-")]
@@ -123,7 +123,7 @@ def test_killed_builds_leave_no_workers_and_the_rerun_finishes_identical(tmp_pat
     wait_for(lambda: not session_processes(stopped.pid), 10, "the tokenising processes to end")
     assert not Path(f"{store}.lock").exists()  # released
 
-    killed = run_prepare(config, "--num_proc=2")  # resumes, then SIGKILL (as the out-of-memory killer sends)
+    killed = run_prepare(config, "--num-proc=2")  # resumes, then SIGKILL (as the out-of-memory killer sends)
     wait_for(lambda: finished_shards(cache) > kept or killed.poll() is not None, 120, "another finished shard")
     assert len(session_processes(killed.pid)) >= 3  # the script and its two tokenising processes
     os.kill(killed.pid, signal.SIGKILL)
@@ -133,7 +133,7 @@ def test_killed_builds_leave_no_workers_and_the_rerun_finishes_identical(tmp_pat
     assert not (store / "meta.json").exists() and Path(f"{store}.lock").read_text().startswith(f"PID {killed.pid} ")
 
     start = time.monotonic()
-    rerun = run_prepare(config, "--num_proc=2")
+    rerun = run_prepare(config, "--num-proc=2")
     out, err = rerun.communicate(timeout=60)
     assert rerun.returncode == 0, err
     assert time.monotonic() - start < 60
@@ -157,7 +157,7 @@ def test_ctrl_c_during_a_build_is_one_line_and_130(capsys):
 def test_sigterm_while_the_trainer_builds_its_store(tmp_path):
     corpus, cache = big_corpus(tmp_path), tmp_path / "cache"
     config = tmp_path / "train_config.py"
-    config.write_text("from configs import pretrain\n\ndef get_config():\n    c = pretrain.get_config('tiny')\n"
+    config.write_text("from btx_jax.configs import pretrain\n\ndef get_config():\n    c = pretrain.get_config('tiny')\n"
                       f"    c.data.sources = [dict(path={str(corpus)!r})]\n"
                       f"    c.data.update(cache_dir={str(cache)!r}, shard_mb=0.5, num_proc=1)\n"
                       "    c.train.update(steps=2, seq_len=32, global_batch_size=8)\n"

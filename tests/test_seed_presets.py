@@ -11,7 +11,7 @@ import pytest
 from btx_jax.data import BUNDLED_TOKENIZER, DataError, load_tokenizer, prepare
 from btx_jax.data.sources import Source, load_records
 from btx_jax.seed_corpora import FIXTURES, write_jsonl
-from configs import expert, router, sft
+from btx_jax.configs import expert, router, sft
 
 TOK = load_tokenizer(BUNDLED_TOKENIZER)
 

@@ -76,7 +76,7 @@ def test_splash_compiles_inside_the_train_step_for_a_tpu_topology():
     from btx_jax.train.trainer import resolved, wire
     from btx_jax.train.model_init import lora_spec
     from btx_jax.config import LlamaConfig
-    from configs import expert
+    from btx_jax.configs import expert
 
     target = aot.parse_target("tpu:v5e-4")
     with aot.compile_only(target):

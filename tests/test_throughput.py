@@ -10,7 +10,7 @@ import numpy as np
 
 from btx_jax import param_paths
 from btx_jax.train import throughput
-from configs.common import base_config
+from btx_jax.configs.common import base_config
 
 ARCH = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
             head_dim=8, rms_norm_eps=1e-5, max_position_embeddings=64)

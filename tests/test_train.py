@@ -18,7 +18,7 @@ from btx_jax.pretrained import load_pretrained
 from btx_jax import mesh as mesh_lib
 from btx_jax.train.model_init import initial_source
 from btx_jax.train.trainer import train
-from configs import expert
+from btx_jax.configs import expert
 from conftest import build_hf_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,7 +293,7 @@ def test_streaming_source_resumes_in_the_trainer(tmp_path):
     """A run over a streaming source mixed with a stored one, stopped after 3 steps and resumed to 6 (its data
     state in the orbax checkpoint), gives the losses of a straight 6-step run."""
     from btx_jax.data import bundled_source
-    from configs import pretrain
+    from btx_jax.configs import pretrain
 
     def config(steps):
         c = pretrain.get_config("tiny")

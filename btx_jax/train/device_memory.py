@@ -62,4 +62,4 @@ def fit_knobs(t: dict) -> str:
     """What to change in train config `t` for a step that does not fit, with the values now set."""
     return (f"lower train.global_batch_size={t['global_batch_size']} or train.seq_len={t['seq_len']}, raise "
             f"train.microbatches={t['microbatches']}, or set train.remat='full' (now {t['remat']!r}); nothing was "
-            "written (scripts/plan.py shows the memory of other settings without running them)")
+            "written (`btx plan` shows the memory of other settings without running them)")

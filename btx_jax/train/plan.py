@@ -1,12 +1,12 @@
 """Memory and scale plan: AOT-compile the real train step on abstract inputs and report, per device,
 parameter / optimizer / gradient / temporary bytes, FLOPs per step, and the largest global batch that fits.
 
-    python scripts/plan.py --config configs/expert.py:wiki --devices 8 --phase expert,router,sft \
+    btx plan --config expert:wiki --devices 8 --phase expert,router,sft \
         --experts 3 --top-k 2 --batch 32 --device-memory 80GB --search
 
-    python scripts/plan.py --config configs/sft.py:wiki --phase sft --target tpu:v5e-16 --search
+    btx plan --config sft:wiki --phase sft --target tpu:v5e-16 --search
 
-    python scripts/plan.py --config configs/expert.py:wiki --phase expert,router,sft --target gpu:h100-8 \
+    btx plan --config expert:wiki --phase expert,router,sft --target gpu:h100-8 \
         --batch 128 --search
 
 `--target` picks the compiler: `cpu:N` (N virtual CPU devices, the default with --devices), a TPU slice
@@ -32,7 +32,7 @@ config (targets, rank, alpha) repeated --experts times with a top-k router on ev
 
 From Python (JAX already started: the mesh's devices are the ones there are):
 
-    cfg = resolved(load_config("configs/expert.py:synthetic"))
+    cfg = resolved(load_config("expert:synthetic"))
     row = plan(cfg, phase="expert", batch=8)                    # bytes per device, FLOPs, compile time
     best, runs = max_batch(cfg, 80 * 10**9, phase="expert", experts=3, top_k=2)
     print(table([row], 80 * 10**9))
@@ -41,6 +41,7 @@ The CLI is scripts/plan.py (it calls `main`).
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import re
@@ -55,6 +56,7 @@ import numpy as np
 
 from btx_jax import mesh as mesh_lib, param_paths
 from btx_jax.cli import ArgumentParser, run_cli, size_flag
+from btx_jax.configs import resolve
 from btx_jax.config import AdapterSpec, ConfigError, LlamaConfig
 from btx_jax.counting import model_flops_per_token
 from btx_jax.model.llama import REMAT_POLICIES, DecoderLayer
@@ -68,8 +70,9 @@ from btx_jax.train.trainer import abstract_batch, resolved, wire
 
 
 def load_config(spec: str):
-    """`path/to/config.py[:preset]` -> ml_collections ConfigDict (the module's get_config(preset))."""
-    path, _, preset = spec.partition(":")
+    """`NAME[:preset]` or `path/to/config.py[:preset]` -> ml_collections ConfigDict (the module's
+    get_config(preset); btx_jax/configs resolves a packaged config's name)."""
+    path, _, preset = resolve(spec).partition(":")
     module_spec = importlib.util.spec_from_file_location(f"btx_plan_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -267,8 +270,11 @@ def table(rows: list[dict], memory: int | None) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="plan.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/expert.py:wiki", help="config file[:preset]")
+    p = ArgumentParser(prog="btx plan", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example:\n  btx plan --config=expert:wiki --devices=8 --phase=expert,router,sft "
+                              "--search")
+    p.add_argument("--config", default="expert:wiki", help="config NAME[:PRESET] or FILE.py[:PRESET]")
     p.add_argument("--phase", default=None, help="comma-separated phases (default: the config's)")
     p.add_argument("--devices", type=int, default=8, help="virtual CPU devices to compile for (= --target cpu:N)")
     p.add_argument("--target", default=None, help="cpu:N | tpu:v5p-8 | tpu:v5e-16 | tpu:v4-8 | tpu:v6e-8 | "
@@ -364,7 +370,7 @@ def run(args, target: aot.Target) -> int:
 
 
 def main(argv=None) -> int:
-    """scripts/plan.py: exit 0, or 2 with one line on stderr for bad input."""
+    """`btx plan`: exit 0, or 2 with one line on stderr for bad input."""
     args = build_parser().parse_args(argv)
     return run_cli(lambda: _compile_only_run(args))
 

@@ -1,21 +1,21 @@
 """Phase 1: one LoRA domain expert on the seed model; only LoRA A/B train.
 
-Presets (`--config=configs/expert.py:DOMAIN[,tiny]`), DOMAIN in wiki | math | novel:
+Presets (`--config=expert:DOMAIN[,tiny]`), DOMAIN in wiki | math | novel:
   DOMAIN        the seed recipe: Llama-2-7B, LoRA r=640 alpha=32 dropout 0.1 on gate/up/down_proj, the seed's
-                data mixture for the domain (configs/common.py SEED_SOURCES: hub datasets read through their own
+                data mixture for the domain (common.py SEED_SOURCES: hub datasets read through their own
                 columns; news_ja / novels_ja are placeholders for your jsonl copies) and token budget (wiki 5B,
                 math 1.6B, novel 9B tokens: train.steps = tokens // (global_batch_size * seq_len), recomputed
                 when either changes); tokenise ahead with
-                `python scripts/prepare_data.py --config=configs/expert.py:DOMAIN`
-  DOMAIN,tiny   the CPU demo: the tiny seed from configs/pretrain.py, the bundled domain corpus
+                `btx prepare-data --config=expert:DOMAIN`
+  DOMAIN,tiny   the CPU demo: the tiny seed from pretrain.py, the bundled domain corpus
   DOMAIN,tiny,ffn   a full-FFN expert instead (phase `ffn`: the MLP kernels train, no LoRA) for the paper's BTX
   synthetic     engine tests: a random tiny model, LoRA r=8, random tokens
 """
-from configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, SEED_LORA, base_config, bundled, parse_preset,
+from btx_jax.configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, SEED_LORA, base_config, bundled, parse_preset,
                             seed_scale, seed_sources, tiny_scale, token_budget)
 
 DOMAINS = ("wiki", "math", "novel")
-# The seed's expert mixtures: {source (configs/common.py SEED_SOURCES): share of tokens}, and token budgets.
+# The seed's expert mixtures: {source (common.py SEED_SOURCES): share of tokens}, and token budgets.
 SEED_MIXTURES = {
     "wiki": {"wikipedia_ja": 0.36, "wikipedia_en": 0.20, "news_ja": 0.43},
     "math": {"atlas_math_sets": 0.43, "open_math_instruct": 0.37, "basic_math": 0.17, "gsm8k": 0.01},

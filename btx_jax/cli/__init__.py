@@ -1,7 +1,10 @@
-"""Command-line error handling shared by scripts/: library errors become one stderr line and exit code 2.
+"""The `btx` command line (btx_jax/cli/main.py dispatches to the commands) and its one error path: library
+errors, usage errors and flag typos become one stderr line and exit code 2.
 
     run_cli(fn)                      user errors (bad config, checkpoint, data, disk faults) -> `error: ...`, 2
-    app.run(main, flags_parser=parse_flags)   absl flags: typos and bad values -> one line, 2
+    ArgumentParser(prog="btx generate")       argparse: usage errors -> `btx generate: error: ...`, 2
+    parse_flags(argv, flag_values, doc)       absl / ml_collections flags (--config=expert:wiki, --config.a.b=1):
+                                              --help -> doc + the flags, 0; typos and bad values -> one line, 2
     p.add_argument("--device-memory", type=size_flag)     # '80GB', '141GiB' -> bytes; bad sizes -> one line, 2
     with stopping_cleanly(dst):      # SIGTERM / SIGINT: `finally` blocks run (temporaries removed), one line, 143 / 130
 """
@@ -127,17 +130,39 @@ def _flag_error(e: Exception, argv: list[str]) -> str:
     return " ".join(lines)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl `flags_parser` for app.run: parse flags (config files and overrides included); any error is one
-    line on stderr and exit 2."""
+def resolve_config_flag(argv: list[str]) -> list[str]:
+    """argv with each `--config` value (`--config=X`, `--config X`) resolved by btx_jax.configs.resolve: a
+    packaged config by name (`expert:wiki`, `configs/expert.py:wiki`) becomes its file's path."""
+    from btx_jax.configs import resolve
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            out[i] = "--config=" + resolve(a[len("--config="):])
+        elif a == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve(out[i + 1])
+    return out
+
+
+def parse_flags(argv: list[str], flag_values=None, doc: str = "") -> list[str]:
+    """Parse absl flags (`argv[0]` the program; config files by name or path and overrides included) into
+    `flag_values` (absl's global FLAGS by default): `-h` / `--help` prints `doc` and the flags, exit 0; any error
+    is one line on stderr and exit 2.  Returns the arguments left over (argv[0] first)."""
     from absl import flags
+    fv = flags.FLAGS if flag_values is None else flag_values
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        flag_help = fv.get_help(include_special_flags=False)
+        print(f"usage: {argv[0]} [--flag=value ...]\n\n{doc.strip()}\n\nflags:\n{flag_help}")
+        raise SystemExit(0)
+    argv = resolve_config_flag(argv)
     try:
-        rest = flags.FLAGS(argv)
-        for value in flags.FLAGS.flag_values_dict().values():
+        rest = fv(argv)
+        for value in fv.flag_values_dict().values():
             hasattr(value, "to_dict")        # a config flag whose file failed to load raises here, not above
-        return rest
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         fail(_flag_error(e, argv))
+    if len(rest) > 1:
+        fail(f"{argv[0]}: unexpected argument {rest[1]!r} (flags are --name=value)")
+    return rest
 
 
 def parse_bytes(text: str) -> int:

@@ -1,10 +1,10 @@
 """Phase 3: supervised fine-tuning of the router-trained LoRA-MoE on Japanese instruction data, experts
 frozen (trainable: embeddings, attention, norms, routers, lm_head), loss on the response tokens only.
 
-Presets: `` (seed scale: the seed's SFT sets, configs/common.py SEED_SOURCES, 1B tokens: train.steps = tokens //
+Presets: `` (seed scale: the seed's SFT sets, common.py SEED_SOURCES, 1B tokens: train.steps = tokens //
 (global_batch_size * seq_len), recomputed when either changes) | `tiny` (the CPU demo: bundled JCommonsenseQA +
 JSQuAD instructions)."""
-from configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, base_config, bundled, parse_preset, seed_scale,
+from btx_jax.configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, base_config, bundled, parse_preset, seed_scale,
                             seed_sources, tiny_scale, token_budget)
 
 # The seed's SFT sets. Its shares are not known: each set's share is its number of rows (millions, as the hub's

@@ -1,6 +1,7 @@
 """Train the bundled sentencepiece tokenizer on the bundled train splits.
 
-    python scripts/train_tokenizer.py            # writes btx_jax/data/corpora/tokenizer/tokenizer.model
+    btx train-tokenizer                              # writes btx_jax/data/corpora/tokenizer/tokenizer.model
+    btx train-tokenizer --vocab-size=8000 --out=/tmp/tok.model
 
 BPE, byte fallback (no <unk> on unseen characters), identity normalisation and kept whitespace so
 that decode(encode(text)) == text, digits split one per piece (for math).
@@ -14,10 +15,11 @@ import argparse
 import io
 import json
 from pathlib import Path
+from typing import Sequence
 
-import sentencepiece as spm
+from btx_jax.cli import ArgumentParser, positive_int, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
 
 
 def train_texts(data_dir: Path) -> list[str]:
@@ -36,15 +38,21 @@ def train_texts(data_dir: Path) -> list[str]:
     return texts
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO / "btx_jax/data/corpora")
-    parser.add_argument("--out", type=Path, default=REPO / "btx_jax/data/corpora/tokenizer/tokenizer.model")
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
-    parser.add_argument("--character_coverage", type=float, default=0.9995)
-    args = parser.parse_args()
+def main(argv: Sequence[str]) -> int:
+    parser = ArgumentParser(prog="btx train-tokenizer", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=CORPORA, help="the bundled corpora directory")
+    parser.add_argument("--out", type=Path, default=CORPORA / "tokenizer" / "tokenizer.model")
+    parser.add_argument("--vocab-size", type=positive_int, default=4096)
+    parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    parser.add_argument("--character-coverage", type=float, default=0.9995)
+    args = parser.parse_args(argv)
+    run_cli(lambda: train(args))
+    return 0
 
+
+def train(args: argparse.Namespace) -> None:
+    import sentencepiece as spm
     texts = train_texts(args.data)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -70,7 +78,3 @@ def main() -> None:
     args.out.write_bytes(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     print(f"{args.out}: {sp.get_piece_size()} pieces from {len(texts):,d} texts, {len(model.getvalue()):,d} bytes")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """Phase 0 (demo only): pretrain a small seed model from scratch on the mixed bundled corpus.
 
 Presets: `tiny` (default; the seed of the CPU demo).  At 7B scale the seed is Llama-2-7B itself."""
-from configs.common import BUNDLED_TOKENIZER, base_config, bundled, parse_preset, tiny_scale
+from btx_jax.configs.common import BUNDLED_TOKENIZER, base_config, bundled, parse_preset, tiny_scale
 
 
 def get_config(preset: str = "tiny"):

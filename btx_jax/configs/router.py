@@ -2,12 +2,12 @@
 always on) and train only the routers and lm_head on the mixed corpus.
 
 Presets: `` (seed scale, expert dirs under runs/btx/: the seed's router data, mC4 ja, Wikipedia ja, Aozora Bunko
-and OpenMathInstruct (configs/common.py SEED_SOURCES), 1B tokens: train.steps = tokens // (global_batch_size *
+and OpenMathInstruct (common.py SEED_SOURCES), 1B tokens: train.steps = tokens // (global_batch_size *
 seq_len), recomputed when either changes) | `tiny` (the CPU demo, runs/demo/) | `tiny,ffn` (the paper's BTX: the
 demo's full-FFN experts mixed into an FFN-MoE, top-2 of 3, routers + lm_head train)."""
-from configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, base_config, bundled, parse_preset, seed_scale,
+from btx_jax.configs.common import (BUNDLED_TOKENIZER, DEMO_DIR, base_config, bundled, parse_preset, seed_scale,
                             seed_sources, tiny_scale, token_budget)
-from configs.expert import DOMAINS
+from btx_jax.configs.expert import DOMAINS
 
 # The seed's router data. Its shares are not known: equal shares of tokens, one per source.
 SEED_ROUTER_MIXTURE = {"mc4_ja": 0.25, "wikipedia_ja": 0.25, "aozora_bunko": 0.25, "open_math_instruct": 0.25}

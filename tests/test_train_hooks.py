@@ -76,7 +76,8 @@ def test_eval_every_without_held_out_data_is_one_line(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text\n" * 10)
     c = config(eval_every=5).to_dict()
-    c["data"] = {"kind": "pretrain", "sources": [{"path": str(corpus)}], "tokenizer": "bundled:tokenizer/tokenizer.model"}
+    c["data"] = {"kind": "pretrain", "sources": [{"path": str(corpus)}],
+                 "tokenizer": "bundled:tokenizer/tokenizer.model"}
     with pytest.raises(ConfigError) as e:
         trainer.train(c, tmp_path / "w")
     assert str(e.value) == ("train.eval_every=5: no held-out data (set data.sources[i].eval_path to held-out files of "
@@ -117,3 +118,28 @@ def test_stop_signals_are_opt_in():
             assert stop.signum == signal.SIGTERM             # recorded, not raised
         os.kill(os.getpid(), signal.SIGTERM)                 # outside the deferral: raised
     assert e.value.code == 143 and signal.getsignal(signal.SIGINT) is before
+
+
+def test_eval_per_domain_of_a_mixture(tmp_path):
+    """Two bundled domains (their eval_path files): eval/loss/<name> of each, and eval/loss the token-weighted
+    mean; each equals btx_jax/evaluate.py's loss of the final weights on the domain's held-out batches."""
+    from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
+    from configs import pretrain
+    c = pretrain.get_config("tiny")
+    c.data.sources = [dict(bundled="wiki", ratio=0.5), dict(bundled="math", ratio=0.5)]
+    c.data.cache_dir = str(tmp_path / "cache")
+    c.model.arch.num_layers = 1
+    c.mesh.update(dict(fsdp=1, num_devices=1))
+    c.train.update(steps=2, ckpt_every=2, log_every=1, seq_len=32, global_batch_size=4, eval_every=2, eval_batches=2)
+    trainer.train(c, tmp_path / "run")
+    (r,) = [r for r in rows(tmp_path / "run") if "eval/loss" in r]
+    assert r["step"] == 2 and set(r) == {"step", "eval/loss", "eval/loss/wiki", "eval/loss/math"}
+    final, tok = load_pretrained(tmp_path / "run" / "final"), load_tokenizer(BUNDLED_TOKENIZER)
+    got = {d: evaluate.evaluate_domain(final, eval_batches(bundled_source(d), tok, 32, 4, 2,
+                                                           cache_dir=tmp_path / "cache")) for d in ("wiki", "math")}
+    for d in ("wiki", "math"):
+        np.testing.assert_allclose(r[f"eval/loss/{d}"], got[d]["loss"], rtol=1e-5)
+    overall = sum(g["loss"] * g["tokens"] for g in got.values()) / sum(g["tokens"] for g in got.values())
+    np.testing.assert_allclose(r["eval/loss"], overall, rtol=1e-5)
+    domains = [r["eval/loss/wiki"], r["eval/loss/math"]]
+    assert min(domains) < r["eval/loss"] < max(domains)

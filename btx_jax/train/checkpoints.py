@@ -45,8 +45,8 @@ HOST_BUDGET = 2 ** 28        # host bytes a save or restore holds in flight (a l
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
                      "train.remat", "train.attention", "train.attention_block",
-                     "train.loss_layout", "train.eval_every", "train.eval_batches", "mesh", "distributed", "export", "eval", "data.allow_changed_data",
-                     "data.verify")
+                     "train.loss_layout", "train.eval_every", "train.eval_batches", "mesh", "distributed", "export",
+                     "eval", "data.allow_changed_data", "data.verify")
 
 
 class Checkpointer:

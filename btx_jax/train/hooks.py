@@ -8,8 +8,9 @@
 The loop (btx_jax/train/trainer.py) dispatches step n + 1 before it fetches step n's metrics, so the host
 never waits for the device in a step; a hook that needs the current step's metrics now (a checkpoint, an
 evaluation) calls `loop.sync()`.  Each step, after dispatching it, the loop delivers the previous step's
-metrics to every hook's `on_metrics`, then calls every hook's `on_step(loop)`, in order; at the end (every step run, the last
-metrics delivered) `on_end(loop)`, and `close()` however the loop ended.  The built-in hooks, in this order:
+metrics to every hook's `on_metrics`, then calls every hook's `on_step(loop)`, in order; at the end (every
+step run, the last metrics delivered) `on_end(loop)`, and `close()` however the run ended (the caller's
+hooks; the built-in ones close their files and checkpoint manager).  The built-in hooks, in this order:
 TrainingHealth (train/health.py: stops on a non-finite loss, warns when training looks dead), MetricsLog
 (train/metrics_log.py: metrics.jsonl, TensorBoard, the progress bar), CheckpointHook (train/checkpoints.py)
 and, with train.eval_every, HeldOutEval (train/held_out.py); a user's hooks run after them.

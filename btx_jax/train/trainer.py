@@ -6,9 +6,10 @@ Running the same command again resumes from the latest checkpoint in `workdir/ch
 `btx_jax.cli.stopping_cleanly` (scripts/train.py), SIGTERM (preemption) or Ctrl-C saves a checkpoint after the
 step in flight and exits 143 / 130; a non-finite loss stops with a clear message and keeps the last good
 checkpoint (or is skipped with `train.skip_nonfinite`).  The loop's logging, health check, checkpoints and
-held-out evaluation (`train.eval_every`) are hooks (btx_jax/train/hooks.py); `hooks` adds the caller's.  The final parameters are written as a new
-version `workdir/finals/<step>-<digest>/` (a btx_jax checkpoint) and `workdir/final` is made to name it:
-`load_pretrained` and the next phase read `workdir/final`; earlier versions are kept (docs/finals.md).
+held-out evaluation (`train.eval_every`) are hooks (btx_jax/train/hooks.py); `hooks` adds the caller's.  The
+final parameters are written as a new version `workdir/finals/<step>-<digest>/` (a btx_jax checkpoint) and
+`workdir/final` is made to name it: `load_pretrained` and the next phase read `workdir/final`; earlier versions
+are kept (docs/finals.md).
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ def read_metrics(workdir: Path) -> list[dict]:
     rows = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        rows[r["step"]] = r              # a resumed run re-logs steps: the last record wins
+        # a step's train and eval rows (train.eval_every) merge; a resumed run re-logs steps: the last record wins
+        rows[r["step"]] = {**rows.get(r["step"], {}), **r}
     return [rows[s] for s in sorted(rows)]
 
 

@@ -22,6 +22,7 @@ import pytest
 
 import btx_jax
 from btx_jax import disk, evaluate, param_paths
+from btx_jax.cli import stopping_cleanly
 from btx_jax.config import ConfigError
 from btx_jax.generate import InputError
 from btx_jax.train import trainer
@@ -184,7 +185,7 @@ def test_sigint_saves_then_exits_130(tmp_path, monkeypatch, capsys):
         data.__class__ = Interrupting
         return data
     monkeypatch.setattr(trainer, "make_data", interrupting)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e, stopping_cleanly(tmp_path / "w"):     # what scripts/train.py opts in to
         trainer.train(config(steps=50, ckpt_every=100), tmp_path / "w")
     assert e.value.code == 130
     assert "SIGINT: checkpoint saved at step 3, exiting" in capsys.readouterr().out

@@ -7,6 +7,7 @@ errors, usage errors and flag typos become one stderr line and exit code 2.
                                               --help -> doc + the flags, 0; typos and bad values -> one line, 2
     p.add_argument("--device-memory", type=size_flag)     # '80GB', '141GiB' -> bytes; bad sizes -> one line, 2
     with stopping_cleanly(dst):      # SIGTERM / SIGINT: `finally` blocks run (temporaries removed), one line, 143 / 130
+    with deferred_stops() as stop:   # a loop inside it polls stop.signum instead (the trainer)
 """
 from __future__ import annotations
 
@@ -71,24 +72,61 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Stopped(BaseException):
-    """A stop signal raised where the main thread is, so that every `finally` on the way out runs."""
+    """A stop signal raised where the main thread is, so that every `finally` on the way out runs.  `kept`:
+    what interrupted store builds left finished (btx_jax/data/store.py adds to it); `reported`: the code that
+    stopped already said what it saved (the training loop), so nothing more is printed."""
 
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
+    def __init__(self, signum: int, reported: bool = False):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.kept, self.reported = signum, [], reported
+
+
+class StopRequest:
+    """A stop signal received inside `deferred_stops()`: `signum` (None until one arrives)."""
+    signum: int | None = None
+
+
+_DEFERRED: list[StopRequest] = []      # innermost last: the loops that poll for a stop instead of being raised in
 
 
 @contextlib.contextmanager
-def stopping_cleanly(dst) -> Iterator[None]:
-    """Within the block SIGTERM and SIGINT raise `Stopped` (a second signal acts as usual); it ends in one stderr
-    line saying that `dst` was not written and exit 128 + the signal (143, 130).  Writers clean up in `finally`
-    (btx_jax/checkpoint/tensor_files.py `atomic_directory` removes its temporary directory)."""
+def deferred_stops() -> Iterator[StopRequest]:
+    """Within the block a stop signal that `stopping_cleanly` catches is recorded in the yielded request
+    instead of raised: the code polls `request.signum` and stops at a safe point (the training loop: after the
+    step in flight, with a checkpoint), raising `Stopped(signum, reported=True)`.  Installs nothing: outside
+    `stopping_cleanly` the request never fills and signals act as usual."""
+    request = StopRequest()
+    _DEFERRED.append(request)
+    try:
+        yield request
+    finally:
+        _DEFERRED.remove(request)
+
+
+def build_line(e: Stopped) -> str:
+    """The line of a stop during data store builds: which shards were kept (a rerun resumes after them)."""
+    kept = f"kept {'; '.join(e.kept)}" if e.kept else "no store shard was finished"
+    return f"interrupted by {e} during the data store build: {kept}; rerun the same command to resume"
+
+
+@contextlib.contextmanager
+def stopping_cleanly(dst=None, line: Callable[[Stopped], str] | None = None) -> Iterator[None]:
+    """Opt-in, for entry points: within the block SIGTERM and SIGINT raise `Stopped` in the main thread (a
+    second signal acts as usual), or are recorded for a `deferred_stops()` block; it ends in one stderr line
+    and exit 128 + the signal (143, 130).  The line: `line(stopped)` when given; else the store build's
+    (`build_line`) when a build was interrupted, nothing when the code that stopped reported it, else that
+    `dst` was not written.  Writers clean up in `finally` (btx_jax/checkpoint/tensor_files.py
+    `atomic_directory` removes its temporary directory).  Only the main thread can set signal handlers:
+    elsewhere the block runs without them."""
     if threading.current_thread() is not threading.main_thread():     # signals reach the main thread only
         yield
         return
     previous = {}
 
     def stop(signum, frame):
+        if _DEFERRED:
+            _DEFERRED[-1].signum = _DEFERRED[-1].signum or signum
+            return
         for s, handler in previous.items():
             signal.signal(s, handler)
         raise Stopped(signum)
@@ -97,8 +135,10 @@ def stopping_cleanly(dst) -> Iterator[None]:
     try:
         yield
     except Stopped as e:
-        print(f"interrupted by {signal.Signals(e.signum).name}: {dst} was not written (no partial output is "
-              "left; earlier outputs are kept)", file=sys.stderr)
+        text = (line(e) if line is not None else build_line(e) if e.kept else None if e.reported else
+                f"interrupted by {e}: {dst} was not written (no partial output is left; earlier outputs are kept)")
+        if text:
+            print(text, file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
     finally:
         for s, handler in previous.items():

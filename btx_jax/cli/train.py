@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from btx_jax.cli import parse_flags, run_cli
+from btx_jax.cli import parse_flags, run_cli, stopping_cleanly
 
 
 def main(argv: Sequence[str]) -> int:
@@ -35,5 +35,8 @@ def main(argv: Sequence[str]) -> int:
         check_destination(workdir.value, overwrite=None, what=f"--workdir {workdir.value}")   # before any work
         train(config.value, workdir.value)
 
-    run_cli(run)
+    from btx_jax.train.host_memory import returning_freed_memory
+    # SIGTERM / Ctrl-C: a checkpoint after the step in flight, exit 143 / 130; freed host memory handed back
+    with stopping_cleanly(f"--workdir {workdir.value}"), returning_freed_memory():
+        run_cli(run)
     return 0

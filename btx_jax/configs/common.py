@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
         loss_layout="auto",              # chunked loss sharding: batch | vocab (parallel) | auto (fewer bytes)
         skip_nonfinite=False, max_consecutive_nonfinite=5,
         seed=0, log_every=10, ckpt_every=50, keep_checkpoints=2,
+        eval_every=0, eval_batches=4,    # held-out loss every N steps and at the end (0 = off; train/held_out.py)
     ))
     c.data = ml_collections.ConfigDict(dict(kind="synthetic"))
     # Unset coordinator_address / num_processes / process_id: jax.distributed.initialize() detects them (SLURM,

@@ -34,6 +34,8 @@ from flax import traverse_util
 from btx_jax import disk
 from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.config import ConfigError
+from btx_jax.train.hooks import Hook, Loop
+from btx_jax.train.host_memory import release_freed_memory
 
 DAMAGED_SUFFIX = ".damaged"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"     # orbax's in-progress step directories
@@ -43,8 +45,8 @@ HOST_BUDGET = 2 ** 28        # host bytes a save or restore holds in flight (a l
 # Config keys that may change between a run and its resumption.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
                      "train.remat", "train.attention", "train.attention_block",
-                     "train.loss_layout", "mesh", "distributed", "export", "eval", "data.allow_changed_data",
-                     "data.verify")
+                     "train.loss_layout", "train.eval_every", "train.eval_batches", "mesh", "distributed", "export",
+                     "eval", "data.allow_changed_data", "data.verify")
 
 
 class Checkpointer:
@@ -174,6 +176,25 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+class CheckpointHook(Hook):
+    """Saves every `every` steps, at the last step and when a stop signal arrived (after fetching the step's
+    metrics, so that a non-finite step is never saved); keeps `loop.saved_step` current."""
+
+    def __init__(self, ckpt: Checkpointer, frozen_digest: str):
+        self.ckpt, self.digest = ckpt, frozen_digest
+
+    def on_step(self, loop: Loop) -> None:
+        if loop.step % self.ckpt.every and not loop.done and not loop.stopping:
+            return
+        loop.sync()
+        self.ckpt.save(loop.step, loop.state, loop.data.get_state(), loop.cfg, self.digest, force=True)
+        loop.saved_step = self.ckpt.saved_step()
+        release_freed_memory()
+
+    def on_end(self, loop: Loop) -> None:
+        self.ckpt.wait()
 
 
 def largest_shard_bytes(tree) -> int:

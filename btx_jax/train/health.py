@@ -1,7 +1,7 @@
 """Dead-training detection: a run whose logged steps show all-zero gradients, or a loss sitting at ln(vocab)
 (the loss of a uniform prediction: the model outputs nothing learned), for `patience` logged steps in a row
-gets one loud warning on stderr.  Training continues (the user decides); the non-finite stop is separate
-(trainer._check).
+gets one loud warning on stderr.  Training continues (the user decides).  A non-finite loss or gradient
+stops training (TrainingError naming the step and the last good checkpoint) unless train.skip_nonfinite.
 
 The ln(vocab) check is off for synthetic data: on uniformly random tokens ln(vocab) is the best possible loss.
 """
@@ -10,18 +10,41 @@ from __future__ import annotations
 import math
 import sys
 
+import numpy as np
 from tqdm import tqdm
+
+from btx_jax.errors import UserError
+from btx_jax.train.hooks import Hook, Loop
 
 PATIENCE = 3            # logged steps in a row
 LOSS_RTOL = 1e-3        # |loss - ln(vocab)| / ln(vocab) below this counts as "at ln(vocab)"
 
 
-class TrainingHealth:
-    def __init__(self, vocab_size: int, check_loss: bool = True, patience: int = PATIENCE):
+class TrainingError(UserError, RuntimeError):
+    """Training cannot continue (non-finite loss, ...); the message says what to do."""
+
+
+class TrainingHealth(Hook):
+    def __init__(self, vocab_size: int, check_loss: bool = True, patience: int = PATIENCE,
+                 skip_nonfinite: bool = False):
         self.uniform_loss = math.log(vocab_size)
-        self.check_loss, self.patience = check_loss, patience
+        self.check_loss, self.patience, self.skip_nonfinite = check_loss, patience, skip_nonfinite
         self.zero_grads = self.at_uniform = 0
         self.warned = False
+
+    def on_metrics(self, loop: Loop, step: int, metrics: dict) -> None:
+        """Stop on a non-finite loss or gradient (before the step is logged or checkpointed); watch the logged
+        steps for dead training."""
+        loss = float(metrics["loss"])
+        if not self.skip_nonfinite and not all(np.isfinite(float(metrics[k]))
+                                               for k in ("loss", "grad_norm", "update_norm")):
+            what = "loss" if not np.isfinite(loss) else "gradient"
+            kept = (f"the last good checkpoint (step {loop.saved_step}) is kept" if loop.saved_step is not None
+                    else "no checkpoint was saved")
+            raise TrainingError(f"non-finite {what} at step {step} (loss {loss}): training stopped; {kept} (lower "
+                                "train.lr, check the data, or set train.skip_nonfinite=True)")
+        if loop.logged(step):
+            self.observe(step, metrics)
 
     def observe(self, step: int, metrics: dict) -> str | None:
         """Feed one logged step's host metrics; returns (and prints) the warning the first time it fires."""

@@ -15,6 +15,7 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tqdm import tqdm
 
 from btx_jax.checkpoint import btx
+from btx_jax.train.hooks import Hook, Loop
 
 
 def _scalars(metrics: dict) -> dict:
@@ -28,7 +29,7 @@ def _scalars(metrics: dict) -> dict:
     return out
 
 
-class MetricsLog:
+class MetricsLog(Hook):
     def __init__(self, workdir: Path, total_steps: int, start_step: int, enabled: bool = True):
         self.enabled = enabled
         self.workdir = Path(workdir)
@@ -52,6 +53,12 @@ class MetricsLog:
               f"[btx] params+optimizer state per device: {gib:.3f} GiB", flush=True)
         (self.workdir / btx.RUN_INFO).write_text(json.dumps({"config": cfg, **info}, indent=2))
 
+    def on_metrics(self, loop: Loop, step: int, metrics: dict) -> None:
+        self.step(step, metrics, log=loop.logged(step))
+
+    def on_end(self, loop: Loop) -> None:
+        self.footer(loop.last)
+
     def step(self, step: int, metrics: dict, log: bool) -> None:
         self.tokens += float(metrics.get("tokens", 0.0))
         if not self.enabled:
@@ -62,13 +69,20 @@ class MetricsLog:
         elapsed = time.perf_counter() - self.t0
         row = _scalars(metrics)
         row["tokens_per_s"] = self.tokens / max(elapsed, 1e-9)
-        row["step"] = step
         self.tokens, self.t0 = 0.0, time.perf_counter()
+        self.write(step, row)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+    def write(self, step: int, scalars: dict) -> None:
+        """One row {**scalars, "step": step} in metrics.jsonl and one TensorBoard event with a tag per scalar
+        (process 0 only)."""
+        if not self.enabled:
+            return
+        row = {**scalars, "step": step}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
-        values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in row.items() if k != "step"]
+        values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items() if k != "step"]
         self.tb.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values)))
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
     def footer(self, last: dict) -> None:
         if self.enabled:

@@ -1,17 +1,19 @@
 """The training loop: config -> mesh, model, phase split, data, jit step, logging, checkpoints, resume.
 
-    train(config, workdir)
+    train(config, workdir, hooks=())
 
-Running the same command again resumes from the latest checkpoint in `workdir/checkpoints`.  SIGTERM
-(preemption) saves a checkpoint and exits; a non-finite loss stops with a clear message and keeps the last
-good checkpoint (or is skipped with `train.skip_nonfinite`).  The final parameters are written as a new
-version `workdir/finals/<step>-<digest>/` (a btx_jax checkpoint) and `workdir/final` is made to name it:
-`load_pretrained` and the next phase read `workdir/final`; earlier versions are kept (docs/finals.md).
+Running the same command again resumes from the latest checkpoint in `workdir/checkpoints`.  Inside
+`btx_jax.cli.stopping_cleanly` (scripts/train.py), SIGTERM (preemption) or Ctrl-C saves a checkpoint after the
+step in flight and exits 143 / 130; a non-finite loss stops with a clear message and keeps the last good
+checkpoint (or is skipped with `train.skip_nonfinite`).  The loop's logging, health check, checkpoints and
+held-out evaluation (`train.eval_every`) are hooks (btx_jax/train/hooks.py); `hooks` adds the caller's.  The
+final parameters are written as a new version `workdir/finals/<step>-<digest>/` (a btx_jax checkpoint) and
+`workdir/final` is made to name it: `load_pretrained` and the next phase read `workdir/final`; earlier versions
+are kept (docs/finals.md).
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -21,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,19 +33,20 @@ import optax
 from btx_jax import disk, param_paths
 from btx_jax import lock as run_lock
 from btx_jax.checkpoint import btx
-from btx_jax.cli import fail
+from btx_jax.cli import Stopped, deferred_stops, fail
 from btx_jax.config import ConfigError, LlamaConfig
 from btx_jax.data import load_tokenizer, make_pipeline
-from btx_jax.data.interrupt import interruptible_build
 from btx_jax.data.packing import FIELDS
 from btx_jax.data.synthetic import SyntheticPipeline
 from btx_jax.errors import UserError
 from btx_jax.model import Llama, attention, moe_ffn
 from btx_jax.pretrained import ModelSource
 from btx_jax import mesh as mesh_lib
-from btx_jax.train import aot, checkpoints, phases
+from btx_jax.train import aot, checkpoints, held_out, phases
 from btx_jax.train.device_memory import StepDoesNotFit, check_fits, fit_knobs
-from btx_jax.train.health import TrainingHealth
+from btx_jax.train.health import TrainingError, TrainingHealth  # noqa: F401 - trainer.TrainingError
+from btx_jax.train.hooks import Hook, Loop
+from btx_jax.train.host_memory import release_freed_memory
 from btx_jax.train.metrics_log import MetricsLog
 from btx_jax.train.model_init import initial_source
 from btx_jax.train.optim import make_optimizer, schedule
@@ -51,11 +54,6 @@ from btx_jax.train.step import init_state, make_train_step
 from btx_jax.train.validate import check_distributed, check_model, validate
 
 log = logging.getLogger("btx_jax.train")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)   # save a checkpoint, then exit 128 + signal (143 / 130)
-
-
-class TrainingError(UserError, RuntimeError):
-    """Training cannot continue (non-finite loss, ...); the message says what to do."""
 
 
 def resolved(config) -> dict:
@@ -179,8 +177,7 @@ def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
                        "rng": replicated}
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
     platform = mesh.devices.flat[0].platform
-    model = model.clone(attention=attention.resolve(model.attention, platform),
-                        config=moe_ffn.for_platform(model.config, platform))
+    model = for_platform(model, platform)
     step_fn = jax.jit(make_train_step(model, tx, microbatches=int(t["microbatches"]), lb_alpha=float(t["lb_alpha"]),
                                       z_alpha=float(t["z_alpha"]), loss_chunk=int(t.get("loss_chunk", 0)), mesh=mesh,
                                       rules=rules, loss_layout=t["loss_layout"]),
@@ -191,6 +188,12 @@ def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
     abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                       abstract, state_shardings)
     return BuiltStep(tx, state_shardings, batch_sharding, step_fn, abstract)
+
+
+def for_platform(model: Llama, platform: str) -> Llama:
+    """The module with the attention and MoE kernels of `platform` ("cpu", "gpu", "tpu")."""
+    return model.clone(attention=attention.resolve(model.attention, platform),
+                       config=moe_ffn.for_platform(model.config, platform))
 
 
 def train_module(config: LlamaConfig, t: dict) -> Llama:
@@ -247,8 +250,9 @@ def frozen_weights(phase: Phase, saved_digest: str, step: int) -> dict:
     return param_paths.unflatten(frozen)
 
 
-def train(config, workdir: str | Path) -> dict:
-    """Run (or resume) one training phase; returns the last logged metrics."""
+def train(config, workdir: str | Path, hooks: Sequence[Hook] = ()) -> dict:
+    """Run (or resume) one training phase; returns the last step's metrics.  `hooks` run after the built-in
+    ones (btx_jax/train/hooks.py)."""
     cfg = resolved(config)
     workdir = Path(workdir)
     maybe_initialize_distributed(cfg)
@@ -263,7 +267,7 @@ def train(config, workdir: str | Path) -> dict:
         except aot.DoesNotFit as e:
             raise StepDoesNotFit(f"the compiler refused the train step ({e}): {fit_knobs(t)}") from None
         check_fits(step_fn, t, [d for d in phase.mesh.devices.flat if d.process_index == jax.process_index()])
-        return _train(cfg, workdir, phase, step_fn)
+        return _train(cfg, workdir, phase, step_fn, list(hooks))
 
 
 def workdir_lock(workdir: Path):
@@ -285,73 +289,75 @@ def workdir_lock(workdir: Path):
     return lock
 
 
-def _train(cfg: dict, workdir: Path, phase: Phase, step_fn) -> dict:
+def _train(cfg: dict, workdir: Path, phase: Phase, step_fn, extra: list[Hook]) -> dict:
     t = cfg["train"]
-    mesh, built = phase.mesh, phase.built
-    batch_sharding = built.batch_sharding
-    with interruptible_build():          # SIGTERM / Ctrl-C while a store is built: one line, exit 143 / 130
-        data = make_data(cfg, phase.source.config.vocab_size)
-    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])
-    resumed = ckpt.resume(built.abstract_state, lambda saved: checkpoints.check_compatible(saved, cfg, workdir))
-    start = 0
-    if resumed is None:
-        state, digest = initial_state(phase, int(t["seed"]))
-    else:
-        start, state, data_state, digest = resumed
-        state = {**state, "frozen": frozen_weights(phase, digest, start)}
-        data.set_state(data_state)
-        print(f"[btx] resumed {workdir} at step {start}", flush=True)
+    built = phase.built
+    vocab = phase.source.config.vocab_size
+    data = make_data(cfg, vocab)
+    with contextlib.ExitStack() as closing:     # every hook closed however the run ends, the last first
+        ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])
+        closing.callback(ckpt.close)
+        resumed = ckpt.resume(built.abstract_state, lambda saved: checkpoints.check_compatible(saved, cfg, workdir))
+        start = 0
+        if resumed is None:
+            state, digest = initial_state(phase, int(t["seed"]))
+        else:
+            start, state, data_state, digest = resumed
+            state = {**state, "frozen": frozen_weights(phase, digest, start)}
+            data.set_state(data_state)
+            print(f"[btx] resumed {workdir} at step {start}", flush=True)
 
-    info = summary(state["trainable"], state["frozen"], built.state_shardings, state)
-    metrics_log = MetricsLog(workdir, total_steps=int(t["steps"]), start_step=start, enabled=jax.process_index() == 0)
-    metrics_log.header(cfg, info, mesh)
-
-    lr_at = schedule(t)
-    health = TrainingHealth(phase.source.config.vocab_size, check_loss=cfg["data"].get("kind") != "synthetic")
-
-    stop = {"signal": None}
-    previous = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum)) for s in STOP_SIGNALS}
-    last = {}
-    try:
-        pending = None
-        for step in range(start, int(t["steps"])):
-            local = next(data)
-            batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
-                     for k in FIELDS}
-            state, metrics = step_fn(state, batch)
-            if pending is not None:
-                last = _check(pending, metrics_log, lr_at, t, health, ckpt)
-            pending = (step + 1, metrics)
-            done = step + 1 == int(t["steps"])
-            if (step + 1) % int(t["ckpt_every"]) == 0 or done or stop["signal"]:
-                last = _check(pending, metrics_log, lr_at, t, health, ckpt)
-                pending = None
-                ckpt.save(step + 1, state, data.get_state(), cfg, digest, force=True)
-                release_freed_memory()
-            if stop["signal"]:
-                name = signal.Signals(stop["signal"]).name
-                saved = ckpt.saved_step()
-                what = (f"checkpoint saved at step {saved}" if saved == step + 1 else
-                        f"no checkpoint could be saved at step {step + 1} (latest on disk: {saved})")
-                print(f"[btx] {name}: {what}, exiting", flush=True)
-                raise SystemExit(128 + int(stop["signal"]))
-        if pending is not None:
-            last = _check(pending, metrics_log, lr_at, t, health, ckpt)
-        ckpt.wait()
+        info = summary(state["trainable"], state["frozen"], built.state_shardings, state)
+        metrics_log = MetricsLog(workdir, total_steps=int(t["steps"]), start_step=start,
+                                 enabled=jax.process_index() == 0)
+        closing.callback(metrics_log.close)
+        metrics_log.header(cfg, info, phase.mesh)
+        hooks = [TrainingHealth(vocab, check_loss=cfg["data"].get("kind") != "synthetic",
+                                skip_nonfinite=bool(t["skip_nonfinite"])),
+                 metrics_log, checkpoints.CheckpointHook(ckpt, digest)]
+        if int(t["eval_every"]):
+            eval_step = held_out.make_eval_step(for_platform(phase.model, phase.mesh.devices.flat[0].platform),
+                                                built.state_shardings, built.batch_sharding, t, phase.mesh,
+                                                phase.rules)
+            hooks.append(held_out.HeldOutEval(int(t["eval_every"]), held_out.domains(cfg, vocab), eval_step,
+                                              built.batch_sharding, metrics_log))
+        for hook in extra:
+            closing.callback(hook.close)
+        loop = Loop(cfg, workdir, start, start, state, data, hooks + extra, schedule(t),
+                    saved_step=start if resumed is not None else None)
+        del state
+        run(loop, step_fn, built.batch_sharding)
         final = workdir / "final"
         if resumed is not None and start == int(t["steps"]) and final.is_dir():
             print(f"[btx] {workdir} already finished (step {start} of train.steps={start}); {final} is up to date",
                   flush=True)
         else:
-            save_final(workdir, phase, state, digest)
-        last["data_stats"] = data.stats()
-        metrics_log.footer(last)
-        return last
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        ckpt.close()
-        metrics_log.close()
+            save_final(workdir, phase, loop.state, digest)
+        loop.last["data_stats"] = data.stats()
+        return loop.last
+
+
+def run(loop: Loop, step_fn, batch_sharding) -> None:
+    """The steps from `loop.step` to train.steps, then every hook's on_end.  A stop signal recorded for it
+    (btx_jax.cli.stopping_cleanly) ends it after the step in flight, its checkpoint saved: one line, then
+    `Stopped`."""
+    with deferred_stops() as stop:
+        while not loop.done:
+            local = next(loop.data)
+            batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k])) for k in FIELDS}
+            state, metrics = step_fn(loop.state, batch)
+            loop.advance(state, metrics)
+            loop.stopping = stop.signum
+            for hook in loop.hooks:
+                hook.on_step(loop)
+            if loop.stopping:
+                what = (f"checkpoint saved at step {loop.saved_step}" if loop.saved_step == loop.step else
+                        f"no checkpoint could be saved at step {loop.step} (latest on disk: {loop.saved_step})")
+                print(f"[btx] {signal.Signals(loop.stopping).name}: {what}, exiting", flush=True)
+                raise Stopped(loop.stopping, reported=True)
+        loop.sync()
+        for hook in loop.hooks:
+            hook.on_end(loop)
 
 
 def abstract_batch(built: BuiltStep, t: dict) -> dict:
@@ -367,7 +373,8 @@ def compile_step(step_fn, state: dict, batch: dict, verbose: bool):
     accelerator that is device memory; on virtual CPU devices every device's share is host RAM).  A program the
     compiler refuses for its memory (TPU) raises aot.DoesNotFit."""
     tic = time.perf_counter()
-    compiled, _ = aot.compile_lowered(step_fn.lower(state, batch), "train step", log=print if verbose else _quiet)
+    compiled, _ = aot.compile_lowered(step_fn.lower(state, batch), "train step",
+                                      log=print if verbose else lambda _message: None)
     release_freed_memory()
     mem = compiled.memory_analysis()
     if verbose and mem is not None:
@@ -375,20 +382,6 @@ def compile_step(step_fn, state: dict, batch: dict, verbose: bool):
               f"{mem.argument_size_in_bytes / 2**30:.3f} GiB state+batch, {mem.temp_size_in_bytes / 2**30:.3f} GiB "
               "temporaries", flush=True)
     return compiled
-
-
-def _quiet(_message: str) -> None:
-    """The compile progress log of processes other than 0."""
-
-
-def release_freed_memory() -> None:
-    """Hand freed host memory back to the OS (after compiling, reading the weights, digesting them): glibc
-    keeps it in per-thread arenas that the next stage, run by other threads, does not reuse, so the process's
-    peak would hold every stage's leftovers.  No-op where the C library has no malloc_trim."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def save_final(workdir: Path, phase: Phase, state: dict, frozen_digest: str | None = None) -> Path:
@@ -445,25 +438,3 @@ def publish_final(final: Path, version: Path, reference: dict | None) -> None:
         users = btx.dependents(previous)
         used = f"; built on it: {', '.join(map(str, users))}" if users else ""
         print(f"[btx] the previous version {previous} is kept{used}", flush=True)
-
-
-def _check(pending, metrics_log: MetricsLog, lr_at, t, health: TrainingHealth, ckpt) -> dict:
-    """Fetch a step's metrics (one step behind the device), log them, stop on a non-finite loss, warn when
-    training looks dead."""
-    step, metrics = pending
-    host = jax.device_get(metrics)
-    loss = float(host["loss"])
-    finite = all(np.isfinite(float(host[k])) for k in ("loss", "grad_norm", "update_norm"))
-    if not finite and not t["skip_nonfinite"]:
-        what = "loss" if not np.isfinite(loss) else "gradient"
-        saved = ckpt.saved_step()
-        kept = f"the last good checkpoint (step {saved}) is kept" if saved is not None else "no checkpoint was saved"
-        raise TrainingError(f"non-finite {what} at step {step} (loss {loss}): training stopped; {kept} (lower "
-                            "train.lr, check the data, or set train.skip_nonfinite=True)")
-    host["lr"] = float(lr_at(step - 1))
-    host["step"] = step
-    logged = step % int(t["log_every"]) == 0 or step == int(t["steps"])
-    metrics_log.step(step, host, log=logged)
-    if logged:
-        health.observe(step, host)
-    return host

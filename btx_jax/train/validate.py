@@ -56,7 +56,7 @@ TRAIN = {
     "attention": ("choice", attention.IMPLS, f"one of {', '.join(attention.IMPLS)}"),
     "attention_block": _int(1), "skip_nonfinite": ("bool", None, "True or False"),
     "max_consecutive_nonfinite": _int(1), "seed": _int(0), "log_every": _int(1), "ckpt_every": _int(1),
-    "keep_checkpoints": _int(1), "loss_chunk": _int(0),
+    "keep_checkpoints": _int(1), "loss_chunk": _int(0), "eval_every": _int(0), "eval_batches": _int(1),
     "loss_layout": ("choice", LOSS_LAYOUTS, f"one of {', '.join(LOSS_LAYOUTS)}"),
 }
 
@@ -159,6 +159,15 @@ def check_data(d: dict) -> None:
     _check_values("data", d, DATA)
 
 
+def _check_held_out(t: dict, d: dict) -> None:
+    """train.eval_every > 0 needs held-out data (btx_jax/train/held_out.py): a source with an eval_path."""
+    every = int(t["eval_every"])
+    if every and d.get("kind") != "synthetic" and not any(
+            isinstance(s, dict) and (s.get("eval_path") or s.get("bundled")) for s in d.get("sources") or []):
+        raise ConfigError(f"train.eval_every={every}: no held-out data (set data.sources[i].eval_path to held-out "
+                          "files of that source, or train.eval_every=0)")
+
+
 def check_distributed(d: dict) -> None:
     """ConfigError (one line) for a bad distributed.* key or value; run before jax.distributed.initialize."""
     for key in d:
@@ -180,6 +189,7 @@ def validate(cfg: dict, num_devices: int) -> tuple:
     t = cfg["train"]
     _check_values("train", t, TRAIN)
     check_data(dict(cfg.get("data") or {}))
+    _check_held_out(t, dict(cfg.get("data") or {}))
     wanted = int(cfg["mesh"].get("num_devices", 0))
     if wanted > num_devices:
         raise ConfigError(f"mesh.num_devices={wanted} but only {num_devices} devices are available")

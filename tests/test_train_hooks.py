@@ -124,7 +124,7 @@ def test_eval_per_domain_of_a_mixture(tmp_path):
     """Two bundled domains (their eval_path files): eval/loss/<name> of each, and eval/loss the token-weighted
     mean; each equals btx_jax/evaluate.py's loss of the final weights on the domain's held-out batches."""
     from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
-    from configs import pretrain
+    from btx_jax.configs import pretrain
     c = pretrain.get_config("tiny")
     c.data.sources = [dict(bundled="wiki", ratio=0.5), dict(bundled="math", ratio=0.5)]
     c.data.cache_dir = str(tmp_path / "cache")

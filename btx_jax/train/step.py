@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from btx_jax import mesh as mesh_lib, param_paths
+from btx_jax.config import LOSS_LAYOUTS  # noqa: F401  (re-exported: plan.py and validate read it here)
 from btx_jax.model import Llama, routed_count, summarize_aux
 from btx_jax.model.chunked_ce import DEFAULT_CHUNK, chunked_cross_entropy
 from btx_jax.train.phases import merge
@@ -37,8 +38,6 @@ def token_losses(logits_BTV, batch):
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(ce_BT * mask), jnp.sum(mask)
 
-
-LOSS_LAYOUTS = ("auto", "batch", "vocab")
 
 
 def resolve_layout(layout: str, tokens: int, head_DV: tuple[int, int], mesh, rules=mesh_lib.DEFAULT_RULES) -> str:

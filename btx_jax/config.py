@@ -19,6 +19,11 @@ ALL_TARGETS = ATTN_TARGETS + MLP_TARGETS
 
 
 DTYPES = ("float32", "bfloat16", "float16")     # parameter / compute dtypes a config or command may name
+# Choice lists the config schema (btx_jax/schema.py) names; the code that implements them imports them from here.
+REMAT_CHOICES = ("none", "full", "dots", "dots_no_batch")         # btx_jax/model/llama.py REMAT_POLICIES
+ATTENTION_IMPLS = ("auto", "blocked", "xla", "splash", "triton", "cudnn")   # btx_jax/model/attention.py
+LOSS_LAYOUTS = ("auto", "batch", "vocab")                         # btx_jax/train/step.py resolve_layout
+MESH_AXES = ("data", "fsdp", "tensor", "expert")                  # btx_jax/mesh.py
 
 
 class ConfigError(UserError, ValueError):

@@ -19,9 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from btx_jax import param_paths
 from btx_jax.checkpoint import lazy
-from btx_jax.config import ConfigError
+from btx_jax.config import MESH_AXES, ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp", "expert")),
     ("vocab", ("tensor", "fsdp")),

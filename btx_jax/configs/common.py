@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from btx_jax import schema
+
 # Architectures by name: the seed's Llama-2-7B and CPU-sized ones for the demo, tests and benchmarks.
 ARCHS = {
     "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -92,39 +94,22 @@ def bundled(domain: str, ratio: float = 1.0) -> dict:
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every key at its btx_jax/schema.py default (docs/reference/configuration.md), the tiny random model and
+    synthetic data; the phase files override what differs."""
     c = ml_collections.ConfigDict()
-    c.phase = "full"                      # expert | router | sft | full  (btx_jax/train/phases.py)
+    c.phase = schema.Run.phase
     c.trainable = ()                      # regexes over parameter paths; empty = the phase's table
-
-    c.model = ml_collections.ConfigDict()
-    c.model.init = "random"               # "random" or a model directory (HF, mergoo, btx)
+    c.model = ml_collections.ConfigDict(schema.defaults(schema.Model))
     c.model.arch = ml_collections.ConfigDict(ARCHS["tiny"])   # used when init="random"
-    c.model.lora = ml_collections.ConfigDict({})             # phase 1: fresh LoRA (targets, rank, alpha, ...)
-    c.model.compose = ml_collections.ConfigDict({})          # phase 2: experts, top_k, seed_expert, router_init
-
-    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, num_devices=0))  # 0 = all devices
+    c.mesh = ml_collections.ConfigDict(schema.defaults(schema.Mesh))
     c.mesh_rules = ()                     # () = btx_jax.mesh.DEFAULT_RULES
-
-    c.train = ml_collections.ConfigDict(dict(
-        steps=100, global_batch_size=8, microbatches=1, seq_len=256,
-        lr=1e-3, warmup_steps=10, warmup_offset=1, min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0,
-        b1=0.9, b2=0.95, eps=1e-8,
-        lb_alpha=0.01, z_alpha=0.0,      # router aux losses (BTX: load balancing 0.01)
-        dtype="float32", frozen_dtype="float32", remat="none",
-        attention="auto", attention_block=64,   # btx_jax/model/attention.py; "xla" = reference
-        loss_chunk=512,                  # lm_head + cross-entropy 512 positions at a time; 0 = full logits
-        loss_layout="auto",              # chunked loss sharding: batch | vocab (parallel) | auto (fewer bytes)
-        skip_nonfinite=False, max_consecutive_nonfinite=5,
-        seed=0, log_every=10, ckpt_every=50, keep_checkpoints=2,
-        eval_every=0, eval_batches=4,    # held-out loss every N steps and at the end (0 = off; train/held_out.py)
-    ))
+    c.train = ml_collections.ConfigDict(schema.defaults(schema.Train))
     c.data = ml_collections.ConfigDict(dict(kind="synthetic"))
-    # Unset coordinator_address / num_processes / process_id: jax.distributed.initialize() detects them (SLURM,
-    # TPU pods, JAX_COORDINATOR_ADDRESS; docs/hardware.md).  initialization_timeout: seconds to wait for every
-    # process to reach the coordinator before stopping with one line.
-    c.distributed = ml_collections.ConfigDict(dict(
-        enabled=False, coordinator_address="", num_processes=ml_collections.config_dict.placeholder(int),
-        process_id=ml_collections.config_dict.placeholder(int), cpu_collectives="", initialization_timeout=300))
+    # Unset num_processes / process_id: jax.distributed.initialize() detects them (docs/hardware.md).
+    c.distributed = ml_collections.ConfigDict(schema.defaults(schema.Distributed))
+    for key in ("num_processes", "process_id"):
+        c.distributed[key] = ml_collections.config_dict.placeholder(int)
+    del c.distributed["local_device_ids"]
     return c
 
 

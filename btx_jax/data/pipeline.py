@@ -1,6 +1,7 @@
 """The training iterator: mixture of packed sources -> per-process batches, with resumable state.
 
-CONFIG SCHEMA (`ml_collections.ConfigDict` or dict; every key but `sources` is optional):
+CONFIG (`ml_collections.ConfigDict` or dict; every key but `sources` is optional; keys, types and defaults:
+btx_jax/schema.py Data):
 
   kind           "pretrain" (default) | "sft"
   sources        list of source dicts (see btx_jax.data.sources): name, path, format, text_field /
@@ -49,6 +50,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from btx_jax import schema
 from btx_jax.data.errors import DataError
 from btx_jax.data.loader import BatchBuilder, Pipeline
 from btx_jax.data.mixture import normalize_ratios
@@ -58,29 +60,11 @@ from btx_jax.data.store import dropped_records, encoding_options, open_store
 from btx_jax.data.streaming import StreamingPipeline, StreamingRows
 from btx_jax.data.tokenizer import load_tokenizer
 
-_DEFAULTS = {
-    "kind": "pretrain",
-    "sources": None,
-    "add_bos": True,
-    "add_eos": True,
-    "segment_ids": True,
-    "shuffle": True,
-    "overlong": "truncate",
-    "chat_template": "auto",
-    "cache_dir": None,
-    "num_proc": None,
-    "shard_mb": None,
-    "verify": "sampled",
-    "skip_bad_records": False,
-    "allow_changed_data": False,
-    "workers": 0,
-    "read_ahead": 2,
-    "tokenizer": None,
-}
+_DEFAULTS = schema.defaults(schema.Data)     # btx_jax/schema.py Data (docs/reference/configuration.md)
 
 
 def parse_config(cfg: Any) -> dict:
-    cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    cfg = dict(schema.plain(cfg))
     unknown = set(cfg) - set(_DEFAULTS)
     if unknown:
         raise DataError(f"data config: unknown keys {sorted(unknown)}")
@@ -155,7 +139,7 @@ def prepare(cfg: Any, tokenizer, *, held_out: bool = True, progress: bool = True
 
 def prepare_config(data_cfg: Any, *, num_proc: int | None = None) -> None:
     """`scripts/prepare_data.py`: load the config's tokenizer, build every store, print one line per store."""
-    d = dict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else data_cfg)
+    d = dict(schema.plain(data_cfg))
     if d.get("kind") == "synthetic":
         raise DataError("data config: kind='synthetic' has no sources to prepare")
     if not d.get("tokenizer"):
@@ -228,7 +212,7 @@ def eval_batches(
     `cfg_or_source` is a pipeline config (all its sources, one after another) or one source dict
     (one domain, for per-domain perplexity; `kind` says pretrain/sft, default pretrain; `cache_dir`: where its
     store goes, default the config's `cache_dir`)."""
-    raw = dict(cfg_or_source.to_dict() if hasattr(cfg_or_source, "to_dict") else cfg_or_source)
+    raw = dict(schema.plain(cfg_or_source))
     cfg = parse_config(raw if "sources" in raw else {"kind": kind or "pretrain", "sources": [raw]})
     if cache_dir is not None:
         cfg = {**cfg, "cache_dir": str(cache_dir)}

@@ -32,10 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from btx_jax.config import ATTENTION_IMPLS
 from btx_jax.model.splash import splash_attention
 from btx_jax.model.triton_attention import triton_attention
 
-IMPLS = ("auto", "blocked", "xla", "splash", "triton", "cudnn")
+IMPLS = ATTENTION_IMPLS
 BY_PLATFORM = {"tpu": "splash", "gpu": "triton", "cuda": "triton", "rocm": "xla", "cpu": "blocked"}
 DEFAULT_IMPL, DEFAULT_BLOCK = "auto", 64      # the model's defaults (configs/common.py repeats the literals)
 MAX_BLOCKS = 16

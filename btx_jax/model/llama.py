@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from btx_jax.config import LlamaConfig
+from btx_jax.config import REMAT_CHOICES, LlamaConfig
 from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL, cached_attention, causal_attention
 from btx_jax.model.lora import Linear
 from btx_jax.model.moe_ffn import MoEFFN
@@ -26,12 +26,9 @@ def _save_all_but_casts(prim, *_, **__) -> bool:
     return prim.name != "convert_element_type"
 
 
-REMAT_POLICIES = {
-    "none": _save_all_but_casts,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+REMAT_POLICIES = dict(zip(REMAT_CHOICES, (           # none, full, dots, dots_no_batch (btx_jax/config.py)
+    _save_all_but_casts, jax.checkpoint_policies.nothing_saveable, jax.checkpoint_policies.checkpoint_dots,
+    jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims), strict=True))
 
 
 class RMSNorm(nn.Module):

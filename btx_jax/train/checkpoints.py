@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from btx_jax import disk
+from btx_jax import disk, schema
 from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.config import ConfigError
 from btx_jax.train.hooks import Hook, Loop
@@ -42,11 +42,8 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"     # orbax's in-progress step directories
 
 HOST_BUDGET = 2 ** 28        # host bytes a save or restore holds in flight (a larger leaf is copied alone)
 
-# Config keys that may change between a run and its resumption.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-                     "train.remat", "train.attention", "train.attention_block",
-                     "train.loss_layout", "train.eval_every", "train.eval_batches", "mesh", "distributed", "export",
-                     "eval", "data.allow_changed_data", "data.verify")
+# Config keys that may change between a run and its resumption (btx_jax/schema.py's `resumable` fields).
+RESUMABLE_CHANGES = schema.resumable_keys()
 
 
 class Checkpointer:

@@ -57,7 +57,7 @@ import numpy as np
 from btx_jax import mesh as mesh_lib, param_paths
 from btx_jax.cli import ArgumentParser, run_cli, size_flag
 from btx_jax.configs import resolve
-from btx_jax.config import AdapterSpec, ConfigError, LlamaConfig
+from btx_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_CHOICES, AdapterSpec, ConfigError, LlamaConfig
 from btx_jax.counting import model_flops_per_token
 from btx_jax.model.llama import REMAT_POLICIES, DecoderLayer
 from btx_jax.pretrained import random_source
@@ -283,13 +283,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--loss-chunk", type=int, default=None, help="cross-entropy chunk (positions); 0 = full logits")
     p.add_argument("--loss-layout", default=None, choices=LOSS_LAYOUTS,
                    help="train.loss_layout: sharding of the chunked loss (batch | vocab | auto)")
-    p.add_argument("--attention", default=None, help="train.attention (btx_jax/model/attention.py IMPLS)")
+    p.add_argument("--attention", default=None, choices=ATTENTION_IMPLS, help="train.attention")
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=8,tensor=1 (default: the config's)")
     p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--remat", default=None, choices=("none", "full", "dots", "dots_no_batch"))
-    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16")
-    p.add_argument("--frozen-dtype", default=None)
+    p.add_argument("--remat", default=None, choices=REMAT_CHOICES)
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="compute dtype, e.g. bfloat16")
+    p.add_argument("--frozen-dtype", default=None, choices=DTYPES)
     p.add_argument("--microbatches", type=int, default=None)
     p.add_argument("--experts", type=int, default=3, help="LoRA experts of the router/sft LoRA-MoE")
     p.add_argument("--top-k", type=int, default=2)

@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import optax
 
 from btx_jax import mesh as mesh_lib, param_paths
+from btx_jax.config import LOSS_LAYOUTS  # noqa: F401  (re-exported: plan.py and validate read it here)
 from btx_jax.model import Llama
 from btx_jax.model.chunked_ce import DEFAULT_CHUNK, chunked_cross_entropy
 from btx_jax.model.loss import forward, token_losses
 from btx_jax.train.phases import merge
 
 
-LOSS_LAYOUTS = ("auto", "batch", "vocab")
 
 
 def resolve_layout(layout: str, tokens: int, head_DV: tuple[int, int], mesh, rules=mesh_lib.DEFAULT_RULES) -> str:

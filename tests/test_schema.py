@@ -9,7 +9,7 @@ import pytest
 
 from btx_jax import schema
 from btx_jax.config import ConfigError
-from configs.common import base_config
+from btx_jax.configs.common import base_config
 
 REFERENCE = Path(__file__).parent.parent / "docs" / "reference" / "configuration.md"
 

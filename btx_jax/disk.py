@@ -7,7 +7,7 @@ turns an out-of-space or permission error raised while writing (directly, or wra
 which report the OS error in their message) into a `DiskError` such as
 `runs/x/checkpoints: no space left on device (writing needs about 1.2 MiB, 0.3 MiB free)`, after removing the
 `cleanup` paths.  Anything else propagates unchanged.  `fault_of(exc)` gives the bare reason for handlers
-(btx_jax/cli.py) that see an unwrapped error.
+(btx_jax/command_line.py) that see an unwrapped error.
 
 `quiet_background_faults()` (an entry point's process-wide setting) keeps the copies of such a fault that
 orbax's writer threads log, with tracebacks, off stderr: the thread that waits for the write reports it once.

@@ -28,7 +28,7 @@ from btx_jax import mesh as mesh_lib, param_paths
 from btx_jax.checkpoint import btx, hf as hf_format, mergoo, mixtral, peft
 from btx_jax.checkpoint.tensor_files import CheckpointError, atomic_directory, read_json, write_tensors
 from btx_jax.config import LlamaConfig
-from btx_jax.generate import check_ids, check_sampling, generate as _generate
+from btx_jax.model.generate import check_ids, check_sampling, generate as _generate
 from btx_jax.model import Llama, abstract_leaves, init_leaves, routed_layers
 from btx_jax.model.attention import DEFAULT_BLOCK, DEFAULT_IMPL
 

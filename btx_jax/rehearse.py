@@ -5,7 +5,7 @@
 Every step runs `python -m btx_jax.cli COMMAND ...` of this very btx_jax (`btx rehearse` is the command line).
 It writes a
 random bf16 HF Llama of `arch` with a tokenizer beside it, local copies of the seed's datasets laid out as the
-hub has them (btx_jax/seed_corpora.py), then runs the seed-scale presets `phases` names ({phase: (config file
+hub has them (btx_jax/data/seed_corpora.py), then runs the seed-scale presets `phases` names ({phase: (config file
 with preset, [its source names in order])}) changed only in model.init, the tokenizer, the data paths and the
 sizes (seq_len, global batch, steps, a checkpoint every step), through prepare_data, the three experts, the
 router, SFT, a resume of SFT one step further, evaluate, generate, the exports (PEFT, merged HF, mergoo) and the
@@ -30,8 +30,8 @@ from btx_jax.checkpoint import btx
 from btx_jax.configs import resolve
 from btx_jax.data import load_tokenizer
 from btx_jax.errors import UserError
-from btx_jax.seed_corpora import FIXTURES
-from btx_jax.textgen import check_matches
+from btx_jax.data.seed_corpora import FIXTURES
+from btx_jax.eval.textgen import check_matches
 
 GIB = 2 ** 30
 PER_DEVICE = re.compile(r"per device ([\d.]+) GiB state\+batch, ([\d.]+) GiB temporaries")

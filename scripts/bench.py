@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from btx_jax.cli import ArgumentParser
+from btx_jax.command_line import ArgumentParser
 from btx_jax.config import MLP_TARGETS
 from btx_jax.counting import lora_flops_per_token
 from btx_jax.train import throughput

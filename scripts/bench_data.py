@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from btx_jax.cli import ArgumentParser
+from btx_jax.command_line import ArgumentParser
 
 
 GIB = 1 << 30

@@ -13,7 +13,7 @@ import os
 import platform
 import tempfile
 
-from btx_jax.cli import ArgumentParser
+from btx_jax.command_line import ArgumentParser
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def requests(docs: int, num_fewshot: int | None):
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from btx_jax.harness import TASKS_DIR
+    from btx_jax.eval.harness import TASKS_DIR
     task = get_task_dict(["btx_jcommonsenseqa"], TaskManager(include_path=str(TASKS_DIR)))["btx_jcommonsenseqa"]
     if num_fewshot is not None:
         task.set_config(key="num_fewshot", value=num_fewshot)
@@ -44,7 +44,7 @@ def bench_arch(name: str, reqs, args) -> dict:
 
     from btx_jax.config import LlamaConfig
     from btx_jax.data import BUNDLED_TOKENIZER, load_tokenizer
-    from btx_jax.harness import BtxLM
+    from btx_jax.eval.harness import BtxLM
     from btx_jax.model import init_params
     from btx_jax.pretrained import Pretrained
     from btx_jax.configs.common import ARCHS

@@ -28,7 +28,7 @@ SIZES = {"68M": (512, 1408, 8, 8), "271M": (1024, 2816, 16, 16)}
 CHILD = """
 import resource, sys, runpy
 
-from btx_jax.cli import ArgumentParser
+from btx_jax.command_line import ArgumentParser
 sys.argv = {argv!r}
 try:       # host peak up to the first step (compile, loading, state init), before that step runs
     from btx_jax.train import trainer

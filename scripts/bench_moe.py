@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from btx_jax.cli import ArgumentParser
+from btx_jax.command_line import ArgumentParser
 from btx_jax.counting import ffn_moe_flops_per_token
 from btx_jax.train import throughput
 

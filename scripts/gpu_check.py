@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from btx_jax.cli import ArgumentParser
+from btx_jax.command_line import ArgumentParser
 from btx_jax.config import MLP_TARGETS
 from btx_jax.counting import lora_flops_per_token
 from btx_jax.model.attention import IMPLS, causal_attention, resolve

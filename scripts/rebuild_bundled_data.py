@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from btx_jax.cli import ArgumentParser
+from btx_jax.command_line import ArgumentParser
 
 
 def _read_jsonl(path: Path) -> list[dict]:

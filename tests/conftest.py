@@ -129,8 +129,8 @@ def hf_llama(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def convert_script():
-    """The conversion CLI's entry point module (btx_jax/convert.py: `main(argv) -> exit code`)."""
-    from btx_jax import convert
+    """The conversion CLI's entry point module (btx_jax/cli/convert.py: `main(argv) -> exit code`)."""
+    from btx_jax.cli import convert
     return convert
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from btx_jax.cli import ArgumentParser, parse_bytes, size_flag
+from btx_jax.command_line import ArgumentParser, parse_bytes, size_flag
 from btx_jax.cli.main import COMMANDS, main
 from btx_jax.config import ConfigError
 from btx_jax.configs import DIR, resolve

@@ -1,4 +1,4 @@
-"""btx_jax.compose: experts (PEFT dirs, btx LoRA checkpoints, Pretrained) -> LoRA-MoE; router init, router_layers,
+"""btx_jax.mix.compose: experts (PEFT dirs, btx LoRA checkpoints, Pretrained) -> LoRA-MoE; router init, router_layers,
 and bad input (one clear line each).  The scripts/compose.py CLI: test_compose_cli.py."""
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def test_spec_checks_every_field(cls, field, value, needle):
 
 
 def test_make_spec_names_the_option():
-    from btx_jax.compose import make_spec
+    from btx_jax.mix.compose import make_spec
     assert make_spec("lora", {"router_layers": [3, 1, 1]}).router_layers == (1, 3)
     assert make_spec("ffn", {"shared": "seed", "router_seed": 4}) == btx_jax.FfnMoESpec(shared="seed", router_seed=4)
     flag = lambda field: "--" + field.replace("_", "-")  # noqa: E731
@@ -160,18 +160,18 @@ def test_make_spec_names_the_option():
 
 
 def test_the_package_exports_the_function_and_the_module_keeps_its_name():
-    """btx_jax.compose is the function; inside the package nothing reaches the module through that attribute."""
+    """btx_jax.mix.compose is the function; inside the package nothing reaches the module through that attribute."""
     import ast
     import sys
     from pathlib import Path
-    assert callable(btx_jax.compose) and sys.modules["btx_jax.compose"].compose is btx_jax.compose
+    assert callable(btx_jax.compose) and sys.modules["btx_jax.mix.compose"].compose is btx_jax.mix.compose
     through_attribute = []
     for path in Path(btx_jax.__file__).parent.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "btx_jax" and \
                     any(a.name == "compose" for a in node.names) and path.name != "__init__.py":
                 through_attribute.append(str(path))
-            if isinstance(node, ast.Import) and any(a.name == "btx_jax.compose" and a.asname for a in node.names):
+            if isinstance(node, ast.Import) and any(a.name == "btx_jax.mix.compose" and a.asname for a in node.names):
                 through_attribute.append(str(path))
     assert not through_attribute
 

@@ -1,4 +1,4 @@
-"""btx_jax/compose_cli.py (scripts/compose.py): LoRA-MoE (mergoo) and FFN-MoE (Mixtral) written from experts on
+"""btx_jax/cli/compose.py (scripts/compose.py): LoRA-MoE (mergoo) and FFN-MoE (Mixtral) written from experts on
 disk; bad input (arguments, experts that do not fit, an existing --out) is one stderr line and exit 2, and nothing
 is written."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from btx_jax.compose_cli import main
+from btx_jax.cli.compose import main
 from test_compose import setup as lora_setup  # noqa: F401  (fixtures: the experts of those tests)
 from test_compose_ffn import setup as ffn_setup  # noqa: F401
 

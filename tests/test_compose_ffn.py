@@ -1,4 +1,4 @@
-"""compose(..., FfnMoESpec(...)) (btx_jax/compose_ffn.py): dense experts (HF dirs, btx checkpoints, PEFT LoRA dirs,
+"""compose(..., FfnMoESpec(...)) (btx_jax/mix/compose_ffn.py): dense experts (HF dirs, btx checkpoints, PEFT LoRA dirs,
 Pretrained) -> FFN-MoE; stacking order and seed expert, shared-weight averaging.  Bad input through
 scripts/compose.py (one line, exit 2, nothing written): test_compose_cli.py."""
 from __future__ import annotations

@@ -39,7 +39,7 @@ def test_two_local_copies_laid_out_alike_read_their_own_rows(tmp_path, monkeypat
     the same README `configs:` and file names would share one cache entry (the second read the first's rows).
     Each store keeps the Arrow files of its own copy."""
     from btx_jax.data.sources import Source, load_records
-    from btx_jax.seed_corpora import hub_folder
+    from btx_jax.data.seed_corpora import hub_folder
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))    # one shared datasets cache, as for a user
     got = []

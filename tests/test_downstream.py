@@ -9,7 +9,8 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 pytest.importorskip("lm_eval")
 
-from btx_jax import downstream, load_pretrained  # noqa: E402
+from btx_jax import load_pretrained  # noqa: E402
+from btx_jax.eval import downstream  # noqa: E402
 from llama2c import tok512_hf  # noqa: E402
 
 

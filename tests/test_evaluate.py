@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from btx_jax import LoraMoESpec, compose, evaluate, load_pretrained, param_paths
+from btx_jax import LoraMoESpec, compose, load_pretrained, param_paths
+from btx_jax.eval import evaluate
 from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
 from conftest import hf_model
 
@@ -158,7 +159,7 @@ def test_downstream_scores_of_finished_tasks_survive_a_later_crash(hf_llama, tmp
     """--tasks through the lm-eval backend on the model evaluate.py loaded (sharded over 8 devices):
     downstream.json is rewritten after each task, so a crash in the second task keeps the first's score."""
     pytest.importorskip("lm_eval")
-    from btx_jax import downstream
+    from btx_jax.eval import downstream
 
     real, seen = downstream.run_tasks, []
 
@@ -179,7 +180,7 @@ def test_downstream_scores_of_finished_tasks_survive_a_later_crash(hf_llama, tmp
 
 
 def test_importing_and_plotting_leave_the_matplotlib_backend_alone(tmp_path):
-    """btx_jax.evaluate imports no matplotlib; the report's plots use their own Agg canvas, never pyplot."""
+    """btx_jax.eval.evaluate imports no matplotlib; the report's plots use their own Agg canvas, never pyplot."""
     code = ("import sys, numpy as np, btx_jax.evaluate\n"
             "assert 'matplotlib' not in sys.modules\n"
             "from btx_jax import report\n"

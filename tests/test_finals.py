@@ -1,4 +1,4 @@
-"""Versioned finals (btx_jax/checkpoint/btx.py, trainer.save_final, btx_jax/chain.py, docs/finals.md): expert ->
+"""Versioned finals (btx_jax/checkpoint/btx.py, trainer.save_final, btx_jax/cli/chain.py, docs/finals.md): expert ->
 router -> SFT on a tiny model; continuing the expert writes a new version and leaves the SFT model loadable on
 the weights it was trained on; the chain listing shows both expert versions; a self-contained export needs no
 upstream directory; a missing link is reported with the chain and the listing command, nothing written."""
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import btx_jax
-from btx_jax import chain, convert
+from btx_jax.cli import chain, convert
 from btx_jax.checkpoint import btx
 from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.train.trainer import train

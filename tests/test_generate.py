@@ -96,7 +96,7 @@ def test_top_p_samples_stay_in_nucleus(setup):
 
 
 def test_zero_new_tokens_is_refused(setup):
-    from btx_jax.generate import InputError
+    from btx_jax.model.generate import InputError
     _, pre, prompt = setup
     with pytest.raises(InputError, match="max_new_tokens=0"):
         pre.generate(prompt, 0)
@@ -126,7 +126,7 @@ def test_default_tokenizer_follows_the_model(hf_llama, spm_300, tmp_path):
 
     from btx_jax.checkpoint import btx
     from btx_jax.data import BUNDLED_TOKENIZER, DataError
-    from btx_jax.textgen import model_tokenizer
+    from btx_jax.eval.textgen import model_tokenizer
 
     bare = hf_llama(vocab_size=300)
     with_tok = tmp_path / "with_tok"

@@ -1,6 +1,7 @@
 """Imports inside btx_jax run one way: no module reaches itself through btx_jax imports, counting the ones
-inside functions, and the layers config -> param_paths -> model -> checkpoint -> pretrained -> compose -> train
-never import a later layer.  Read from the source (ast), so a lazy import cannot hide a circle."""
+inside functions, and the layers config -> param_paths -> model -> checkpoint -> pretrained -> mix -> train -> eval
+-> cli (the folders of btx_jax/, in import order; docs/design.md) never import a later layer.  Read from the
+source (ast), so a lazy import cannot hide a circle."""
 from __future__ import annotations
 
 import ast
@@ -10,7 +11,7 @@ import btx_jax
 
 PACKAGE = Path(btx_jax.__file__).parent
 LAYERS = ("btx_jax.config", "btx_jax.param_paths", "btx_jax.model", "btx_jax.checkpoint", "btx_jax.pretrained",
-          "btx_jax.compose", "btx_jax.train")
+          "btx_jax.mix", "btx_jax.train", "btx_jax.eval", "btx_jax.cli")
 
 
 def module_name(path: Path) -> str:

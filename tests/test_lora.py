@@ -102,7 +102,7 @@ def test_route_topk_softmax_and_ties():
     g = np.asarray(route(logits, 2))[0, 0]
     e = np.exp([3.0, 2.0]) / np.exp([3.0, 2.0]).sum()
     np.testing.assert_allclose(g, [0, e[0], e[1], 0], atol=1e-6)
-    # zero router: ties go to the lowest indices, equal weights (documented in btx_jax/compose.py)
+    # zero router: ties go to the lowest indices, equal weights (documented in btx_jax/mix/compose.py)
     np.testing.assert_allclose(np.asarray(route(jnp.zeros((1, 1, 3)), 2))[0, 0], [0.5, 0.5, 0.0])
 
 

@@ -161,7 +161,7 @@ def test_btx_expert_lora_is_read_once_per_placement_and_not_kept(hf_llama, tmp_p
 
     from btx_jax import mesh as mesh_lib
     from btx_jax.checkpoint import btx
-    from btx_jax.compose import LoraMoESpec, compose_source
+    from btx_jax.mix.compose import LoraMoESpec, compose_source
     from btx_jax.pretrained import load_pretrained, memory_source
     from btx_jax.train.model_init import lora_spec, with_fresh_lora
 

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 import btx_jax
-from btx_jax import disk, evaluate, param_paths
-from btx_jax.cli import stopping_cleanly
+from btx_jax import disk, param_paths
+from btx_jax.eval import evaluate
+from btx_jax.command_line import stopping_cleanly
 from btx_jax.config import ConfigError
-from btx_jax.generate import InputError
+from btx_jax.model.generate import InputError
 from btx_jax.train import trainer
 from btx_jax.train.health import TrainingHealth
 from conftest import REPO_ROOT, needs_mount, random_ids, small_tmpfs
@@ -261,7 +262,7 @@ def test_export_out_of_space_leaves_no_temp_dir_and_the_old_output(tmp_path, mon
 
 
 def test_cli_reports_an_unwrapped_disk_fault_in_one_line(capsys):
-    from btx_jax.cli import run_cli
+    from btx_jax.command_line import run_cli
 
     def write():
         raise PermissionError(errno.EACCES, "Permission denied", "/ro/metrics.jsonl")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from btx_jax import compose_cli, convert
+from btx_jax.cli import compose as compose_cli, convert
 from conftest import REPO_ROOT
 
 
@@ -197,7 +197,7 @@ def test_sigterm_to_the_convert_script_leaves_no_temp_dir(models, tmp_path):
             "real = t.save_file\n"
             "def slow(*a, **k):\n    print('writing', flush=True); time.sleep(60); return real(*a, **k)\n"
             "t.save_file = slow\n"
-            "from btx_jax.convert import main\n"
+            "from btx_jax.cli.convert import main\n"
             f"sys.exit(main(['btx-to-hf', {str(tmp_path / 'btx')!r}, {str(tmp_path / 'hf')!r}]))\n")
     assert convert.main(["hf-to-btx", str(models / "llama"), str(tmp_path / "btx")]) == 0
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -10,7 +10,7 @@ import pytest
 
 from btx_jax.data import BUNDLED_TOKENIZER, DataError, load_tokenizer, prepare
 from btx_jax.data.sources import Source, load_records
-from btx_jax.seed_corpora import FIXTURES, write_jsonl
+from btx_jax.data.seed_corpora import FIXTURES, write_jsonl
 from btx_jax.configs import expert, router, sft
 
 TOK = load_tokenizer(BUNDLED_TOKENIZER)

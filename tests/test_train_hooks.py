@@ -1,6 +1,6 @@
 """The training loop's hooks (btx_jax/train/hooks.py) and held-out evaluation (train.eval_every,
 btx_jax/train/held_out.py): a user's hook sees every step, eval/loss per domain lands in metrics.jsonl and
-TensorBoard and equals the loss of the final weights computed by btx_jax/evaluate.py; signals are opt-in."""
+TensorBoard and equals the loss of the final weights computed by btx_jax/eval/evaluate.py; signals are opt-in."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import signal
 import numpy as np
 import pytest
 
-from btx_jax import evaluate
-from btx_jax.cli import deferred_stops, stopping_cleanly
+from btx_jax.eval import evaluate
+from btx_jax.command_line import deferred_stops, stopping_cleanly
 from btx_jax.config import ConfigError
 from btx_jax.data.synthetic import SyntheticPipeline
 from btx_jax.pretrained import load_pretrained
@@ -56,7 +56,7 @@ def test_eval_every_logs_the_held_out_loss_of_the_weights(tmp_path):
         assert set(r) == {"eval/loss", "eval/loss/synthetic", "step"} and np.isfinite(r["eval/loss"])
         assert r["eval/loss"] == r["eval/loss/synthetic"]       # one domain
     assert len({r["eval/loss"] for r in evals.values()}) == 4   # the weights change: so does the loss
-    # an independent path: the final weights, loaded from workdir/final and evaluated by btx_jax/evaluate.py
+    # an independent path: the final weights, loaded from workdir/final and evaluated by btx_jax/eval/evaluate.py
     # on the same held-out batches (synthetic tokens of seed train.seed + 1)
     c = config()
     held_out = SyntheticPipeline(vocab_size=ARCH["vocab_size"], seq_len=c.train.seq_len,
@@ -122,7 +122,7 @@ def test_stop_signals_are_opt_in():
 
 def test_eval_per_domain_of_a_mixture(tmp_path):
     """Two bundled domains (their eval_path files): eval/loss/<name> of each, and eval/loss the token-weighted
-    mean; each equals btx_jax/evaluate.py's loss of the final weights on the domain's held-out batches."""
+    mean; each equals btx_jax/eval/evaluate.py's loss of the final weights on the domain's held-out batches."""
     from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
     from btx_jax.configs import pretrain
     c = pretrain.get_config("tiny")

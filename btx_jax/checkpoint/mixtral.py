@@ -1,7 +1,7 @@
 """Hugging Face Mixtral checkpoints (`MixtralForCausalLM`) <-> btx_jax FFN-MoE parameters.
 
 A Mixtral is a Llama whose every FFN is a sparse mixture of SwiGLU experts: exactly what compose with FfnMoESpec
-builds (btx_jax/compose_ffn.py), so a Branch-Train-MiX model can be served by transformers, vLLM, ..., and an
+builds (btx_jax/mix/compose_ffn.py), so a Branch-Train-MiX model can be served by transformers, vLLM, ..., and an
 existing Mixtral can be loaded to train its routers.  Per layer i and expert e the checkpoint holds
 
     model.layers.{i}.block_sparse_moe.gate.weight            [E, D]   the router

@@ -2,7 +2,7 @@
 
   seed      pretrain a small Llama from scratch on wiki + math + novel          pretrain:tiny
   experts   three LoRA experts, one per domain                                   expert:DOMAIN,tiny
-  compose   seed + experts -> LoRA-MoE (top-2 of 3 on gate/up/down_proj)          btx_jax.compose
+  compose   seed + experts -> LoRA-MoE (top-2 of 3 on gate/up/down_proj)          btx_jax.mix.compose
   router    train routers + lm_head on the mixed corpus                          router:tiny
   sft       instruction tuning with the experts frozen                          sft:tiny
   ffn BTX   the paper's variant beside it, same seed and data: three full-FFN experts
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from btx_jax.cli import ArgumentParser, run_cli
+from btx_jax.command_line import ArgumentParser, run_cli
 from btx_jax.configs.expert import DOMAINS  # the demo trains one expert per domain
 
 SAMPLE_PROMPTS = {"wiki": "The history of the city", "math": "Question: Tom has 3 apples and buys 5 more.",
@@ -61,10 +61,11 @@ def phase_configs(out: Path, quick: bool):
 
 
 def run(args) -> None:
-    from btx_jax import compose, evaluate, report
-    from btx_jax.compose import make_spec
+    from btx_jax import compose
+    from btx_jax.eval import evaluate, report
+    from btx_jax.mix.compose import make_spec
     from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, load_tokenizer
-    from btx_jax.textgen import complete
+    from btx_jax.eval.textgen import complete
     from btx_jax.train.trainer import train
 
     out = Path(args.out)
@@ -131,7 +132,7 @@ def run(args) -> None:
 
     downstream, scores = None, {}
     try:
-        from btx_jax import downstream as ds
+        from btx_jax.eval import downstream as ds
     except ImportError:              # lm-eval is the optional extra `.[eval]`
         downstream = ["lm-eval is not installed: `pip install -e .[eval]` adds this section."]
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from btx_jax.cli import ArgumentParser, positive_int, run_cli
+from btx_jax.command_line import ArgumentParser, positive_int, run_cli
 
 
 def main(argv: Sequence[str]) -> int:
@@ -31,7 +31,7 @@ def main(argv: Sequence[str]) -> int:
 
     def run():
         from btx_jax.pretrained import open_model
-        from btx_jax.textgen import complete, model_tokenizer
+        from btx_jax.eval.textgen import complete, model_tokenizer
         src = open_model(args.model, adapter=args.adapter)          # configs and tensor headers only
         tok = model_tokenizer(args.model, src.config.vocab_size, adapter=args.adapter, tokenizer=args.tokenizer)
         pre = src.load()

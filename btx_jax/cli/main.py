@@ -16,13 +16,13 @@ COMMANDS = {
     "train": ("btx_jax.cli.train", "train one phase (pretrain, expert, router, sft) from a config"),
     "prepare-data": ("btx_jax.cli.prepare_data", "tokenise a config's data sources ahead of training"),
     "plan": ("btx_jax.train.plan", "memory and scale plan: compile the train step, report bytes per device"),
-    "compose": ("btx_jax.compose_cli", "compose experts on a base Llama into a LoRA-MoE or an FFN-MoE"),
-    "convert": ("btx_jax.convert", "convert checkpoints between HF / PEFT / mergoo / Mixtral and btx"),
-    "evaluate": ("btx_jax.evaluate", "evaluate checkpoints per domain; markdown report with plots"),
+    "compose": ("btx_jax.cli.compose", "compose experts on a base Llama into a LoRA-MoE or an FFN-MoE"),
+    "convert": ("btx_jax.cli.convert", "convert checkpoints between HF / PEFT / mergoo / Mixtral and btx"),
+    "evaluate": ("btx_jax.eval.evaluate", "evaluate checkpoints per domain; markdown report with plots"),
     "generate": ("btx_jax.cli.generate", "generate text from a checkpoint"),
     "demo": ("btx_jax.cli.demo", "the whole pipeline on a tiny Llama with the bundled data, on a CPU"),
-    "lm-eval": ("btx_jax.harness", "lm-evaluation-harness with the `btx` model and the bundled tasks"),
-    "chain": ("btx_jax.chain", "list a lean checkpoint's chain with each link's status"),
+    "lm-eval": ("btx_jax.eval.harness", "lm-evaluation-harness with the `btx` model and the bundled tasks"),
+    "chain": ("btx_jax.cli.chain", "list a lean checkpoint's chain with each link's status"),
     "rehearse": ("btx_jax.cli.rehearse", "rehearse the seed's recipe at a chosen shape, every phase measured"),
     "train-tokenizer": ("btx_jax.cli.train_tokenizer", "train the bundled sentencepiece tokenizer"),
 }
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        from btx_jax.cli import fail
+        from btx_jax.command_line import fail
         import difflib
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         fail(f"btx: unknown command {name!r}" + (f" (did you mean {close[0]}?)" if close else "") +

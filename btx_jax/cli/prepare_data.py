@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from btx_jax.cli import parse_flags, run_cli
+from btx_jax.command_line import parse_flags, run_cli
 
 
 def main(argv: Sequence[str]) -> int:

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Sequence
 
-from btx_jax.cli import ArgumentParser, positive_int, run_cli
+from btx_jax.command_line import ArgumentParser, positive_int, run_cli
 from btx_jax.configs.common import ARCHS, BUNDLED_TOKENIZER
 from btx_jax.configs.expert import DOMAINS
 

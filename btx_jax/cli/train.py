@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from btx_jax.cli import parse_flags, run_cli, stopping_cleanly
+from btx_jax.command_line import parse_flags, run_cli, stopping_cleanly
 
 
 def main(argv: Sequence[str]) -> int:

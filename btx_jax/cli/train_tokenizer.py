@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from btx_jax.cli import ArgumentParser, positive_int, run_cli
+from btx_jax.command_line import ArgumentParser, positive_int, run_cli
 
 CORPORA = Path(__file__).resolve().parents[1] / "data" / "corpora"
 

@@ -9,7 +9,7 @@ them), and the context prints that as one line, without a traceback.
 """
 from __future__ import annotations
 
-from btx_jax.cli import Stopped as BuildInterrupted, build_line, stopping_cleanly
+from btx_jax.command_line import Stopped as BuildInterrupted, build_line, stopping_cleanly
 
 __all__ = ["BuildInterrupted", "interruptible_build"]
 

@@ -3,7 +3,7 @@ token-mean cross-entropy of the current weights on held-out batches, per domain 
 metrics.jsonl and TensorBoard as `eval/loss` and `eval/loss/<domain>`.
 
 Held-out data never changes what training reads.  A domain is a training source with an `eval_path` (its
-held-out files, tokenised into their own store like btx_jax/evaluate.py's domains: `eval_batches`, in file
+held-out files, tokenised into their own store like btx_jax/eval/evaluate.py's domains: `eval_batches`, in file
 order, no shuffling), named by the source's name; sources without one are not evaluated.  Synthetic data
 has one domain, "synthetic": random tokens of another stream (seed train.seed + 1).  Each evaluation reads the
 same first `train.eval_batches` batches of train.global_batch_size rows of every domain (fewer when the

@@ -6,12 +6,12 @@ until the trainer fills its sharded target):
     arch      LlamaConfig fields for init="random"
     lora      fresh LoRA expert to add (phase 1): targets, rank, alpha, rslora, dropout, init
     compose   MoE composition (phase 2): experts (dirs), mode ("lora": LoRA-MoE | "ffn": FFN-MoE) and the
-              fields of that mode's spec (btx_jax/compose.py LoraMoESpec / FfnMoESpec: top_k, seed_expert,
+              fields of that mode's spec (btx_jax/mix/compose.py LoraMoESpec / FfnMoESpec: top_k, seed_expert,
               router_init, ...; router_seed defaults to the run's seed); another key is an error
 """
 from __future__ import annotations
 
-from btx_jax.compose import compose_source, make_spec
+from btx_jax.mix.compose import compose_source, make_spec
 from btx_jax.config import AdapterSpec, ConfigError, ExpertSpec, LlamaConfig
 from btx_jax.pretrained import ModelSource, open_model, random_source
 

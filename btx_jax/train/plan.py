@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from btx_jax import mesh as mesh_lib, param_paths
-from btx_jax.cli import ArgumentParser, run_cli, size_flag
+from btx_jax.command_line import ArgumentParser, run_cli, size_flag
 from btx_jax.configs import resolve
 from btx_jax.config import ATTENTION_IMPLS, DTYPES, REMAT_CHOICES, AdapterSpec, ConfigError, LlamaConfig
 from btx_jax.counting import model_flops_per_token

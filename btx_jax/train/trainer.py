@@ -33,7 +33,7 @@ import optax
 from btx_jax import disk, param_paths
 from btx_jax import lock as run_lock
 from btx_jax.checkpoint import btx
-from btx_jax.cli import Stopped, deferred_stops, fail
+from btx_jax.command_line import Stopped, deferred_stops, fail
 from btx_jax.config import ConfigError, LlamaConfig
 from btx_jax.data import load_tokenizer, make_pipeline
 from btx_jax.data.packing import FIELDS

@@ -5,7 +5,7 @@
 
 Each failure is a ConfigError of one line naming the key, its value and what is allowed; train() runs both
 before it creates the work directory, so a bad value costs seconds and leaves nothing behind.  Unknown keys
-get a "did you mean" suggestion (the command line's typos are caught earlier, by btx_jax/cli.py's flag
+get a "did you mean" suggestion (the command line's typos are caught earlier, by btx_jax/command_line.py's flag
 parser; these checks also cover configs built in Python).  The keys, types and ranges are btx_jax/schema.py's.
 """
 from __future__ import annotations

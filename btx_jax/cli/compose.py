@@ -1,12 +1,12 @@
 """The compose command line (`btx compose`): experts on a base Llama -> a LoRA-MoE (mergoo semantics), or with
---mode ffn dense experts on a seed -> an FFN-MoE (Mixtral), saved in the chosen format (btx_jax/compose.py).
+--mode ffn dense experts on a seed -> an FFN-MoE (Mixtral), saved in the chosen format (btx_jax/mix/compose.py).
 
     main(["BASE", "EXPERT", "EXPERT", "--out", "DST", "--top-k", "2", "--format", "mergoo"])   # -> 0
 
-The flags make the mode's spec (btx_jax/compose.py make_spec: a flag of the other mode, e.g. --shared without
---mode ffn, is refused).  Bad usage is one line `btx compose: error: ...` (btx_jax/cli.py ArgumentParser), bad
+The flags make the mode's spec (btx_jax/mix/compose.py make_spec: a flag of the other mode, e.g. --shared without
+--mode ffn, is refused).  Bad usage is one line `btx compose: error: ...` (btx_jax/command_line.py ArgumentParser), bad
 input (bad values, experts that do not fit the base, an existing --out without --overwrite, disk faults) one
-line `error: ...` (btx_jax/cli.py run_cli); both return 2 and nothing is written then.
+line `error: ...` (btx_jax/command_line.py run_cli); both return 2 and nothing is written then.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from typing import Sequence
 
 from btx_jax.checkpoint import btx
 from btx_jax.checkpoint.tensor_files import check_destination
-from btx_jax.cli import ArgumentParser, run_cli, stopping_cleanly
+from btx_jax.command_line import ArgumentParser, run_cli, stopping_cleanly
 from btx_jax.config import DTYPES
-from btx_jax.compose import MODES, compose, make_spec
-from btx_jax.compose_ffn import SHARED
+from btx_jax.mix.compose import MODES, compose, make_spec
+from btx_jax.mix.compose_ffn import SHARED
 from btx_jax.pretrained import Pretrained
-from btx_jax.router_init import ROUTER_INITS
+from btx_jax.mix.router_init import ROUTER_INITS
 
 SPEC_FLAGS = ("top_k", "seed_expert", "router_init", "router_std", "router_jitter", "router_seed", "router_layers",
               "allow_other_base", "shared", "max_drift")    # the flags (dest names) that make the spec; None: not given

@@ -96,7 +96,7 @@ def loss_table(results: dict[str, dict[str, dict]], domains: list[str]) -> str:
 
 
 def downstream_table(scores: dict[str, dict[str, dict]]) -> str:
-    """Models x tasks: headline metric ± standard error (btx_jax.downstream.run_tasks results)."""
+    """Models x tasks: headline metric ± standard error (btx_jax.eval.downstream.run_tasks results)."""
     tasks = list(next(iter(scores.values())))
     header = ["model"] + [f"{t} ({scores[next(iter(scores))][t]['metric']}, n={scores[next(iter(scores))][t]['n']})"
                           for t in tasks]

@@ -6,7 +6,7 @@
 
 `LoraMoESpec` (the default): LoRA experts into a LoRA-MoE per linear (mergoo semantics, this module).
 `FfnMoESpec`: dense experts branched from a seed into an FFN-MoE per layer (the BTX paper, Mixtral:
-btx_jax/compose_ffn.py).  Both share the router options (btx_jax/router_init.py RouterSpec); a spec checks its
+btx_jax/mix/compose_ffn.py).  Both share the router options (btx_jax/mix/router_init.py RouterSpec); a spec checks its
 fields when it is made, `make_spec(mode, options)` builds one from named options (the CLI, model.compose.*) and
 refuses an option its mode does not have.  `compose(..., dtype=, mesh=, allow_pickle=)` are how it is read.
 
@@ -30,9 +30,9 @@ freshly loaded gates get from HF's initializer_range) breaks the ties with small
 spread over all experts from the start.  The seed expert (`seed_expert=True`, a LoRA-free choice that keeps the
 base projection alone, like BTX keeping the seed FFN) is the last router output.
 
-The package exports the function as `btx_jax.compose`, over this module's name; inside the package import from
-`btx_jax.compose` the module (`from btx_jax.compose import ...`), never through the `btx_jax` attribute.
-The command line is scripts/compose.py (btx_jax/compose_cli.py).
+The package exports the function as `btx_jax.compose`; inside the package import from
+`btx_jax.mix.compose` the module (`from btx_jax.mix.compose import ...`), never through the `btx_jax` attribute.
+The command line is scripts/compose.py (btx_jax/cli/compose.py).
 """
 from __future__ import annotations
 
@@ -44,16 +44,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from btx_jax.checkpoint import btx, peft
-from btx_jax.compose_ffn import FfnMoESpec, ffn_moe_source
+from btx_jax.mix.compose_ffn import FfnMoESpec, ffn_moe_source
 from btx_jax.config import AdapterSpec, ConfigError
 from btx_jax.model import abstract_leaves, routed_layers
 from btx_jax.pretrained import ModelSource, Pretrained, memory_source, open_model, warn_other_base
-from btx_jax.router_init import RouterSpec
+from btx_jax.mix.router_init import RouterSpec
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraMoESpec(RouterSpec):
-    """A LoRA-MoE (mergoo): the router options (btx_jax/router_init.py RouterSpec) plus `router_layers`: the
+    """A LoRA-MoE (mergoo): the router options (btx_jax/mix/router_init.py RouterSpec) plus `router_layers`: the
     decoder layers to route (mergoo's router_layers_index; None: all; the others run the base alone and hold
     zeros) and `allow_other_base`: skip the check that btx experts were trained on this base (their recorded
     digest)."""

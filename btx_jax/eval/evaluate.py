@@ -7,7 +7,7 @@ LoRA-MoE (share of each domain's tokens sent to each expert, per layer and proje
 
 One model is in memory at a time: each is loaded sharded over every local device (FSDP, as training shards it),
 in the dtype asked for (default bf16 on accelerators, fp32 on CPU), evaluated and released before the next.
-Each model reads its text with its own tokenizer unless one is given (btx_jax/textgen.py `model_tokenizer`).
+Each model reads its text with its own tokenizer unless one is given (btx_jax/eval/textgen.py `model_tokenizer`).
 
 `main` evaluates checkpoints on bundled domains and writes a markdown report (report.md, results.json, loss
 tables, routing heatmaps, loss curves of training runs, and with --tasks lm-evaluation-harness scores, which need
@@ -26,17 +26,18 @@ from typing import Callable, Iterable, Sequence
 import jax
 import numpy as np
 
-from btx_jax import mesh as mesh_lib, report
+from btx_jax import mesh as mesh_lib
+from btx_jax.eval import report
 from btx_jax.checkpoint.tensor_files import check_destination
-from btx_jax.cli import ArgumentParser, fail, positive_int, run_cli
+from btx_jax.command_line import ArgumentParser, fail, positive_int, run_cli
 from btx_jax.config import DTYPES
 from btx_jax.data import bundled_source, eval_batches
 from btx_jax.data.packing import FIELDS
-from btx_jax.generate import InputError
+from btx_jax.model.generate import InputError
 from btx_jax.model import Llama
 from btx_jax.model.loss import forward, token_losses
 from btx_jax.pretrained import Pretrained, inference_dtype, open_model
-from btx_jax.textgen import complete, model_tokenizer
+from btx_jax.eval.textgen import complete, model_tokenizer
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -198,7 +199,7 @@ def evaluate_cli(args) -> None:
     sources = {d: bundled_source(d) for d in domains}
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
     if tasks:
-        from btx_jax import downstream as ds      # the `eval` extra (lm-evaluation-harness)
+        from btx_jax.eval import downstream as ds      # the `eval` extra (lm-evaluation-harness)
         ds.check_tasks(tasks)                     # a misspelt task: refused before any model runs
     out = Path(args.out)
     done, scores, samples = {}, {}, {}

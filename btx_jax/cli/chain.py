@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from btx_jax import mesh as mesh_lib
 from btx_jax.checkpoint import btx
 from btx_jax.checkpoint.tensor_files import CheckpointError
-from btx_jax.cli import ArgumentParser, run_cli
+from btx_jax.command_line import ArgumentParser, run_cli
 from btx_jax.config import ConfigError
 from btx_jax.model import abstract_leaves
 from btx_jax.pretrained import ChainError, reference_source

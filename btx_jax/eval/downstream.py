@@ -1,4 +1,4 @@
-"""Downstream scores: lm-evaluation-harness tasks (backend `btx`, offline tasks of btx_jax/tasks/ included) run
+"""Downstream scores: lm-evaluation-harness tasks (backend `btx`, offline tasks of btx_jax/eval/tasks/ included) run
 for several checkpoints, reduced to one headline metric with its standard error per (model, task).
 
     results = run_tasks({"seed": "runs/demo/seed/final", "moe": pre}, ["btx_jcommonsenseqa"], tokenizer=tok)
@@ -14,9 +14,9 @@ from pathlib import Path
 import lm_eval
 from lm_eval.tasks import TaskManager
 
-from btx_jax import report
+from btx_jax.eval import report
 from btx_jax.config import ConfigError
-from btx_jax.harness import TASKS_DIR, BtxLM, check_task_file
+from btx_jax.eval.harness import TASKS_DIR, BtxLM, check_task_file
 from btx_jax.pretrained import Pretrained
 
 # headline metric of a task, first match wins (multiple choice: acc; generation: exact match)
@@ -38,7 +38,7 @@ def headline(task_result: dict) -> tuple[str, float, float]:
 
 @functools.lru_cache(maxsize=4)
 def task_manager(builtin_tasks: bool, include_path: str | None = None) -> TaskManager:
-    """The bundled tasks (btx_jax/tasks/) and `include_path`, plus the harness's own when `builtin_tasks`
+    """The bundled tasks (btx_jax/eval/tasks/) and `include_path`, plus the harness's own when `builtin_tasks`
     (indexing those thousands takes a minute or more: done once per process)."""
     return TaskManager(include_path=[str(TASKS_DIR)] + ([include_path] if include_path else []),
                        include_defaults=builtin_tasks)
@@ -61,7 +61,7 @@ def check_tasks(tasks: list[str], *, include_path: str | None = None, builtin_ta
         close = difflib.get_close_matches(unknown[0], bundled, n=1)
         raise ConfigError(f"unknown lm-eval task {unknown[0]!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
                           f"bundled tasks: {', '.join(bundled)}"
-                          + ("; list the harness's own with: python -m btx_jax.harness ls tasks" if builtin_tasks
+                          + ("; list the harness's own with: python -m btx_jax.eval.harness ls tasks" if builtin_tasks
                              else " (the harness's own are not searched here)"))
     return manager
 
@@ -71,7 +71,7 @@ def run_tasks(models: dict[str, str | Pretrained], tasks: list[str], *, tokenize
               include_path: str | None = None, builtin_tasks: bool = True) -> dict[str, dict[str, dict]]:
     """{model: {task: {metric, value, stderr, n}}} for model directories or loaded `Pretrained` models
     (`builtin_tasks=False`: only the bundled tasks and `include_path`); unknown tasks are refused first
-    (`check_tasks`).  A directory is loaded (sharded, see btx_jax/harness.py) only while its tasks run."""
+    (`check_tasks`).  A directory is loaded (sharded, see btx_jax/eval/harness.py) only while its tasks run."""
     manager = check_tasks(list(tasks), include_path=include_path, builtin_tasks=builtin_tasks)
     gen_kwargs = {"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None
     out = {}

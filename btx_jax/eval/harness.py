@@ -1,12 +1,12 @@
 """lm-evaluation-harness backend `btx`: score any directory `load_pretrained` accepts (HF, btx, mergoo,
 HF base + PEFT adapter) on the harness's tasks, in JAX, without exporting to PyTorch.
 
-    python -m btx_jax.harness --model btx --model_args pretrained=DIR[,adapter=DIR,dtype=bfloat16,tokenizer=PATH] \
+    python -m btx_jax.eval.harness --model btx --model_args pretrained=DIR[,adapter=DIR,dtype=bfloat16,tokenizer=PATH] \
         --tasks btx_jcommonsenseqa,btx_gsm8k --batch_size 16 [--limit 50]
 
-`python -m btx_jax.harness` registers the backend, adds the bundled offline tasks (btx_jax/tasks/) to the
+`python -m btx_jax.eval.harness` registers the backend, adds the bundled offline tasks (btx_jax/eval/tasks/) to the
 task search path and then runs lm-eval's own command line unchanged (lm-eval 0.4.13 has no plugin
-discovery). From Python, `import btx_jax.harness` registers `btx` for `lm_eval.simple_evaluate`.
+discovery). From Python, `import btx_jax.eval.harness` registers `btx` for `lm_eval.simple_evaluate`.
 
 Conventions follow the harness's `hf` backend, so scores are comparable (tests check it request by request):
   - tokens: the tokenizer's own defaults (a Llama tokenizer prepends BOS); an empty context is the BOS token
@@ -18,12 +18,12 @@ Conventions follow the harness's `hf` backend, so scores are comparable (tests c
     `do_sample` (temperature / top_p); output cut at the first EOS and the first stop sequence.
 Requests are scored in batches of `batch_size` rows padded to a few length buckets (32, 64, ... tokens), so a
 task compiles one program per bucket, not one per request. Generation uses the KV-cached
-`btx_jax.generate.generate` on prompts right-padded to the same length buckets, batching requests whose prompts
+`btx_jax.model.generate.generate` on prompts right-padded to the same length buckets, batching requests whose prompts
 have the same token length, in chunks of `gen_chunk` new tokens until every row has hit a stop sequence or
 `max_gen_toks`.
 
 The model is loaded sharded over every local device (FSDP, as training shards it) in `dtype` (default: bf16 on
-accelerators, fp32 on CPU); the tokenizer defaults to the model's own (`btx_jax.textgen.model_tokenizer`).
+accelerators, fp32 on CPU); the tokenizer defaults to the model's own (`btx_jax.eval.textgen.model_tokenizer`).
 
 Single host only: with more than one JAX process the backend refuses to start (one clear error).
 """
@@ -45,14 +45,14 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from btx_jax import mesh as mesh_lib
-from btx_jax.cli import run_cli
+from btx_jax.command_line import run_cli
 from btx_jax.config import ConfigError
 from btx_jax.data.errors import DataError
 from btx_jax.data.tokenizer import Tokenizer, load_tokenizer
-from btx_jax.generate import generate
+from btx_jax.model.generate import generate
 from btx_jax.model import Llama, init_cache
 from btx_jax.pretrained import Pretrained, inference_dtype, open_model
-from btx_jax.textgen import check_matches, model_tokenizer
+from btx_jax.eval.textgen import check_matches, model_tokenizer
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 MIN_BUCKET = 32
@@ -359,7 +359,7 @@ def _evaluate(args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`btx lm-eval` (and `btx-lm-eval`): lm-eval's command line with `btx` registered and btx_jax/tasks on the
+    """`btx lm-eval` (and `btx-lm-eval`): lm-eval's command line with `btx` registered and btx_jax/eval/tasks on the
     task path.  0, or 2 after one line `error: ...` on stderr for a user error (btx_jax/cli run_cli)."""
     try:
         run_cli(lambda: _evaluate(list(sys.argv[1:] if argv is None else argv)))

@@ -11,7 +11,7 @@ so the seed's LoRA experts can be mixed this way too.
 
 The merged model: in every layer the FFN becomes a mixture of the experts' FFNs (gate/up/down_proj stacked in
 the order given, then the seed's own FFN when `seed_expert=True`) with a new router on the hidden state (init
-as for the LoRA-MoE: btx_jax/router_init.py); each token runs its top-k experts (btx_jax/model/moe_ffn.py).
+as for the LoRA-MoE: btx_jax/mix/router_init.py); each token runs its top-k experts (btx_jax/model/moe_ffn.py).
 All other parameters (embeddings, attention, norms, lm_head) are averaged over the N experts (`shared=
 "average"`; a leaf that every expert left bit-identical to the seed's, as the `ffn` phase does, is taken from
 the seed exactly) or taken from the seed (`shared="seed"`).
@@ -45,7 +45,7 @@ from btx_jax.config import ConfigError, LlamaConfig, MoESpec
 from btx_jax.model import routed_layers
 from btx_jax.model.lora import expert_columns
 from btx_jax.pretrained import ModelSource, Pretrained, detect_format, memory_source, open_model
-from btx_jax.router_init import RouterSpec
+from btx_jax.mix.router_init import RouterSpec
 
 FFN = ("gate_proj", "up_proj", "down_proj")
 ROUTER = "layers/moe/router/kernel"
@@ -54,7 +54,7 @@ SHARED = ("average", "seed")
 
 @dataclasses.dataclass(frozen=True)
 class FfnMoESpec(RouterSpec):
-    """An FFN-MoE (the paper's BTX, Mixtral): the router options (btx_jax/router_init.py RouterSpec) plus
+    """An FFN-MoE (the paper's BTX, Mixtral): the router options (btx_jax/mix/router_init.py RouterSpec) plus
     `shared`: the non-FFN weights "average"d over the experts or taken from the "seed"; `max_drift`: the largest
     relative L2 distance of an expert from the seed (the branched check; None: no check)."""
     shared: str = "average"

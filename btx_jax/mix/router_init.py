@@ -1,10 +1,10 @@
 """What a composed MoE's routers are (LoRA-MoE and FFN-MoE alike): `RouterSpec`, the options both compose specs
-share (btx_jax/compose.py LoraMoESpec, btx_jax/compose_ffn.py FfnMoESpec), and their initial weights.
+share (btx_jax/mix/compose.py LoraMoESpec, btx_jax/mix/compose_ffn.py FfnMoESpec), and their initial weights.
 
     "normal"  N(0, std^2), std 0.02 by default (what mergoo's freshly loaded gates get from HF's
               initializer_range): small random logits break top-k ties, tokens spread over all experts
     "zeros"   every expert gets the same logit; top-k then picks experts 0..k-1 for every token (jax.lax.top_k
-              is stable) until the router's weights separate — see btx_jax/compose.py
+              is stable) until the router's weights separate — see btx_jax/mix/compose.py
 """
 from __future__ import annotations
 

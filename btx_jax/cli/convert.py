@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 from btx_jax.checkpoint import btx
 from btx_jax.checkpoint.tensor_files import CheckpointError, check_destination
-from btx_jax.cli import ArgumentParser, parse_bytes, run_cli, stopping_cleanly
+from btx_jax.command_line import ArgumentParser, parse_bytes, run_cli, stopping_cleanly
 from btx_jax.config import DTYPES, ConfigError
 from btx_jax.pretrained import check_savable, detect_format, open_model
 

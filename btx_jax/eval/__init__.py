@@ -1,0 +1,1 @@
+"""Evaluation: held-out losses, generation, downstream tasks (lm-evaluation-harness), reports."""

@@ -1,0 +1,1 @@
+"""The mix step: experts composed into one MoE model (LoRA-MoE, FFN-MoE) and its routers' init."""

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -148,3 +149,12 @@ def small_tmpfs(where: Path, size: str):
         yield where
     finally:
         subprocess.run(["umount", str(where)])
+
+
+@pytest.fixture
+def python_sigint():
+    """SIGINT as Python installs it (KeyboardInterrupt) for the test: a process started in the background by a
+    non-interactive shell (nohup, `&`) inherits SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -181,9 +181,9 @@ def test_downstream_scores_of_finished_tasks_survive_a_later_crash(hf_llama, tmp
 
 def test_importing_and_plotting_leave_the_matplotlib_backend_alone(tmp_path):
     """btx_jax.eval.evaluate imports no matplotlib; the report's plots use their own Agg canvas, never pyplot."""
-    code = ("import sys, numpy as np, btx_jax.evaluate\n"
+    code = ("import sys, numpy as np, btx_jax.eval.evaluate\n"
             "assert 'matplotlib' not in sys.modules\n"
-            "from btx_jax import report\n"
+            "from btx_jax.eval import report\n"
             f"out = report.plot_routing_heatmap(np.eye(2), ['a', 'b'], ['e0', 'e1'], {str(tmp_path / 'h.png')!r})\n"
             "assert 'matplotlib.pyplot' not in sys.modules\n"
             "import matplotlib\n"

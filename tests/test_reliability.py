@@ -171,7 +171,7 @@ def test_rerunning_a_finished_run_changes_nothing(trained, tmp_path, capsys):
     assert (digest(w / "final"), digest(w / "checkpoints")) == before
 
 
-def test_sigint_saves_then_exits_130(tmp_path, monkeypatch, capsys):
+def test_sigint_saves_then_exits_130(tmp_path, monkeypatch, capsys, python_sigint):
     real = trainer.make_data
 
     def interrupting(cfg, vocab):          # Ctrl-C arrives while the third batch is being read
@@ -253,7 +253,7 @@ def test_export_out_of_space_leaves_no_temp_dir_and_the_old_output(tmp_path, mon
 
     def full(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.safetensors"))
-    monkeypatch.setattr(tensor_files, "save_file", full)
+    monkeypatch.setattr(tensor_files._ShardWriter, "close", full)      # where a safetensors file is written
     from btx_jax.checkpoint import btx
     monkeypatch.setattr(btx, "save", full)
     with pytest.raises(disk.DiskError, match="no space left on device"):

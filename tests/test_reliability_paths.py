@@ -111,12 +111,12 @@ def test_train_workdir_and_evaluate_out_that_are_files_are_refused(tmp_path):
 def _signal_while_writing(monkeypatch, signum):
     """Send `signum` to this process as the first tensor file is written (then finish writing it)."""
     from btx_jax.checkpoint import tensor_files
-    real = tensor_files.save_file
+    real = tensor_files._ShardWriter.close          # where a safetensors file is written
 
-    def save_and_signal(*a, **k):
+    def save_and_signal(self):
         os.kill(os.getpid(), signum)
-        return real(*a, **k)
-    monkeypatch.setattr(tensor_files, "save_file", save_and_signal)
+        return real(self)
+    monkeypatch.setattr(tensor_files._ShardWriter, "close", save_and_signal)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -194,9 +194,9 @@ def test_sigterm_to_the_convert_script_leaves_no_temp_dir(models, tmp_path):
     """The real signal from outside: the process ends 143 with one line, nothing beside the old output."""
     code = ("import os, signal, sys, time; sys.argv[1:] = []\n"
             "from btx_jax.checkpoint import tensor_files as t\n"
-            "real = t.save_file\n"
-            "def slow(*a, **k):\n    print('writing', flush=True); time.sleep(60); return real(*a, **k)\n"
-            "t.save_file = slow\n"
+            "real = t._ShardWriter.close\n"
+            "def slow(self):\n    print('writing', flush=True); time.sleep(60); return real(self)\n"
+            "t._ShardWriter.close = slow\n"
             "from btx_jax.cli.convert import main\n"
             f"sys.exit(main(['btx-to-hf', {str(tmp_path / 'btx')!r}, {str(tmp_path / 'hf')!r}]))\n")
     assert convert.main(["hf-to-btx", str(models / "llama"), str(tmp_path / "btx")]) == 0

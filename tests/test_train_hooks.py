@@ -105,7 +105,7 @@ def test_a_hook_error_stops_training_and_every_hook_is_closed(tmp_path):
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / ".lock").exists()
 
 
-def test_stop_signals_are_opt_in():
+def test_stop_signals_are_opt_in(python_sigint):
     """deferred_stops installs nothing: without stopping_cleanly a signal acts as usual (here Python's
     KeyboardInterrupt); inside it the signal is recorded for the loop, and the handlers are restored after."""
     before = signal.getsignal(signal.SIGINT)

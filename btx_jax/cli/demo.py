@@ -61,9 +61,8 @@ def phase_configs(out: Path, quick: bool):
 
 
 def run(args) -> None:
-    from btx_jax import compose
     from btx_jax.eval import evaluate, report
-    from btx_jax.mix.compose import make_spec
+    from btx_jax.mix.compose import compose, make_spec
     from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, load_tokenizer
     from btx_jax.eval.textgen import complete
     from btx_jax.train.trainer import train

@@ -27,7 +27,10 @@ def _kernel(T: int, num_heads: int, block: int, interpret: bool):
     sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     mask = sa.MultiHeadMask([sa.CausalMask((T, T))] * num_heads)
-    return sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    # concrete arrays even when first built inside a trace: the cached kernel outlives it (else a tracer leaks
+    # into the next jit that reuses the kernel)
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
 
 
 def _local(q_BTNH, k_BTKH, v_BTKH, seg_BT, block: int, interpret: bool):

@@ -5,7 +5,6 @@ from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.pretrained import Pretrained, load_pretrained
 from btx_jax.counting import count_params
 from btx_jax.mix.compose_ffn import FfnMoESpec
-# binds the function over the btx_jax.mix.compose module's name: inside the package import from the module
 from btx_jax.mix.compose import LoraMoESpec, compose
 
 __all__ = ["AdapterSpec", "CheckpointError", "ConfigError", "ExpertSpec", "FfnMoESpec", "LlamaConfig",

@@ -1,5 +1,5 @@
-"""The `btx` command line (btx_jax/cli/main.py dispatches to the commands) and its one error path: library
-errors, usage errors and flag typos become one stderr line and exit code 2.
+"""The command lines' one error path (every `btx` command, btx_jax/cli/, and the scripts): library errors, usage
+errors and flag typos become one stderr line and exit code 2; signals become clean exits.
 
     run_cli(fn)                      user errors (bad config, checkpoint, data, disk faults) -> `error: ...`, 2
     ArgumentParser(prog="btx generate")       argparse: usage errors -> `btx generate: error: ...`, 2

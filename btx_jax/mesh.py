@@ -161,4 +161,29 @@ def place(leaf, target: jax.ShapeDtypeStruct) -> jax.Array:
         raise ValueError(f"leaf of shape {list(leaf.shape)} cannot be placed as {list(target.shape)}")
     with lazy.reading():        # leaves read whole (a LoRA of a btx checkpoint): once per placement, then freed
         return jax.make_array_from_callback(tuple(target.shape), target.sharding,
-                                            lambda index: np.asarray(leaf[index], dtype=target.dtype))
+                                            lambda index: host_buffer(leaf[index], target.dtype))
+
+
+ALIGN = 64       # XLA:CPU adopts a host buffer aligned to this many bytes instead of copying it
+
+
+def host_buffer(x, dtype) -> np.ndarray:
+    """`x` as a new `dtype` array in 64-byte-aligned memory: a CPU device takes it over without a copy (so
+    placing a converted leaf holds it once, not twice); other devices copy it to theirs as they would any array."""
+    x = np.asarray(x)
+    dtype = np.dtype(dtype)
+    nbytes = x.size * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    out = raw[start:start + nbytes].view(dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+def inference_mesh() -> Mesh:
+    """Where evaluation and the lm-eval backend hold a model: every local device (FSDP, as training shards it)
+    on accelerators; one device on CPU, whose virtual devices share the host's memory (sharding there saves no
+    memory and costs each device its own gathered copy of every layer's weights during the forward pass)."""
+    if jax.default_backend() == "cpu":
+        return single_device_mesh()
+    return make_mesh({"fsdp": -1}, jax.local_devices())

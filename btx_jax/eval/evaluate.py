@@ -5,7 +5,8 @@ LoRA-MoE (share of each domain's tokens sent to each expert, per layer and proje
                               seq_len=128, batch_size=16, max_batches=8)
     main(["--model", "seed=runs/demo/seed/final", "--out", "runs/demo/eval"])     # scripts/evaluate.py
 
-One model is in memory at a time: each is loaded sharded over every local device (FSDP, as training shards it),
+One model is in memory at a time: each is loaded sharded over every local device (FSDP, as training shards it;
+one device on CPU: `btx_jax.mesh.inference_mesh`),
 in the dtype asked for (default bf16 on accelerators, fp32 on CPU), evaluated and released before the next.
 Each model reads its text with its own tokenizer unless one is given (btx_jax/eval/textgen.py `model_tokenizer`).
 
@@ -77,11 +78,11 @@ def evaluate_models(models: dict[str, str], domains: dict[str, dict], tokenizer=
                     each: Callable[[str, Pretrained, object, dict], None] | None = None) -> dict:
     """{model: {domain: evaluate_domain(...)}} for model dirs, one model in memory at a time: every model's
     config, tokenizer (`tokenizer`, else its own: `model_tokenizer`) and --seq-len are checked before any is
-    loaded; then each is loaded sharded over all local devices in `dtype` (`inference_dtype`), evaluated,
+    loaded; then each is loaded on `mesh_lib.inference_mesh()` in `dtype` (`inference_dtype`), evaluated,
     passed to `each(name, pre, tokenizer, its results)` while loaded (samples, lm-eval tasks, partial results)
     and released.
     `cache_dir`: where the tokenised evaluation stores live (default: the data pipeline's)."""
-    mesh = mesh_lib.make_mesh({"fsdp": -1})
+    mesh = mesh_lib.inference_mesh()
     sources, tokenizers = {}, {}
     for name, path in models.items():
         src = sources[name] = open_model(path)          # configs and tensor headers only
@@ -140,8 +141,8 @@ CLI_HELP = """Evaluate checkpoints per domain and write a markdown report with t
         --workdir seed=runs/demo/seed --out runs/demo/eval
 
 Domains default to the bundled held-out splits (wiki, math, novel); each row of the table is a model.
-Models are evaluated one at a time, sharded over every local device, in --dtype; results.json is rewritten as
-each completes.
+Models are evaluated one at a time, sharded over every local accelerator (one device on CPU), in --dtype;
+results.json is rewritten as each completes.
 A --seq-len beyond a model's max_position_embeddings is refused (exit 2), not truncated: losses at a different
 length would not be comparable.
 `--tasks btx_jcommonsenseqa,btx_gsm8k` also runs lm-evaluation-harness tasks for every model (needs `.[eval]`):

@@ -22,8 +22,9 @@ task compiles one program per bucket, not one per request. Generation uses the K
 have the same token length, in chunks of `gen_chunk` new tokens until every row has hit a stop sequence or
 `max_gen_toks`.
 
-The model is loaded sharded over every local device (FSDP, as training shards it) in `dtype` (default: bf16 on
-accelerators, fp32 on CPU); the tokenizer defaults to the model's own (`btx_jax.eval.textgen.model_tokenizer`).
+The model is loaded sharded over every local device (FSDP, as training shards it; one device on CPU) in
+`dtype` (default: bf16 on accelerators, fp32 on CPU); the tokenizer defaults to the model's own
+(`btx_jax.eval.textgen.model_tokenizer`).
 
 Single host only: with more than one JAX process the backend refuses to start (one clear error).
 """
@@ -122,7 +123,7 @@ class BtxLM(TemplateLM):
             src = open_model(pretrained, adapter=adapter)
             self.tok = model_tokenizer(pretrained, src.config.vocab_size, adapter=adapter, tokenizer=tokenizer,
                                        option=TOKENIZER_OPTION)
-            self.pre = src.load(dtype=inference_dtype(dtype), mesh=mesh_lib.make_mesh({"fsdp": -1}))
+            self.pre = src.load(dtype=inference_dtype(dtype), mesh=mesh_lib.inference_mesh())
         self.model = self.pre.model()
         self._batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
         self._max_length = int(max_length or self.pre.config.max_position_embeddings)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from btx_jax import LoraMoESpec, compose, load_pretrained, param_paths
+from btx_jax import LoraMoESpec, compose, load_pretrained, mesh as mesh_lib, param_paths
 from btx_jax.eval import evaluate
 from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
 from conftest import hf_model
@@ -97,8 +97,10 @@ def _live_bytes() -> int:
 
 def test_models_are_evaluated_one_at_a_time_sharded_in_the_dtype_asked(hf_llama, monkeypatch):
     """Three models: the live device bytes while any one is evaluated stay about one model's (all three kept
-    would be three times that); each is sharded over the 8 devices in bfloat16; the losses are the fp32
-    single-device ones within bf16 precision."""
+    would be three times that); each is sharded over the 8 devices of the mesh an accelerator host gets (on CPU
+    `inference_mesh` is one device: test_inference_mesh_is_one_device_on_cpu) in bfloat16; the losses are the
+    fp32 single-device ones within bf16 precision."""
+    monkeypatch.setattr(mesh_lib, "inference_mesh", lambda: mesh_lib.make_mesh({"fsdp": -1}, jax.local_devices()))
     paths = {f"m{i}": hf_llama(seed=i, vocab_size=4096) for i in range(3)}
     tok = load_tokenizer(BUNDLED_TOKENIZER)
     domains = {"math": bundled_source("math")}

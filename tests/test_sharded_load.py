@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 import btx_jax
 from btx_jax import mesh as mesh_lib, param_paths
@@ -75,3 +76,30 @@ def test_compose_builds_the_moe_sharded(hf_llama, tmp_path):
     for k, v in param_paths.flatten(moe.params).items():
         assert v.sharding.spec == mesh_lib.spec_for(param_paths.rule_for(k).axes, v.shape, mesh), k
         np.testing.assert_array_equal(np.asarray(v), here.flat_numpy()[k], err_msg=k)
+
+
+def test_inference_mesh_is_one_device_on_cpu():
+    """Virtual CPU devices share the host's memory: evaluation holds a model on one of them (sharding over 8
+    would give each its own gathered copy of every layer in the forward pass)."""
+    mesh = mesh_lib.inference_mesh()
+    assert jax.device_count() == 8 and mesh.devices.size == 1 and mesh.devices.flat[0] == jax.local_devices()[0]
+
+
+def test_a_converted_leaf_is_held_once_on_cpu():
+    """place() converts a leaf into a buffer the CPU device adopts as it is: the array's memory is that buffer
+    (a large numpy array is 16 bytes off a 64-byte boundary, which XLA:CPU would copy, holding the leaf twice)."""
+    leaf = np.arange(1 << 20, dtype=np.float64).reshape(1024, 1024)
+    made = []
+    real = mesh_lib.host_buffer
+
+    def spy(x, dtype):
+        made.append(real(x, dtype))
+        return made[-1]
+
+    target = mesh_lib.sharded_target({"embed_tokens": jax.ShapeDtypeStruct(leaf.shape, np.float32)})["embed_tokens"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mesh_lib, "host_buffer", spy)
+        placed = mesh_lib.place(leaf, target)
+    assert len(made) == 1 and placed.dtype == np.float32
+    assert placed.addressable_data(0).unsafe_buffer_pointer() == made[0].ctypes.data
+    np.testing.assert_array_equal(np.asarray(placed), leaf.astype(np.float32))

@@ -114,30 +114,36 @@ def writing(path: str | Path, nbytes: int | None = None, cleanup: Iterable[str |
 
 
 class _BackgroundFaults(logging.Filter):
-    """Drops log records about a disk fault (orbax logs its failed background writes with their traceback)
-    and, once one was seen, the 'Event loop is closed' errors of the writes' late callbacks."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = False
+    """Drops log records about a disk fault (orbax logs its failed background writes with their traceback)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if (exc is not None and fault_of(exc)) or fault_of(Exception(record.getMessage())):
-            self.seen = True
-            return False
-        return True
+        return not ((exc is not None and fault_of(exc)) or fault_of(Exception(record.getMessage())))
 
-    def unraisable(self, hook, unraisable) -> None:
-        late = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
-        if not (self.seen and late):
-            hook(unraisable)
+
+def _late_callback(exc: BaseException | None, tb) -> bool:
+    """A TensorStore write finishing after orbax closed the event loop that awaited it (orbax closes its loop
+    as soon as one write of a save fails; the others' completions then raise in asyncio's closed-loop check
+    on TensorStore's threads, which print them through sys.unraisablehook or sys.excepthook)."""
+    if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+        return False
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).match("asyncio/base_events.py")
 
 
 def quiet_background_faults(logger: str = "absl") -> None:
     """Keep disk faults that orbax's background threads log (through absl, i.e. the `logger` logger) off
-    stderr, with the noise their aborted writes leave; the main thread's DiskError says it in one line."""
-    faults = _BackgroundFaults()
-    logging.getLogger(logger).addFilter(faults)
-    hook = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: faults.unraisable(hook, unraisable)
+    stderr, with the late callbacks of the writes they abort; the main thread's DiskError says it in one line.
+    An entry point's process-wide setting (it wraps sys.unraisablehook and sys.excepthook)."""
+    logging.getLogger(logger).addFilter(_BackgroundFaults())
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def quiet_unraisable(u) -> None:
+        if not _late_callback(u.exc_value, u.exc_traceback):
+            unraisable(u)
+
+    def quiet_excepthook(kind, value, tb) -> None:
+        if not _late_callback(value, tb):
+            excepthook(kind, value, tb)
+    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook

@@ -49,6 +49,27 @@ def assert_same_config(a_dir: Path, b_dir: Path) -> None:
 
 # ---- round trips ----
 
+def test_btx_restore_bounds_the_reads_in_flight_and_still_reads_a_leaf_above_the_bound(hf_llama, tmp_path,
+                                                                                      monkeypatch):
+    """orbax reads every leaf at once unless told otherwise (at 1.1B: 11.95 GiB peak for 7.73 GiB of fp32
+    params, 10.01 GiB bounded); the bound is HOST_BUDGET, raised to the largest leaf so that one still reads."""
+    from btx_jax.checkpoint import btx
+    src = btx_jax.load_pretrained(hf_llama())
+    src.save_pretrained(tmp_path / "btx", format="btx")
+    largest = max(x.nbytes for x in jax.tree_util.tree_leaves(src.params))
+    monkeypatch.setattr(btx, "HOST_BUDGET", 1024)                     # below every leaf of the tiny model
+    limits, real = [], btx.ocp.PyTreeCheckpointHandler
+
+    def recording(*args, **kwargs):
+        limits.append(kwargs.get("restore_concurrent_gb"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(btx.ocp, "PyTreeCheckpointHandler", recording)
+    back = btx_jax.load_pretrained(tmp_path / "btx")
+    assert limits == [btx.concurrent_gb(largest)], (limits, largest)
+    for path, leaf in src.flat_numpy().items():
+        np.testing.assert_array_equal(back.flat_numpy()[path], leaf, err_msg=path)
+
+
 @pytest.mark.parametrize("kind", ["untied", "tied_llama3"])
 def test_hf_btx_hf_roundtrip_bit_identical(hf_llama, tmp_path, kind):
     src = hf_llama() if kind == "untied" else hf_llama(**LLAMA3_TIED)

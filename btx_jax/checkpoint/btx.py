@@ -211,6 +211,24 @@ def stored_shapes(directory: str | Path) -> dict[str, jax.ShapeDtypeStruct]:
     return {path: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for path, m in param_paths.flatten(meta).items()}
 
 
+HOST_BUDGET = 2 ** 28        # host bytes a save or restore holds in flight (a larger leaf is copied alone)
+
+
+def concurrent_gb(nbytes: int) -> float:
+    """orbax's `*_concurrent_gb` for a limit of `nbytes` (orbax counts 10**9 bytes, and a read must be below it)."""
+    return (nbytes + 1) / 10 ** 9
+
+
+def largest_shard_bytes(tree) -> int:
+    """Bytes of the largest one-device shard of the (abstract) arrays in `tree`: what one read holds on host
+    (an array without a sharding counts whole)."""
+    def shard(x):
+        sharding = getattr(x, "sharding", None)
+        return sharding.shard_shape(x.shape) if sharding is not None else x.shape
+    return max((int(np.prod(shard(x))) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)),
+               default=0)
+
+
 def restore(directory: str | Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     """The stored leaves named in `target`, in its dtypes and shardings (a ShapeDtypeStruct without a
     sharding restores as a host numpy array)."""
@@ -226,7 +244,9 @@ def restore(directory: str | Path, target: dict[str, jax.ShapeDtypeStruct]) -> d
     item = param_paths.unflatten(dict(target))
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=len(target) < len(stored))
-    with ocp.PyTreeCheckpointer() as ckpt:
+    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=concurrent_gb(max(HOST_BUDGET,
+                                                                                largest_shard_bytes(item))))
+    with ocp.Checkpointer(handler) as ckpt:     # reads in flight bounded: host memory holds about one batch
         out = param_paths.flatten(ckpt.restore(_params_dir(directory), args=args))
     for path, leaf in out.items():     # checked where the leaf lives: no extra host copy
         if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from btx_jax import disk, schema
+from btx_jax.checkpoint.btx import HOST_BUDGET, concurrent_gb, largest_shard_bytes
 from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.config import ConfigError
 from btx_jax.train.hooks import Hook, Loop
@@ -39,8 +39,6 @@ from btx_jax.train.host_memory import release_freed_memory
 
 DAMAGED_SUFFIX = ".damaged"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"     # orbax's in-progress step directories
-
-HOST_BUDGET = 2 ** 28        # host bytes a save or restore holds in flight (a larger leaf is copied alone)
 
 # Config keys that may change between a run and its resumption (btx_jax/schema.py's `resumable` fields).
 RESUMABLE_CHANGES = schema.resumable_keys()
@@ -61,7 +59,6 @@ class Checkpointer:
             return self.manager
         if self.manager is not None:
             self.manager.close()
-        gb = lambda nbytes: (nbytes + 1) / 10 ** 9     # noqa: E731  (orbax counts 10**9 bytes; a read must be < it)
         json_handler = ocp.JsonCheckpointHandler
         with disk.writing(self.directory):
             self.manager = ocp.CheckpointManager(
@@ -70,8 +67,9 @@ class Checkpointer:
                                                      enable_async_checkpointing=False, create=True,
                                                      cleanup_tmp_directories=True),
                 item_handlers={"state": ocp.PyTreeCheckpointHandler(
-                    save_concurrent_gb=gb(HOST_BUDGET), save_device_host_concurrent_gb=gb(HOST_BUDGET),
-                    restore_concurrent_gb=gb(restore_budget)),
+                    save_concurrent_gb=concurrent_gb(HOST_BUDGET),
+                    save_device_host_concurrent_gb=concurrent_gb(HOST_BUDGET),
+                    restore_concurrent_gb=concurrent_gb(restore_budget)),
                     "data": json_handler(), "config": json_handler(), "frozen": json_handler()})
         self._restore_budget = restore_budget
         return self.manager
@@ -192,12 +190,6 @@ class CheckpointHook(Hook):
 
     def on_end(self, loop: Loop) -> None:
         self.ckpt.wait()
-
-
-def largest_shard_bytes(tree) -> int:
-    """Bytes of the largest one-device shard of the (abstract) arrays in `tree`: what one read holds on host."""
-    return max((int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
-                for x in jax.tree_util.tree_leaves(tree)), default=0)
 
 
 def _reason(error: Exception) -> str:

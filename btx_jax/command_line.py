@@ -2,7 +2,7 @@
 errors and flag typos become one stderr line and exit code 2; signals become clean exits.
 
     run_cli(fn)                      user errors (bad config, checkpoint, data, disk faults) -> `error: ...`, 2
-    ArgumentParser(prog="btx generate")       argparse: usage errors -> `btx generate: error: ...`, 2
+    ArgumentParser(prog="btx generate")       argparse: usage errors -> `error: btx generate: ...`, 2
     parse_flags(argv, flag_values, doc)       absl / ml_collections flags (--config=expert:wiki, --config.a.b=1):
                                               --help -> doc + the flags, 0; typos and bad values -> one line, 2
     p.add_argument("--device-memory", type=size_flag)     # '80GB', '141GiB' -> bytes; bad sizes -> one line, 2
@@ -27,11 +27,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with usage errors as one stderr line (`<prog>: error: ...`) and exit 2."""
+    """argparse with usage errors as one stderr line (`error: <prog>: ...`, as `fail`) and exit 2."""
 
     def error(self, message):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        fail(f"{self.prog}: {message}")
 
 
 def positive_int(text: str) -> int:

@@ -31,13 +31,33 @@ def test_an_unknown_command_is_one_line_and_exit_2(capsys):
         f"error: btx: unknown command 'trian' (did you mean train?); the commands: {', '.join(COMMANDS)}"]
 
 
-@pytest.mark.parametrize("command", ["train", "prepare-data", "generate", "demo", "rehearse", "train-tokenizer"])
+def _exit_code(argv) -> int:
+    """`btx ARGV`'s exit code, whether the command returns it or raises SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_help_shows_the_flags_and_an_example(command, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([command, "--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    assert f"btx {command} --" in out and "--" in out.split(f"btx {command} --", 1)[1]
+    if command == "lm-eval":
+        pytest.importorskip("lm_eval")
+    assert _exit_code([command, "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.lstrip().startswith("-") for line in lines), lines           # the options, each documented
+    examples = [line for line in lines if f"btx {command} " in line and not line.startswith("usage:")]
+    assert any(len(line.split(f"btx {command} ", 1)[1].split()) >= 1 for line in examples), lines
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_refuses_an_unknown_flag_in_one_line(command, capsys):
+    """One usage-error style for all: `error: ...` alone on stderr, exit 2 (argparse's usage text is not printed)."""
+    if command == "lm-eval":
+        pytest.importorskip("lm_eval")
+    assert _exit_code([command, "--no-such-flag=1"]) == 2
+    (err,) = capsys.readouterr().err.splitlines()
+    assert err.startswith("error: "), err
 
 
 @pytest.mark.parametrize("spec,want", [
@@ -65,7 +85,7 @@ def test_a_config_file_of_that_name_here_wins(tmp_path, monkeypatch):
     (["prepare-data", "--config=expert:synthetic", "--num_proc=2"], "error: Unknown command line flag 'num_proc'"),
     (["prepare-data", "--config=expert:synthetic", "--num-proc=0"], "error: flag --num-proc=0"),
     (["train", "--config=expert:synthetic", "--workdir=/tmp/x", "stray"], "error: btx train: unexpected argument"),
-    (["generate", "--model=x", "--prompt=a", "--max-new-tokens=0"], "btx generate: error: argument --max-new"),
+    (["generate", "--model=x", "--prompt=a", "--max-new-tokens=0"], "error: btx generate: argument --max-new"),
 ])
 def test_flag_typos_and_bad_values_are_one_line_and_exit_2(argv, line, capsys):
     with pytest.raises(SystemExit) as e:
@@ -98,5 +118,5 @@ def test_size_flag_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         p.parse_args(["--device-memory", "12XB"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == ("tool.py: error: argument --device-memory: '12XB' is not a size "
+    assert capsys.readouterr().err == ("error: tool.py: argument --device-memory: '12XB' is not a size "
                                        "(examples: 5GB, 500MB, 2GiB, 1000000)\n")

@@ -4,7 +4,7 @@
     main(["BASE", "EXPERT", "EXPERT", "--out", "DST", "--top-k", "2", "--format", "mergoo"])   # -> 0
 
 The flags make the mode's spec (btx_jax/mix/compose.py make_spec: a flag of the other mode, e.g. --shared without
---mode ffn, is refused).  Bad usage is one line `btx compose: error: ...` (btx_jax/command_line.py ArgumentParser), bad
+--mode ffn, is refused).  Bad usage is one line `error: btx compose: ...` (btx_jax/command_line.py ArgumentParser), bad
 input (bad values, experts that do not fit the base, an existing --out without --overwrite, disk faults) one
 line `error: ...` (btx_jax/command_line.py run_cli); both return 2 and nothing is written then.
 """

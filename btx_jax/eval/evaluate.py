@@ -137,7 +137,7 @@ def btx_findings(results: dict, domains: list[str], seed: str, experts: dict[str
 
 CLI_HELP = """Evaluate checkpoints per domain and write a markdown report with tables and plots.
 
-    python scripts/evaluate.py --model seed=runs/demo/seed/final --model moe=runs/demo/router/final \\
+    btx evaluate --model seed=runs/demo/seed/final --model moe=runs/demo/router/final \\
         --workdir seed=runs/demo/seed --out runs/demo/eval
 
 Domains default to the bundled held-out splits (wiki, math, novel); each row of the table is a model.

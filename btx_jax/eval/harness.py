@@ -1,10 +1,10 @@
 """lm-evaluation-harness backend `btx`: score any directory `load_pretrained` accepts (HF, btx, mergoo,
 HF base + PEFT adapter) on the harness's tasks, in JAX, without exporting to PyTorch.
 
-    python -m btx_jax.eval.harness --model btx --model_args pretrained=DIR[,adapter=DIR,dtype=bfloat16,tokenizer=PATH] \
+    btx lm-eval --model btx --model_args pretrained=DIR[,adapter=DIR,dtype=bfloat16,tokenizer=PATH] \
         --tasks btx_jcommonsenseqa,btx_gsm8k --batch_size 16 [--limit 50]
 
-`python -m btx_jax.eval.harness` registers the backend, adds the bundled offline tasks (btx_jax/eval/tasks/) to the
+`btx lm-eval` (or `python -m btx_jax.eval.harness`) registers the backend, adds the bundled offline tasks (btx_jax/eval/tasks/) to the
 task search path and then runs lm-eval's own command line unchanged (lm-eval 0.4.13 has no plugin
 discovery). From Python, `import btx_jax.eval.harness` registers `btx` for `lm_eval.simple_evaluate`.
 
@@ -30,10 +30,12 @@ Single host only: with more than one JAX process the backend refuses to start (o
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import glob
 import sys
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +48,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from btx_jax import mesh as mesh_lib
-from btx_jax.command_line import run_cli
+from btx_jax.command_line import fail, run_cli
 from btx_jax.config import ConfigError
 from btx_jax.data.errors import DataError
 from btx_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -330,6 +332,10 @@ def check_task_file(path: str | Path) -> None:
         raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
+EXAMPLE = ("btx lm-eval --model btx --model_args pretrained=runs/sft/final --tasks btx_jcommonsenseqa "
+           "--batch_size 16 --limit 50")
+
+
 def check_args(args: list[str]) -> None:
     """Before lm-eval starts: every `--tasks` YAML file parses and the `btx` model's `--model_args` are valid."""
     for flag, value in zip(args[:-1], args[1:]):
@@ -348,9 +354,13 @@ def _evaluate(args: list[str]) -> None:
     if not any(a == "--include_path" or a.startswith("--include_path=") for a in args) and \
             any(a in ("--tasks", "run", "ls", "validate") or a.startswith("--tasks=") for a in args):
         args = [*args, "--include_path", str(TASKS_DIR)]
+    if any(a in ("-h", "--help") for a in args):
+        print(f"example:\n  {EXAMPLE}\n")
     saved, sys.argv = sys.argv, ["lm-eval", *args]       # lm-eval's command line reads sys.argv only
     try:
-        cli_evaluate()
+        with mock.patch.object(argparse.ArgumentParser, "error",     # its usage errors: one line, exit 2
+                               lambda parser, message: fail(f"btx lm-eval: {message}")):
+            cli_evaluate()
     except ValueError as e:        # the harness's own "Tasks not found: ..." and friends
         if "not found" not in str(e):
             raise

@@ -4,9 +4,10 @@ HF base + PEFT adapter) on the harness's tasks, in JAX, without exporting to PyT
     btx lm-eval --model btx --model_args pretrained=DIR[,adapter=DIR,dtype=bfloat16,tokenizer=PATH] \
         --tasks btx_jcommonsenseqa,btx_gsm8k --batch_size 16 [--limit 50]
 
-`btx lm-eval` (or `python -m btx_jax.eval.harness`) registers the backend, adds the bundled offline tasks (btx_jax/eval/tasks/) to the
-task search path and then runs lm-eval's own command line unchanged (lm-eval 0.4.13 has no plugin
-discovery). From Python, `import btx_jax.eval.harness` registers `btx` for `lm_eval.simple_evaluate`.
+`btx lm-eval` (or `python -m btx_jax.eval.harness`) registers the backend, adds the bundled offline tasks
+(btx_jax/eval/tasks/) to the task search path and then runs lm-eval's own command line, its usage errors as one
+line (lm-eval 0.4.13 has no plugin discovery). From Python, `import btx_jax.eval.harness` registers `btx` for
+`lm_eval.simple_evaluate`.
 
 Conventions follow the harness's `hf` backend, so scores are comparable (tests check it request by request):
   - tokens: the tokenizer's own defaults (a Llama tokenizer prepends BOS); an empty context is the BOS token

@@ -49,25 +49,53 @@ def assert_same_config(a_dir: Path, b_dir: Path) -> None:
 
 # ---- round trips ----
 
-def test_btx_restore_bounds_the_reads_in_flight_and_still_reads_a_leaf_above_the_bound(hf_llama, tmp_path,
-                                                                                      monkeypatch):
-    """orbax reads every leaf at once unless told otherwise (at 1.1B: 11.95 GiB peak for 7.73 GiB of fp32
-    params, 10.01 GiB bounded); the bound is HOST_BUDGET, raised to the largest leaf so that one still reads."""
-    from btx_jax.checkpoint import btx
-    src = btx_jax.load_pretrained(hf_llama())
-    src.save_pretrained(tmp_path / "btx", format="btx")
-    largest = max(x.nbytes for x in jax.tree_util.tree_leaves(src.params))
-    monkeypatch.setattr(btx, "HOST_BUDGET", 1024)                     # below every leaf of the tiny model
-    limits, real = [], btx.ocp.PyTreeCheckpointHandler
+def _record_limits(monkeypatch, module) -> list[dict]:
+    """The host-memory limits of every orbax PyTreeCheckpointHandler `module` makes from now on."""
+    limits, real = [], module.ocp.PyTreeCheckpointHandler
 
     def recording(*args, **kwargs):
-        limits.append(kwargs.get("restore_concurrent_gb"))
+        limits.append({k: v for k, v in kwargs.items() if k.endswith("concurrent_gb")})
         return real(*args, **kwargs)
-    monkeypatch.setattr(btx.ocp, "PyTreeCheckpointHandler", recording)
+    monkeypatch.setattr(module.ocp, "PyTreeCheckpointHandler", recording)
+    return limits
+
+
+def test_btx_save_and_restore_bound_the_bytes_in_flight_and_still_move_a_leaf_above_the_bound(hf_llama, tmp_path,
+                                                                                            monkeypatch):
+    """orbax moves every leaf at once unless told otherwise (at 1.1B: restore 11.95 GiB peak for 7.73 GiB of fp32
+    params, 10.01 GiB bounded); the bound is HOST_BUDGET, raised to the largest leaf so that one still moves:
+    orbax refuses a write or read above its limit (a 1.1B save on one device failed on its 352 MiB q_proj)."""
+    from btx_jax.checkpoint import btx
+    src = btx_jax.load_pretrained(hf_llama())
+    largest = max(x.nbytes for x in jax.tree_util.tree_leaves(src.params))
+    monkeypatch.setattr(btx, "HOST_BUDGET", 1024)                     # below every leaf of the tiny model
+    limits = _record_limits(monkeypatch, btx)
+    src.save_pretrained(tmp_path / "btx", format="btx")
     back = btx_jax.load_pretrained(tmp_path / "btx")
-    assert limits == [btx.concurrent_gb(largest)], (limits, largest)
+    bound = btx.concurrent_gb(largest)
+    assert limits == [dict.fromkeys(("save_concurrent_gb", "save_device_host_concurrent_gb",
+                                     "restore_concurrent_gb"), bound)] * 2, (limits, largest)
     for path, leaf in src.flat_numpy().items():
         np.testing.assert_array_equal(back.flat_numpy()[path], leaf, err_msg=path)
+
+
+def test_training_checkpoints_save_and_restore_a_shard_above_the_bound(tmp_path, monkeypatch):
+    """A one-device run whose largest trainable shard is above HOST_BUDGET (at 7B on one GPU: lora_a of r=640 is
+    320 MiB) saves and resumes it: the manager's limits follow the state's largest shard."""
+    from btx_jax.checkpoint import btx
+    from btx_jax.train import checkpoints
+    monkeypatch.setattr(btx, "HOST_BUDGET", 1024)
+    monkeypatch.setattr(checkpoints, "HOST_BUDGET", 1024)
+    state = {"w": jax.numpy.arange(64 * 64, dtype=np.float32).reshape(64, 64), "step": jax.numpy.int32(3)}
+    ckpt = checkpoints.Checkpointer(tmp_path / "c", every=1, keep=1)
+    assert ckpt.save(1, state, {"pos": 1}, {}, "digest", force=True)
+    ckpt.close()
+    again = checkpoints.Checkpointer(tmp_path / "c", every=1, keep=1)
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in state.items()}
+    step, back, data_state, digest = again.resume(abstract, lambda saved: None)
+    again.close()
+    assert (step, data_state, digest) == (1, {"pos": 1}, "digest")
+    np.testing.assert_array_equal(np.asarray(back["w"]), np.asarray(state["w"]))
 
 
 @pytest.mark.parametrize("kind", ["untied", "tied_llama3"])

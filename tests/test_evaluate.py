@@ -1,6 +1,6 @@
 """Evaluation: per-domain loss equals a cross-entropy computed with transformers on the same batches; models are
 evaluated one at a time, sharded, in the dtype asked for; routing statistics of a LoRA-MoE; the BTX findings;
-the evaluate.py CLI report, its cache dir, its refusal of unknown tasks and its partial results."""
+the `btx evaluate` report, its cache dir, its refusal of unknown tasks and its partial results."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from btx_jax import LoraMoESpec, compose, load_pretrained, mesh as mesh_lib, param_paths
+from btx_jax.cli import evaluate as evaluate_cli
 from btx_jax.eval import evaluate
 from btx_jax.data import BUNDLED_TOKENIZER, bundled_source, eval_batches, load_tokenizer
 from conftest import hf_model
@@ -128,10 +129,11 @@ def test_models_are_evaluated_one_at_a_time_sharded_in_the_dtype_asked(hf_llama,
 
 def test_evaluate_refuses_unknown_task_before_any_model_runs(hf_llama, tmp_path, monkeypatch, capsys):
     pytest.importorskip("lm_eval")
-    monkeypatch.setattr(evaluate, "evaluate_models", lambda *a, **k: pytest.fail("a model ran"))
+    monkeypatch.setattr(evaluate_cli, "evaluate_models", lambda *a, **k: pytest.fail("a model ran"))
+    model = hf_llama(vocab_size=4096)
+    capsys.readouterr()                 # transformers' progress bars, when this test builds the model
     with pytest.raises(SystemExit) as e:
-        evaluate.main(["--model", f"m={hf_llama(vocab_size=4096)}", "--tasks", "btx_gsm8kk",
-                       "--out", str(tmp_path / "out")])
+        evaluate_cli.main(["--model", f"m={model}", "--tasks", "btx_gsm8kk", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
     assert "'btx_gsm8kk'" in err[0] and "did you mean 'btx_gsm8k'" in err[0] and "btx_jcommonsenseqa" in err[0]
@@ -150,8 +152,8 @@ def test_results_of_finished_models_survive_a_later_crash(hf_llama, tmp_path, mo
     monkeypatch.setattr(evaluate, "evaluate_domain", crashing)
     path = hf_llama(vocab_size=4096)
     with pytest.raises(RuntimeError, match="went away"):
-        evaluate.main(["--model", f"a={path}", "--model", f"b={path}", "--domains", "math", "--max-batches", "1",
-                       "--seq-len", "32", "--batch-size", "2", "--out", str(tmp_path / "out")])
+        evaluate_cli.main(["--model", f"a={path}", "--model", f"b={path}", "--domains", "math", "--max-batches", "1",
+                           "--seq-len", "32", "--batch-size", "2", "--out", str(tmp_path / "out")])
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert list(saved) == ["a"] and saved["a"]["math"]["tokens"] > 0
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["results.json"]     # no temporary left
@@ -172,9 +174,9 @@ def test_downstream_scores_of_finished_tasks_survive_a_later_crash(hf_llama, tmp
         return real(models, tasks, **kw)
     monkeypatch.setattr(downstream, "run_tasks", crashing)
     with pytest.raises(RuntimeError, match="went away"):
-        evaluate.main(["--model", f"a={hf_llama(vocab_size=4096)}", "--domains", "math", "--max-batches", "1",
-                       "--seq-len", "32", "--batch-size", "2", "--tasks", "btx_jcommonsenseqa,btx_gsm8k",
-                       "--limit", "2", "--max-gen-toks", "4", "--out", str(tmp_path / "out")])
+        evaluate_cli.main(["--model", f"a={hf_llama(vocab_size=4096)}", "--domains", "math", "--max-batches", "1",
+                           "--seq-len", "32", "--batch-size", "2", "--tasks", "btx_jcommonsenseqa,btx_gsm8k",
+                           "--limit", "2", "--max-gen-toks", "4", "--out", str(tmp_path / "out")])
     assert seen == [["btx_jcommonsenseqa"], ["btx_gsm8k"]]
     scores = json.loads((tmp_path / "out" / "downstream.json").read_text())
     assert list(scores) == ["a"] and list(scores["a"]) == ["btx_jcommonsenseqa"]

@@ -20,7 +20,8 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from btx_jax import LoraMoESpec, compose, load_pretrained  # noqa: E402
-from btx_jax.eval.harness import TASKS_DIR, BtxLM, main  # noqa: E402
+from btx_jax.cli.lm_eval import main  # noqa: E402
+from btx_jax.eval.harness import TASKS_DIR, BtxLM  # noqa: E402
 from conftest import build_hf_llama  # noqa: E402
 from llama2c import STORIES, stories260k_hf  # noqa: E402
 

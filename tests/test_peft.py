@@ -79,6 +79,40 @@ def test_merge_lora_into_hf(hf_llama, tmp_path):
     assert diff <= TOL
 
 
+def test_merged_export_folds_one_layer_at_a_time():
+    """A `--merge-lora` export holds one layer's fold at a time, not every folded kernel: the host memory it
+    allocates while the tensors stream out (tracemalloc sees numpy's buffers) stays below one target's stacked
+    fp32 kernel (the earlier fold of whole [layers, in, out] kernels allocated 3x that per target, and kept
+    every folded kernel until the write ended), and the values are those of the whole-kernel fold."""
+    import tracemalloc
+
+    from btx_jax.checkpoint.hf import export_tensors
+    from btx_jax.checkpoint.peft import folded, merged_kernels
+    from btx_jax.config import AdapterSpec, ExpertSpec, LlamaConfig
+    from btx_jax.model.lora import expert_columns
+    from btx_jax.pretrained import random_source
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=512, num_layers=8, num_heads=4,
+                         num_kv_heads=4, head_dim=16,
+                         adapter=AdapterSpec(experts=(ExpertSpec(rank=16, alpha=32.0),), router=False))
+    flat = {k: np.array(v) for k, v in random_source(config, 0).load(dtype="float32").flat_numpy().items()}
+    stacked = flat["layers/mlp/up_proj/kernel"]
+    tracemalloc.start()
+    try:
+        tensors = {}
+        for key, t in export_tensors(merged_kernels(flat, config), config.replace(adapter=None), lambda p: True):
+            if key == "model.layers.3.mlp.up_proj.weight":
+                tensors[key] = t
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"merged export: {peak:,} bytes allocated at the peak; one stacked fp32 kernel {stacked.nbytes:,}")
+    assert peak < stacked.nbytes
+    whole = folded(stacked, flat["layers/mlp/up_proj/lora_a"], flat["layers/mlp/up_proj/lora_b"],
+                   expert_columns(config.adapter, "up_proj")[1], np.ones(8, np.float32))
+    np.testing.assert_array_equal(tensors["model.layers.3.mlp.up_proj.weight"], whole[3].T)
+
+
 def test_merge_refuses_moe(hf_llama, tmp_path):
     base = btx_jax.load_pretrained(hf_llama())
     from test_lora import random_lora

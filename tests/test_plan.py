@@ -1,4 +1,4 @@
-"""btx_jax/train/plan.py (scripts/plan.py): the abstract plan agrees with the memory of the real state on 8 virtual
+"""btx_jax/train/plan.py and `btx plan` (btx_jax/cli/plan.py): the abstract plan agrees with the memory of the real state on 8 virtual
 devices, its FLOPs grow ~linearly with the batch, and the CLI end to end on `--target cpu:N` and, through XLA's deviceless
 GPU compiler, `--target gpu:h100-8` (bad input: one line, exit 2).  (conftest.py sets XLA_FLAGS to 8 host
 devices.)"""
@@ -11,7 +11,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from btx_jax.train import plan as plan_mod
+from btx_jax.cli import plan as plan_cli
+from btx_jax.train import aot, plan as plan_mod
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -72,25 +73,25 @@ def test_plan_cli_cpu_target_and_bad_target(tmp_path, capsys):
     out = tmp_path / "plan.json"
     argv = ["--config", "configs/expert.py:synthetic", "--target", "cpu:8", "--batch", "8", "--seq-len", "32",
             "--loss-chunk", "16", "--out", str(out)]
-    assert plan_mod.main(argv) == 0
+    assert plan_cli.main(argv) == 0
     text = capsys.readouterr().out
     assert "cpu:8 = 8 cpu devices" in text and "| expert | 8 |" in text
     with pytest.raises(SystemExit) as exited:
-        plan_mod.main(argv[:2] + ["--target", "tpu:v9-8"])
+        plan_cli.main(argv[:2] + ["--target", "tpu:v9-8"])
     assert exited.value.code == 2
     err = capsys.readouterr()
     assert "expected cpu:N" in (err.out + err.err) and "Traceback" not in err.err
     with pytest.raises(SystemExit) as exited:
-        plan_mod.main(argv[:2] + ["--device-memory", "12XB"])
+        plan_cli.main(argv[:2] + ["--device-memory", "12XB"])
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "argument --device-memory: '12XB' is not a size" in err
     with pytest.raises(SystemExit) as exited:
-        plan_mod.main(argv[:2] + ["--mesh", "fsdp8"])
+        plan_cli.main(argv[:2] + ["--mesh", "fsdp8"])
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err == "error: --mesh 'fsdp8': expected axis=size pairs separated by commas, e.g. data=1,fsdp=8,tensor=1\n"
-    assert plan_mod.mesh_axes("data=1, fsdp=8,tensor=-1") == {"data": 1, "fsdp": 8, "tensor": -1}
+    assert plan_cli.mesh_axes("data=1, fsdp=8,tensor=-1") == {"data": 1, "fsdp": 8, "tensor": -1}
 
 
 def test_max_batch_secant_search_finds_the_largest_fitting_multiple(monkeypatch):
@@ -119,7 +120,7 @@ def test_max_batch_secant_search_finds_the_largest_fitting_multiple(monkeypatch)
 def refusal(capsys, argv) -> str:
     """The one stderr line of a plan CLI run refused with exit 2."""
     with pytest.raises(SystemExit) as exited:
-        plan_mod.main(argv)
+        plan_cli.main(argv)
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
@@ -138,7 +139,7 @@ def test_plan_cli_refuses_unknown_gpus_and_malformed_target_files(tmp_path, caps
 def test_plan_cli_refuses_a_config_xla_cannot_parse_and_a_batch_off_the_gpu_count(tmp_path, capsys):
     base = ["--config", "configs/expert.py:synthetic", "--seq-len", "32"]
     bogus = tmp_path / "bogus.txtpb"
-    bogus.write_text((plan_mod.aot.GPU_TARGETS_DIR / "h100_sxm.txtpb").read_text() + "bogus_field: 3\n")
+    bogus.write_text((aot.GPU_TARGETS_DIR / "h100_sxm.txtpb").read_text() + "bogus_field: 3\n")
     err = refusal(capsys, base + ["--target", f"gpu:{bogus}"])
     assert "bogus.txtpb: XLA cannot use this GPU target config" in err and 'no field named "bogus_field"' in err
     err = refusal(capsys, base + ["--target", "gpu:h100-8", "--batch", "12"])
@@ -150,7 +151,7 @@ def test_plan_cli_on_8_h100s_reports_gpu_memory_fit_and_model_count_flops(tmp_pa
     """A tiny expert step compiled for 8 compile-only H100s with a 5 MB device (budget 4.5 MB): batch 8 fits,
     16 does not, so the search compiles those two and the JSON row carries the TPU rows' fields."""
     out = tmp_path / "plan.json"
-    assert plan_mod.main(["--config", "configs/expert.py:synthetic", "--seq-len", "32", "--loss-chunk", "16",
+    assert plan_cli.main(["--config", "configs/expert.py:synthetic", "--seq-len", "32", "--loss-chunk", "16",
                           "--batch", "8", "--target", "gpu:h100-8", "--search", "--device-memory", "5MB",
                           "--out", str(out)]) == 0
     text = capsys.readouterr().out

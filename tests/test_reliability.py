@@ -22,7 +22,7 @@ import pytest
 
 import btx_jax
 from btx_jax import disk, param_paths
-from btx_jax.eval import evaluate
+from btx_jax.cli import evaluate as evaluate_cli
 from btx_jax.command_line import stopping_cleanly
 from btx_jax.config import ConfigError
 from btx_jax.model.generate import InputError
@@ -348,10 +348,10 @@ def test_api_refuses_out_of_range_inputs():
 ])
 def test_evaluate_cli_arguments(tmp_path, capsys, monkeypatch, argv, words):
     model = _tiny_model(vocab_size=4096, max_position_embeddings=256).save_pretrained(tmp_path / "m", format="hf")
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", f"m={model}",
+    monkeypatch.setattr(sys, "argv", ["btx evaluate", "--model", f"m={model}",
                                       "--out", str(tmp_path / "o"), *argv])
     with pytest.raises(SystemExit) as e:
-        evaluate.main()
+        evaluate_cli.main()
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1

@@ -229,6 +229,16 @@ def largest_shard_bytes(tree) -> int:
                default=0)
 
 
+def bounded_handler(largest_shard: int) -> ocp.PyTreeCheckpointHandler:
+    """orbax's PyTree handler holding at most max(HOST_BUDGET, `largest_shard`) host bytes in flight: a save
+    copies that much of the leaves from the devices at a time and writes it before copying more, a restore reads
+    that much at a time.  orbax refuses a write or a read above its limit, so `largest_shard` must be at least
+    the largest one-device shard saved or restored (`largest_shard_bytes`)."""
+    limit = concurrent_gb(max(HOST_BUDGET, largest_shard))
+    return ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit, save_device_host_concurrent_gb=limit,
+                                       restore_concurrent_gb=limit)
+
+
 def restore(directory: str | Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     """The stored leaves named in `target`, in its dtypes and shardings (a ShapeDtypeStruct without a
     sharding restores as a host numpy array)."""
@@ -244,9 +254,7 @@ def restore(directory: str | Path, target: dict[str, jax.ShapeDtypeStruct]) -> d
     item = param_paths.unflatten(dict(target))
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=len(target) < len(stored))
-    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=concurrent_gb(max(HOST_BUDGET,
-                                                                                largest_shard_bytes(item))))
-    with ocp.Checkpointer(handler) as ckpt:     # reads in flight bounded: host memory holds about one batch
+    with ocp.Checkpointer(bounded_handler(largest_shard_bytes(item))) as ckpt:    # host memory: about one batch
         out = param_paths.flatten(ckpt.restore(_params_dir(directory), args=args))
     for path, leaf in out.items():     # checked where the leaf lives: no extra host copy
         if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
@@ -263,8 +271,8 @@ def save(directory: Path, config: LlamaConfig, params: dict, reference: dict | N
         if reference is not None:
             raw[FROZEN_FROM] = reference
         (directory / BTX_CONFIG).write_text(json.dumps(raw, indent=2))
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save((directory / "params").absolute(), tree)
+    with ocp.Checkpointer(bounded_handler(largest_shard_bytes(tree))) as ckpt:   # one batch on host at a time
+        ckpt.save((directory / "params").absolute(), args=ocp.args.PyTreeSave(tree))
 
 
 def _fingerprint(x):

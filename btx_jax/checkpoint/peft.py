@@ -274,8 +274,10 @@ def check_mergeable(config: LlamaConfig) -> None:
                               "on each token, so it is not a linear fold (save with format='mergoo' or 'btx')")
 
 
-def merged_kernels(flat: dict[str, np.ndarray], config: LlamaConfig) -> dict[str, np.ndarray]:
-    """Base leaves with a plain LoRA folded in: kernel + routed(layer) * A diag(s) B; LoRA leaves dropped."""
+def merged_kernels(flat: dict[str, np.ndarray], config: LlamaConfig) -> dict[str, np.ndarray | LazyLeaf]:
+    """Base leaves with a plain LoRA folded in: kernel + routed(layer) * A diag(s) B; LoRA leaves dropped.  A
+    folded kernel is a `LazyLeaf` computed one layer slice at a time as it is read (an export writes it layer by
+    layer), so only one layer's fp32 temporaries and no second copy of the kernels are ever held."""
     spec = config.adapter
     if spec is None:
         return dict(flat)
@@ -284,9 +286,15 @@ def merged_kernels(flat: dict[str, np.ndarray], config: LlamaConfig) -> dict[str
     out = {k: v for k, v in flat.items() if not LORA_LEAF.fullmatch(k)}
     for target in spec.targets:
         prefix = f"layers/{param_paths.BLOCK_OF[_BLOCK[target]]}/{target}"
-        _, scale_R = expert_columns(spec, target)
-        out[f"{prefix}/kernel"] = folded(np.asarray(flat[f"{prefix}/kernel"]), np.asarray(flat[f"{prefix}/lora_a"]),
-                                         np.asarray(flat[f"{prefix}/lora_b"]), scale_R, routed)
+        kernel, a, b = (flat[f"{prefix}/{name}"] for name in ("kernel", "lora_a", "lora_b"))
+        scale_R = expert_columns(spec, target)[1]
+
+        def read(index, kernel=kernel, a=a, b=b, scale_R=scale_R):
+            layers = index[0]
+            whole = folded(np.asarray(kernel[layers]), np.asarray(a[layers]), np.asarray(b[layers]), scale_R,
+                           routed[layers])
+            return whole[(slice(None), *index[1:])]
+        out[f"{prefix}/kernel"] = LazyLeaf(kernel.shape, kernel.dtype, read)
     return out
 
 

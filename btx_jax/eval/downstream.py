@@ -61,7 +61,7 @@ def check_tasks(tasks: list[str], *, include_path: str | None = None, builtin_ta
         close = difflib.get_close_matches(unknown[0], bundled, n=1)
         raise ConfigError(f"unknown lm-eval task {unknown[0]!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
                           f"bundled tasks: {', '.join(bundled)}"
-                          + ("; list the harness's own with: python -m btx_jax.eval.harness ls tasks" if builtin_tasks
+                          + ("; list the harness's own with: btx lm-eval ls tasks" if builtin_tasks
                              else " (the harness's own are not searched here)"))
     return manager
 

@@ -4,9 +4,9 @@ HF base + PEFT adapter) on the harness's tasks, in JAX, without exporting to PyT
     btx lm-eval --model btx --model_args pretrained=DIR[,adapter=DIR,dtype=bfloat16,tokenizer=PATH] \
         --tasks btx_jcommonsenseqa,btx_gsm8k --batch_size 16 [--limit 50]
 
-`btx lm-eval` (or `python -m btx_jax.eval.harness`) registers the backend, adds the bundled offline tasks
-(btx_jax/eval/tasks/) to the task search path and then runs lm-eval's own command line, its usage errors as one
-line (lm-eval 0.4.13 has no plugin discovery). From Python, `import btx_jax.eval.harness` registers `btx` for
+`btx lm-eval` (btx_jax/cli/lm_eval.py) registers the backend, adds the bundled offline tasks (btx_jax/eval/tasks/)
+to the task search path and then runs lm-eval's own command line, its usage errors as one line (lm-eval 0.4.13
+has no plugin discovery). From Python, `import btx_jax.eval.harness` registers `btx` for
 `lm_eval.simple_evaluate`.
 
 Conventions follow the harness's `hf` backend, so scores are comparable (tests check it request by request):
@@ -31,12 +31,8 @@ Single host only: with more than one JAX process the backend refuses to start (o
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import glob
-import sys
 from pathlib import Path
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +45,6 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from tqdm import tqdm
 
 from btx_jax import mesh as mesh_lib
-from btx_jax.command_line import fail, run_cli
 from btx_jax.config import ConfigError
 from btx_jax.data.errors import DataError
 from btx_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -331,54 +326,3 @@ def check_task_file(path: str | Path) -> None:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
-
-
-EXAMPLE = ("btx lm-eval --model btx --model_args pretrained=runs/sft/final --tasks btx_jcommonsenseqa "
-           "--batch_size 16 --limit 50")
-
-
-def check_args(args: list[str]) -> None:
-    """Before lm-eval starts: every `--tasks` YAML file parses and the `btx` model's `--model_args` are valid."""
-    for flag, value in zip(args[:-1], args[1:]):
-        if flag == "--tasks":
-            for t in value.split(","):
-                if t.endswith(".yaml"):
-                    for file in glob.glob(t) or [t]:
-                        check_task_file(file)
-        if flag == "--model_args" and "--model" in args and args[args.index("--model") + 1] == "btx":
-            check_model_args(value)
-
-
-def _evaluate(args: list[str]) -> None:
-    from lm_eval.__main__ import cli_evaluate
-    check_args(args)
-    if not any(a == "--include_path" or a.startswith("--include_path=") for a in args) and \
-            any(a in ("--tasks", "run", "ls", "validate") or a.startswith("--tasks=") for a in args):
-        args = [*args, "--include_path", str(TASKS_DIR)]
-    if any(a in ("-h", "--help") for a in args):
-        print(f"example:\n  {EXAMPLE}\n")
-    saved, sys.argv = sys.argv, ["lm-eval", *args]       # lm-eval's command line reads sys.argv only
-    try:
-        with mock.patch.object(argparse.ArgumentParser, "error",     # its usage errors: one line, exit 2
-                               lambda parser, message: fail(f"btx lm-eval: {message}")):
-            cli_evaluate()
-    except ValueError as e:        # the harness's own "Tasks not found: ..." and friends
-        if "not found" not in str(e):
-            raise
-        raise ConfigError(str(e)) from None
-    finally:
-        sys.argv = saved
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`btx lm-eval` (and `btx-lm-eval`): lm-eval's command line with `btx` registered and btx_jax/eval/tasks on the
-    task path.  0, or 2 after one line `error: ...` on stderr for a user error (btx_jax/cli run_cli)."""
-    try:
-        run_cli(lambda: _evaluate(list(sys.argv[1:] if argv is None else argv)))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

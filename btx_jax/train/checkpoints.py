@@ -4,8 +4,8 @@ model's source, and their digest is kept to check a resume against), the data it
 resolved config; resuming with an incompatible config is refused.
 
 Host memory.  A save copies the state to host memory a batch of leaves at a time (orbax's
-`save_device_host_concurrent_gb`: at most HOST_BUDGET bytes, or one leaf when a leaf is larger) and writes each
-batch before copying the next, so it holds at most about one leaf besides what the devices hold; it is
+`save_device_host_concurrent_gb`: at most HOST_BUDGET bytes, or one device's shard of the largest leaf when that
+is larger) and writes each batch before copying the next, so it holds at most about one leaf besides what the devices hold; it is
 synchronous (the loop waits for the write) because an asynchronous save would need a host copy of the whole
 trainable and optimizer state while the next step runs (the next step donates the state's buffers).  A
 restore reads at most HOST_BUDGET bytes (or one device's shard of the largest leaf) at a time
@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from btx_jax import disk, schema
-from btx_jax.checkpoint.btx import HOST_BUDGET, concurrent_gb, largest_shard_bytes
+from btx_jax.checkpoint.btx import HOST_BUDGET, bounded_handler, largest_shard_bytes
 from btx_jax.checkpoint.tensor_files import CheckpointError
 from btx_jax.config import ConfigError
 from btx_jax.train.hooks import Hook, Loop
@@ -49,13 +49,13 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.nbytes = None
         self.every, self.keep = max(int(every), 1), int(keep)
-        self.manager, self._restore_budget = None, 0
+        self.manager, self._budget = None, 0
         self._open(HOST_BUDGET)
 
-    def _open(self, restore_budget: int) -> ocp.CheckpointManager:
-        """The manager, reopened when a restore must read a shard larger than the current budget (orbax refuses
-        a read that does not fit its limit)."""
-        if self.manager is not None and restore_budget <= self._restore_budget:
+    def _open(self, budget: int) -> ocp.CheckpointManager:
+        """The manager, reopened when a save or restore moves a shard larger than the current budget (orbax
+        refuses a write or read that does not fit its limit)."""
+        if self.manager is not None and budget <= self._budget:
             return self.manager
         if self.manager is not None:
             self.manager.close()
@@ -66,12 +66,9 @@ class Checkpointer:
                 options=ocp.CheckpointManagerOptions(save_interval_steps=self.every, max_to_keep=self.keep,
                                                      enable_async_checkpointing=False, create=True,
                                                      cleanup_tmp_directories=True),
-                item_handlers={"state": ocp.PyTreeCheckpointHandler(
-                    save_concurrent_gb=concurrent_gb(HOST_BUDGET),
-                    save_device_host_concurrent_gb=concurrent_gb(HOST_BUDGET),
-                    restore_concurrent_gb=concurrent_gb(restore_budget)),
-                    "data": json_handler(), "config": json_handler(), "frozen": json_handler()})
-        self._restore_budget = restore_budget
+                item_handlers={"state": bounded_handler(budget), "data": json_handler(),
+                               "config": json_handler(), "frozen": json_handler()})
+        self._budget = budget
         return self.manager
 
     def latest_step(self) -> int | None:
@@ -88,6 +85,7 @@ class Checkpointer:
         lean = {k: v for k, v in state.items() if k != "frozen"}
         if self.nbytes is None:
             self.nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(lean))
+            self._open(largest_shard_bytes(lean))
         with self._guard():
             if force or self.manager.should_save(step):
                 disk.require(self.directory, self.nbytes)
@@ -102,7 +100,7 @@ class Checkpointer:
         """(state without frozen weights, placed with the abstract state's shardings; data iterator state;
         digest of the frozen weights it was trained with)."""
         lean = {k: v for k, v in abstract_state.items() if k != "frozen"}
-        manager = self._open(max(HOST_BUDGET, largest_shard_bytes(lean)))
+        manager = self._open(largest_shard_bytes(lean))
         out = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(lean, restore_args=ocp.checkpoint_utils.construct_restore_args(lean)),
             data=ocp.args.JsonRestore(), frozen=ocp.args.JsonRestore()))

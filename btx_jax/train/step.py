@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import optax
 
 from btx_jax import mesh as mesh_lib, param_paths
-from btx_jax.config import LOSS_LAYOUTS  # noqa: F401  (re-exported: plan.py and validate read it here)
 from btx_jax.model import Llama
 from btx_jax.model.chunked_ce import DEFAULT_CHUNK, chunked_cross_entropy
 from btx_jax.model.loss import forward, token_losses

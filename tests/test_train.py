@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from btx_jax import param_paths
+from btx_jax import param_paths, schema
 from btx_jax.model import abstract_params
 from btx_jax.pretrained import load_pretrained
 from btx_jax import mesh as mesh_lib
@@ -261,7 +261,7 @@ def test_step_one_trains_and_old_runs_keep_their_schedule(tmp_path):
     assert rows[1]["lr"] == pytest.approx(1e-2 / 4) and rows[1]["update_norm"] > 0
     assert rows[2]["lr"] == pytest.approx(2e-2 / 4)
     cfg = trainer.resolved(tiny_config(warmup_steps=4))
-    assert schedule({**cfg["train"], "warmup_offset": 0})(0) == 0.0
+    assert schedule(schema.parse({**cfg, "train": {**cfg["train"], "warmup_offset": 0}}).train)(0) == 0.0
     saved = json.loads(json.dumps(cfg))
     del saved["train"]["warmup_offset"]
     with pytest.raises(ConfigError, match="train.warmup_offset"):
@@ -281,7 +281,8 @@ def test_cpu_step_casts_frozen_weights_per_layer():
     c.model.arch.update(num_layers=4, hidden_size=256, intermediate_size=512)
     cfg = trainer.resolved(c)
     phase = trainer.wire(cfg)
-    lowered = phase.built.step_fn.lower(phase.built.abstract_state, trainer.abstract_batch(phase.built, cfg["train"]))
+    batch = trainer.abstract_batch(phase.built, schema.parse(cfg).train)
+    lowered = phase.built.step_fn.lower(phase.built.abstract_state, batch)
     ours = lowered.compile().memory_analysis().temp_size_in_bytes
     hoisted = lowered.compile(compiler_options={"xla_disable_hlo_passes": ""}).memory_analysis().temp_size_in_bytes
     fp32_copy = sum(math.prod(s.sharding.shard_shape(s.shape)) * 4 for p, s in phase.frozen.items()

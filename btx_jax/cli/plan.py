@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from btx_jax import mesh as mesh_lib
+from btx_jax import mesh as mesh_lib, schema
 from btx_jax.command_line import ArgumentParser, run_cli, size_flag
 from btx_jax.config import ATTENTION_IMPLS, DTYPES, LOSS_LAYOUTS, REMAT_CHOICES, ConfigError
 from btx_jax.train import aot
@@ -103,18 +103,18 @@ def run(args, target: aot.Target) -> int:
     memory = args.device_memory or target.hbm_bytes
     cfg = resolved(load_config(args.config))
     apply_flags(cfg, args)
-    t = cfg["train"]
+    t = schema.parse(cfg).train
     devices = aot.target_devices(target)
     mesh = mesh_lib.make_mesh(cfg["mesh"], devices)
     print(f"[plan] {args.config}: {target.text} = {len(devices)} {devices[0].device_kind} devices, "
-          f"mesh {dict(mesh.shape)}, seq {t['seq_len']}, dtype {t['dtype']}, frozen {t['frozen_dtype']}, "
-          f"remat {t['remat']}", flush=True)
+          f"mesh {dict(mesh.shape)}, seq {t.seq_len}, dtype {t.dtype}, frozen {t.frozen_dtype}, remat {t.remat}",
+          flush=True)
     rows = []
     tic = time.perf_counter()
     for phase in (args.phase or cfg["phase"]).split(","):
         r = plan(cfg, phase=phase, experts=args.experts, top_k=args.top_k, mesh=mesh, target=target, log=progress)
         if args.search and memory:    # one loss layout for every batch tried, so the peak stays affine in it
-            fixed = {**cfg, "train": {**t, "loss_layout": r["loss_layout"]}} if "loss_layout" in r else cfg
+            fixed = {**cfg, "train": {**cfg["train"], "loss_layout": r["loss_layout"]}} if "loss_layout" in r else cfg
             best, runs = max_batch(fixed, memory, phase=phase, experts=args.experts,
                                    top_k=args.top_k, mesh=mesh, headroom=args.headroom, target=target,
                                    known=(r,), log=progress)

@@ -5,11 +5,12 @@ resolved config; resuming with an incompatible config is refused.
 
 Host memory.  A save copies the state to host memory a batch of leaves at a time (orbax's
 `save_device_host_concurrent_gb`: at most HOST_BUDGET bytes, or one device's shard of the largest leaf when that
-is larger) and writes each batch before copying the next, so it holds at most about one leaf besides what the devices hold; it is
-synchronous (the loop waits for the write) because an asynchronous save would need a host copy of the whole
-trainable and optimizer state while the next step runs (the next step donates the state's buffers).  A
-restore reads at most HOST_BUDGET bytes (or one device's shard of the largest leaf) at a time
-(`restore_concurrent_gb`), each read placed straight into its sharding.
+is larger) and writes each batch before copying the next, so it holds at most about one leaf besides what the
+devices hold; it is synchronous (the loop waits for the write) because an asynchronous save would need a host
+copy of the whole trainable and optimizer state while the next step runs (the next step donates the state's
+buffers).  A restore reads at most HOST_BUDGET bytes (or one device's shard of the largest leaf) at a time
+(`restore_concurrent_gb`), each read placed straight into its sharding.  orbax refuses a write or a read above
+its limit, so the limits follow the largest shard (btx_jax/checkpoint/btx.py `bounded_handler`).
 
 Integrity.  orbax writes each step into a temporary directory and renames it when complete; leftover temporary
 directories of an interrupted save are removed when the manager opens.  On resume (`resume`) the newest step

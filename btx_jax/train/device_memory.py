@@ -1,7 +1,8 @@
 """Does the compiled train step fit the devices it will run on?  Checked before anything is written.
 
-    check_fits(compiled, cfg["train"], devices)   # StepDoesNotFit (one line: the numbers and the knobs)
-    fit_knobs(cfg["train"])                       # those knobs, for a step the compiler itself refused (TPU)
+    t = schema.parse(cfg).train
+    check_fits(compiled, t, devices)   # StepDoesNotFit (one line: the numbers and the knobs)
+    fit_knobs(t)                       # those knobs, for a step the compiler itself refused (TPU)
 
 The step's per-device peak is the compiler's own memory analysis: arguments + temporaries + the outputs that do
 not alias a donated argument.  The memory it is held against: an accelerator's `memory_stats()["bytes_limit"]`
@@ -15,6 +16,7 @@ import psutil
 
 from btx_jax.disk import human
 from btx_jax.errors import UserError
+from btx_jax.schema import Train
 
 
 class StepDoesNotFit(UserError, MemoryError):
@@ -43,7 +45,7 @@ def device_bytes(devices=None) -> tuple[int, str] | None:
     return (int(limit), f"{devices[0].device_kind} bytes_limit") if limit else None
 
 
-def check_fits(compiled, t: dict, devices=None) -> None:
+def check_fits(compiled, t: Train, devices=None) -> None:
     """StepDoesNotFit when the step's per-device peak exceeds the device memory (device_bytes)."""
     mem = compiled.memory_analysis()
     have = device_bytes(devices)
@@ -58,8 +60,8 @@ def check_fits(compiled, t: dict, devices=None) -> None:
         f"{fit_knobs(t)}")
 
 
-def fit_knobs(t: dict) -> str:
+def fit_knobs(t: Train) -> str:
     """What to change in train config `t` for a step that does not fit, with the values now set."""
-    return (f"lower train.global_batch_size={t['global_batch_size']} or train.seq_len={t['seq_len']}, raise "
-            f"train.microbatches={t['microbatches']}, or set train.remat='full' (now {t['remat']!r}); nothing was "
+    return (f"lower train.global_batch_size={t.global_batch_size} or train.seq_len={t.seq_len}, raise "
+            f"train.microbatches={t.microbatches}, or set train.remat='full' (now {t.remat!r}); nothing was "
             "written (`btx plan` shows the memory of other settings without running them)")

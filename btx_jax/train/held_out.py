@@ -24,18 +24,17 @@ from btx_jax.data import eval_batches, load_tokenizer
 from btx_jax.data.packing import FIELDS
 from btx_jax.data.sources import Source
 from btx_jax.data.synthetic import SyntheticPipeline
+from btx_jax.schema import Train
 from btx_jax.train.hooks import Hook, Loop
 from btx_jax.train.phases import merge
 from btx_jax.train.step import ce_sum
 
 
-def domains(cfg: dict, vocab_size: int) -> dict[str, list[dict]]:
-    """{domain: [global held-out batch, ...]} (host numpy arrays)."""
-    t, d = cfg["train"], dict(cfg["data"])
-    seq_len, batch, n = int(t["seq_len"]), int(t["global_batch_size"]), int(t["eval_batches"])
+def domains(t: Train, d: dict, vocab_size: int) -> dict[str, list[dict]]:
+    """{domain: [global held-out batch, ...]} (host numpy arrays) of train section `t` and data section `d`."""
+    seq_len, batch, n = t.seq_len, t.global_batch_size, t.eval_batches
     if d.get("kind") == "synthetic":
-        stream = SyntheticPipeline(vocab_size=vocab_size, seq_len=seq_len, global_batch_size=batch,
-                                   seed=int(t["seed"]) + 1)
+        stream = SyntheticPipeline(vocab_size=vocab_size, seq_len=seq_len, global_batch_size=batch, seed=t.seed + 1)
         return {"synthetic": [next(stream) for _ in range(n)]}
     tokenizer = load_tokenizer(d["tokenizer"])
     out = {}
@@ -47,14 +46,13 @@ def domains(cfg: dict, vocab_size: int) -> dict[str, list[dict]]:
     return out
 
 
-def make_eval_step(model, state_shardings: dict, batch_sharding, t: dict, mesh, rules):
+def make_eval_step(model, state_shardings: dict, batch_sharding, t: Train, mesh, rules):
     """jit (trainable, frozen, batch) -> (sum of masked token cross-entropies, masked tokens)."""
     model = model.clone(deterministic=True)
 
     def sums(trainable, frozen, batch):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), mesh_lib.use_rules(rules):
-            ce, _ = ce_sum(model, merge(trainable, frozen), batch, None, int(t["loss_chunk"]), mesh, rules,
-                           t["loss_layout"])
+            ce, _ = ce_sum(model, merge(trainable, frozen), batch, None, t.loss_chunk, mesh, rules, t.loss_layout)
         return ce, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
     return jax.jit(sums, in_shardings=(state_shardings["trainable"], state_shardings["frozen"],

@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from btx_jax.schema import Train
+
 
 class Hook:
     """Override what you need; every method does nothing by default."""
@@ -44,6 +46,7 @@ class Hook:
 class Loop:
     """The training loop's state: what hooks read (and CheckpointHook's `saved_step`, which it writes)."""
     cfg: dict                              # the resolved config
+    train: Train                           # its train section, typed (btx_jax/schema.py)
     workdir: Path
     start: int                             # the step this run started (resumed) from
     step: int                              # steps done; `state` is the train state after them
@@ -58,7 +61,7 @@ class Loop:
 
     @property
     def total_steps(self) -> int:
-        return int(self.cfg["train"]["steps"])
+        return self.train.steps
 
     @property
     def done(self) -> bool:
@@ -88,4 +91,4 @@ class Loop:
 
     def logged(self, step: int) -> bool:
         """Whether `step` is logged (every train.log_every steps and the last)."""
-        return step % int(self.cfg["train"]["log_every"]) == 0 or step == self.total_steps
+        return step % self.train.log_every == 0 or step == self.total_steps

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from btx_jax import mesh as mesh_lib, param_paths
+from btx_jax import mesh as mesh_lib, param_paths, schema
 from btx_jax.configs import resolve
 from btx_jax.config import AdapterSpec, LlamaConfig
 from btx_jax.counting import model_flops_per_token
@@ -81,10 +81,10 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     cfg = json.loads(json.dumps(cfg))
     if phase:
         cfg["phase"] = phase
-    t = cfg["train"]
     if batch:
-        t["global_batch_size"] = int(batch)
-    gb, seq = int(t["global_batch_size"]), int(t["seq_len"])
+        cfg["train"]["global_batch_size"] = int(batch)
+    t = schema.parse(cfg).train
+    gb, seq = t.global_batch_size, t.seq_len
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg["mesh"])
     config = model_config(cfg, cfg["phase"], experts, top_k)
     phase = wire(cfg, mesh, random_source(config, 0))           # abstract: nothing is allocated
@@ -104,8 +104,8 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     cost = aot.cost_analysis(compiled)
     out = {
         "phase": cfg["phase"], "global_batch": gb, "seq_len": seq, "devices": int(mesh.devices.size),
-        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "dtype": t["dtype"], "frozen_dtype": t["frozen_dtype"],
-        "remat": t["remat"], "microbatches": int(t["microbatches"]),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "dtype": t.dtype, "frozen_dtype": t.frozen_dtype,
+        "remat": t.remat, "microbatches": t.microbatches,
         "params_trainable": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(trainable))),
         "params_total": int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(phase.source.abstract()))),
         "bytes": {
@@ -118,8 +118,8 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
         },
         "flops_xla_raw": float(cost.get("flops", 0.0)) if cost is not None else None,
         "compile_s": round(seconds, 2), "target": target.text, "fits": True,
-        "loss_chunk": int(t.get("loss_chunk", 0)), "attention": t["attention"],
-        "loss_layout": resolve_layout(t["loss_layout"], gb // int(t["microbatches"]) * seq,
+        "loss_chunk": t.loss_chunk, "attention": t.attention,
+        "loss_layout": resolve_layout(t.loss_layout, gb // t.microbatches * seq,
                                       (config.hidden_size, config.vocab_size), mesh, phase.rules),
         "cost": aot.cost_model(compiled, target),
     }
@@ -128,7 +128,7 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     if target.platform == "gpu" and b["peak"] > target.hbm_bytes:    # the GPU compiler never refuses
         out["fits"] = False
         out["error"] = f"peak {_fmt_gb(b['peak'])} GiB > the GPU's {_fmt_gb(target.hbm_bytes)} GiB"
-    micro = int(t["microbatches"])
+    micro = t.microbatches
     if cost is None:     # no cost model (XLA:GPU compiled with no device): the model's FLOPs
         out["flops_source"] = "model count (btx_jax/counting.py; XLA has no GPU cost model)"
         out["flops_per_device"] = model_flops_per_token(config, seq, cfg["phase"]) * gb * seq / out["devices"]
@@ -148,18 +148,18 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
     return out
 
 
-def layer_train_flops(config, t: dict, trainable: dict, frozen: dict, batch: int, seq: int) -> float:
+def layer_train_flops(config, t: schema.Train, trainable: dict, frozen: dict, batch: int, seq: int) -> float:
     """FLOPs of one decoder layer's forward + backward (input gradients always, weight gradients for the
     trainable leaves) at the global batch, from XLA's cost analysis of that layer alone."""
     strip = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
                                                 tree.get("layers", {}))
     tr, fr = strip(trainable), strip(frozen)
     cls = DecoderLayer
-    if t["remat"] != "none":
+    if t.remat != "none":
         # prevent_cse=True: outside a scan XLA would otherwise merge the recomputation with the forward
-        cls = nn.remat(cls, policy=REMAT_POLICIES[t["remat"]], prevent_cse=True)
-    dtype = jnp.dtype(t["dtype"])
-    layer = cls(config, dtype, jnp.float32, False, t["attention"], int(t["attention_block"]))
+        cls = nn.remat(cls, policy=REMAT_POLICIES[t.remat], prevent_cse=True)
+    dtype = jnp.dtype(t.dtype)
+    layer = cls(config, dtype, jnp.float32, False, t.attention, t.attention_block)
 
     def loss(tr, fr, x):
         ids = jnp.ones((batch, seq), jnp.int32)
@@ -186,7 +186,7 @@ def max_batch(cfg: dict, memory: int, *, phase: str, experts: int, top_k: int, m
     found is returned).  `known`: plans already compiled (e.g. at the config's batch), reused."""
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg["mesh"])
     rules = tuple((k, tuple(v)) for k, v in (cfg.get("mesh_rules") or mesh_lib.DEFAULT_RULES))
-    dp = mesh_lib.data_parallel_size(mesh, rules) * int(cfg["train"]["microbatches"])
+    dp = mesh_lib.data_parallel_size(mesh, rules) * schema.parse(cfg).train.microbatches
     budget = memory * (1 - headroom)
     runs, peaks = [], {}
 

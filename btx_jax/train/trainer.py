@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from btx_jax import disk, param_paths
+from btx_jax import disk, param_paths, schema
 from btx_jax import lock as run_lock
 from btx_jax.checkpoint import btx
 from btx_jax.command_line import Stopped, deferred_stops, fail
@@ -128,9 +128,9 @@ def _distributed_message(kwargs: dict, timeout: int, failed: bool = False) -> st
 
 def make_data(cfg: dict, vocab_size: int):
     """The training batch iterator of this process (synthetic tokens when data.kind='synthetic')."""
-    t, d = cfg["train"], dict(cfg["data"])
-    kw = dict(seq_len=int(t["seq_len"]), global_batch_size=int(t["global_batch_size"]),
-              process_index=jax.process_index(), process_count=jax.process_count(), seed=int(t["seed"]))
+    t, d = schema.parse(cfg).train, dict(cfg["data"])
+    kw = dict(seq_len=t.seq_len, global_batch_size=t.global_batch_size, process_index=jax.process_index(),
+              process_count=jax.process_count(), seed=t.seed)
     if d.get("kind") == "synthetic":
         return SyntheticPipeline(vocab_size=vocab_size, **kw)
     tokenizer = load_tokenizer(d.pop("tokenizer"))
@@ -151,7 +151,7 @@ def phase_targets(shapes: dict, cfg: dict, mesh, rules) -> tuple[dict, dict]:
     for a model's abstract leaves `shapes`."""
     trainable, frozen = phases.split(shapes, phases.trainable_patterns(cfg["phase"], cfg.get("trainable")))
     return (mesh_lib.sharded_target(trainable, mesh, rules, jnp.float32),
-            mesh_lib.sharded_target(frozen, mesh, rules, cfg["train"]["frozen_dtype"]))
+            mesh_lib.sharded_target(frozen, mesh, rules, schema.parse(cfg).train.frozen_dtype))
 
 
 class BuiltStep(NamedTuple):
@@ -166,7 +166,7 @@ def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
     """Optimizer, state/batch shardings and the jitted train step for `model` whose parameters split into
     `trainable`/`frozen` (arrays or ShapeDtypeStructs: only shapes and dtypes are read).  Shared by train()
     and btx_jax/train/plan.py (which lowers `step_fn` on `abstract_state` without allocating anything)."""
-    t = cfg["train"]
+    t = schema.parse(cfg).train
     tx = make_optimizer(t)
     shard = lambda tree: mesh_lib.param_shardings(tree, mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -178,13 +178,12 @@ def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
     batch_sharding = mesh_lib.batch_sharding(mesh, rules)
     platform = mesh.devices.flat[0].platform
     model = for_platform(model, platform)
-    step_fn = jax.jit(make_train_step(model, tx, microbatches=int(t["microbatches"]), lb_alpha=float(t["lb_alpha"]),
-                                      z_alpha=float(t["z_alpha"]), loss_chunk=int(t.get("loss_chunk", 0)), mesh=mesh,
-                                      rules=rules, loss_layout=t["loss_layout"]),
+    step_fn = jax.jit(make_train_step(model, tx, microbatches=t.microbatches, lb_alpha=t.lb_alpha, z_alpha=t.z_alpha,
+                                      loss_chunk=t.loss_chunk, mesh=mesh, rules=rules, loss_layout=t.loss_layout),
                       in_shardings=(state_shardings, {k: batch_sharding for k in FIELDS}),
                       out_shardings=(state_shardings, None), donate_argnums=0,
                       compiler_options=aot.compiler_options(platform))
-    abstract = jax.eval_shape(lambda tr, fr: init_state(tr, fr, tx, int(t["seed"])), trainable, frozen)
+    abstract = jax.eval_shape(lambda tr, fr: init_state(tr, fr, tx, t.seed), trainable, frozen)
     abstract = jax.tree_util.tree_map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                       abstract, state_shardings)
     return BuiltStep(tx, state_shardings, batch_sharding, step_fn, abstract)
@@ -196,10 +195,10 @@ def for_platform(model: Llama, platform: str) -> Llama:
                        config=moe_ffn.for_platform(model.config, platform))
 
 
-def train_module(config: LlamaConfig, t: dict) -> Llama:
+def train_module(config: LlamaConfig, t: schema.Train) -> Llama:
     """The Flax module a phase trains: the train config's compute dtype, remat policy and attention."""
-    return Llama(config, dtype=jnp.dtype(t["dtype"]), remat=t["remat"], deterministic=False,
-                 attention=t["attention"], attention_block=int(t["attention_block"]))
+    return Llama(config, dtype=jnp.dtype(t.dtype), remat=t.remat, deterministic=False, attention=t.attention,
+                 attention_block=t.attention_block)
 
 
 class Phase(NamedTuple):
@@ -218,11 +217,12 @@ def wire(cfg: dict, mesh=None, source: ModelSource | None = None) -> Phase:
     train(), btx_jax/train/plan.py and btx_jax/train/throughput.py).  Reads configs and tensor headers only.
     `source`: start from this model instead of `cfg["model"]`'s."""
     rules = validate(cfg, jax.device_count() if mesh is None else mesh.devices.size)
+    t = schema.parse(cfg).train
     mesh = mesh_lib.make_mesh(cfg["mesh"]) if mesh is None else mesh
-    source = source or initial_source(cfg["model"], seed=int(cfg["train"]["seed"]))
+    source = source or initial_source(cfg["model"], seed=t.seed)
     check_model(cfg, source.config, list(source.abstract()))
     trainable, frozen = phase_targets(source.abstract(), cfg, mesh, rules)
-    model = train_module(source.config, cfg["train"])
+    model = train_module(source.config, t)
     built = build_step(cfg, mesh, rules, model, param_paths.unflatten(trainable), param_paths.unflatten(frozen))
     return Phase(mesh, rules, source, trainable, frozen, model, built)
 
@@ -257,8 +257,8 @@ def train(config, workdir: str | Path, hooks: Sequence[Hook] = ()) -> dict:
     workdir = Path(workdir)
     maybe_initialize_distributed(cfg)
     with workdir_lock(workdir):     # first: a second run is refused before it compiles (the lock leaves no
-        t = cfg["train"]            # directory behind when the run stops before writing anything)
-        phase = wire(cfg)
+        phase = wire(cfg)           # directory behind when the run stops before writing anything)
+        t = schema.parse(cfg).train
         built = phase.built
         # compiled before any weight is read: the compiler's working memory is freed before the state exists
         try:
@@ -290,17 +290,17 @@ def workdir_lock(workdir: Path):
 
 
 def _train(cfg: dict, workdir: Path, phase: Phase, step_fn, extra: list[Hook]) -> dict:
-    t = cfg["train"]
+    t = schema.parse(cfg).train
     built = phase.built
     vocab = phase.source.config.vocab_size
     data = make_data(cfg, vocab)
     with contextlib.ExitStack() as closing:     # every hook closed however the run ends, the last first
-        ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t["ckpt_every"], t["keep_checkpoints"])
+        ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t.ckpt_every, t.keep_checkpoints)
         closing.callback(ckpt.close)
         resumed = ckpt.resume(built.abstract_state, lambda saved: checkpoints.check_compatible(saved, cfg, workdir))
         start = 0
         if resumed is None:
-            state, digest = initial_state(phase, int(t["seed"]))
+            state, digest = initial_state(phase, t.seed)
         else:
             start, state, data_state, digest = resumed
             state = {**state, "frozen": frozen_weights(phase, digest, start)}
@@ -308,27 +308,27 @@ def _train(cfg: dict, workdir: Path, phase: Phase, step_fn, extra: list[Hook]) -
             print(f"[btx] resumed {workdir} at step {start}", flush=True)
 
         info = summary(state["trainable"], state["frozen"], built.state_shardings, state)
-        metrics_log = MetricsLog(workdir, total_steps=int(t["steps"]), start_step=start,
+        metrics_log = MetricsLog(workdir, total_steps=t.steps, start_step=start,
                                  enabled=jax.process_index() == 0)
         closing.callback(metrics_log.close)
         metrics_log.header(cfg, info, phase.mesh)
         hooks = [TrainingHealth(vocab, check_loss=cfg["data"].get("kind") != "synthetic",
-                                skip_nonfinite=bool(t["skip_nonfinite"])),
+                                skip_nonfinite=t.skip_nonfinite),
                  metrics_log, checkpoints.CheckpointHook(ckpt, digest)]
-        if int(t["eval_every"]):
+        if t.eval_every:
             eval_step = held_out.make_eval_step(for_platform(phase.model, phase.mesh.devices.flat[0].platform),
                                                 built.state_shardings, built.batch_sharding, t, phase.mesh,
                                                 phase.rules)
-            hooks.append(held_out.HeldOutEval(int(t["eval_every"]), held_out.domains(cfg, vocab), eval_step,
+            hooks.append(held_out.HeldOutEval(t.eval_every, held_out.domains(t, dict(cfg["data"]), vocab), eval_step,
                                               built.batch_sharding, metrics_log))
         for hook in extra:
             closing.callback(hook.close)
-        loop = Loop(cfg, workdir, start, start, state, data, hooks + extra, schedule(t),
+        loop = Loop(cfg, t, workdir, start, start, state, data, hooks + extra, schedule(t),
                     saved_step=start if resumed is not None else None)
         del state
         run(loop, step_fn, built.batch_sharding)
         final = workdir / "final"
-        if resumed is not None and start == int(t["steps"]) and final.is_dir():
+        if resumed is not None and start == t.steps and final.is_dir():
             print(f"[btx] {workdir} already finished (step {start} of train.steps={start}); {final} is up to date",
                   flush=True)
         else:
@@ -360,10 +360,10 @@ def run(loop: Loop, step_fn, batch_sharding) -> None:
             hook.on_end(loop)
 
 
-def abstract_batch(built: BuiltStep, t: dict) -> dict:
+def abstract_batch(built: BuiltStep, t: schema.Train) -> dict:
     """The global batch the data pipeline yields (btx_jax/data/packing.py), as ShapeDtypeStructs in the batch
     sharding: [global_batch_size, seq_len], loss_mask fp32, the rest int32."""
-    shape = (int(t["global_batch_size"]), int(t["seq_len"]))
+    shape = (t.global_batch_size, t.seq_len)
     return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
                                     sharding=built.batch_sharding) for k in FIELDS}
 

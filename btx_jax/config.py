@@ -111,6 +111,11 @@ class MoESpec:
 MOE_IMPLS = ("auto", "ragged", "segment", "dense")
 
 
+def _arch(doc: str, default=dataclasses.MISSING):
+    """A LlamaConfig field with its one-line doc."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 # LlamaConfig's integer sizes and the Hugging Face config.json keys they come from.
 HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
            "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
@@ -120,20 +125,23 @@ HF_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermedia
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None   # frozen dict items
-    max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False
-    bos_token_id: int | None = 1
-    eos_token_id: int | tuple[int, ...] | None = 2
+    """A Llama architecture (config.json's fields; `doc` of each field: the configuration reference's
+    `model.arch` table), plus the LoRA adapter or the FFN-MoE on it."""
+    vocab_size: int = _arch("tokens in the vocabulary (embedding and lm_head rows)")
+    hidden_size: int = _arch("model width")
+    intermediate_size: int = _arch("FFN width (gate/up_proj outputs)")
+    num_layers: int = _arch("decoder layers (HF num_hidden_layers)")
+    num_heads: int = _arch("query heads (HF num_attention_heads)")
+    num_kv_heads: int = _arch("key/value heads, a divisor of num_heads (HF num_key_value_heads; GQA)")
+    head_dim: int = _arch("width of one attention head (usually hidden_size / num_heads)")
+    rms_norm_eps: float = _arch("RMSNorm epsilon", 1e-5)
+    rope_theta: float = _arch("RoPE base frequency", 10000.0)
+    rope_scaling: tuple[tuple[str, Any], ...] | None = _arch("RoPE scaling: HF rope_scaling's items (rope_type "
+                                                             "llama3 or linear)", None)
+    max_position_embeddings: int = _arch("longest sequence the model is used at", 4096)
+    tie_word_embeddings: bool = _arch("lm_head shares the embedding matrix", False)
+    bos_token_id: int | None = _arch("beginning-of-sequence token id", 1)
+    eos_token_id: int | tuple[int, ...] | None = _arch("end-of-sequence token id(s)", 2)
     adapter: AdapterSpec | None = None
     moe: MoESpec | None = None
 

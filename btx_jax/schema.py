@@ -16,7 +16,7 @@ import sys
 import typing
 from typing import Any, Callable
 
-from btx_jax.config import ATTENTION_IMPLS, DTYPES, LOSS_LAYOUTS, REMAT_CHOICES, ConfigError
+from btx_jax.config import ALL_TARGETS, ATTENTION_IMPLS, DTYPES, LOSS_LAYOUTS, REMAT_CHOICES, ConfigError, LlamaConfig
 
 
 def field(default, doc: str, *, kind: str, allowed: str, check: Callable | None = None,
@@ -99,13 +99,30 @@ def _is_path(v) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class Lora:
+    rank: int = _int(8, 1, "LoRA rank r of every target")
+    alpha: float = _num(16.0, lambda v: v > 0, "a number > 0", "LoRA alpha: the update is scaled by alpha / r "
+                        "(alpha / sqrt(r) with rslora)")
+    targets: list = field(["gate_proj", "up_proj", "down_proj"], "the projections of every layer that get LoRA",
+                          kind="list", allowed=f"a list of {', '.join(ALL_TARGETS)}",
+                          check=lambda v: bool(v) and all(t in ALL_TARGETS for t in v))
+    dropout: float = _num(0.0, lambda v: 0 <= v < 1, "in [0, 1)", "dropout on the LoRA branch's input (training)")
+    rslora: bool = _bool(False, "rank-stabilised LoRA: scale alpha / sqrt(r)")
+    init: str = _choice("kaiming", ("kaiming", "gaussian"), "init of LoRA A (B starts at zero: the model's output "
+                        "is unchanged at step 0)")
+
+
+ARCH_KEYS = tuple(f.name for f in dataclasses.fields(LlamaConfig) if "doc" in f.metadata)   # model.arch's keys
+
+
+@dataclasses.dataclass(frozen=True)
 class Model:
     init: str = field("random", "'random' or a model directory (HF, mergoo, btx) the phase starts from",
                       kind="path", allowed="'random' or a model directory", check=_is_path)
-    arch: dict = field({}, "LlamaConfig fields of a random model (init='random'; configs/common.py ARCHS)",
-                       kind="dict", allowed="a dict of LlamaConfig fields")
-    lora: dict = field({}, "fresh LoRA of the expert phase: targets, rank, alpha, dropout, ... (empty = none)",
-                       kind="dict", allowed="a dict of LoRA settings", optional=True)
+    arch: dict = field({}, "the architecture of a random model (init='random'; configs/common.py ARCHS): "
+                       "`model.arch` below", kind="dict", allowed="a dict of LlamaConfig fields")
+    lora: Lora | None = field({}, "a fresh LoRA, added for the expert phase: `model.lora` below (empty = none)",
+                              kind="dict", allowed="a dict of LoRA settings", optional=True)
     compose: dict = field({}, "compose before training (router phase): experts, mode, top_k, seed_expert, "
                           "router_init (empty = none)", kind="dict", allowed="a dict of compose settings",
                           optional=True)
@@ -244,6 +261,32 @@ def check_values(section: str, values: dict, cls) -> None:
             raise ConfigError(f"{section}.{f.name}={v!r}: must be {m['allowed']}")
 
 
+def _model(values: dict) -> dict:
+    """The model section's values with its sub-dicts checked: `arch` keys (LlamaConfig fields), `lora` as a
+    typed `Lora` (None when empty).  `compose` is checked by its mode's spec (btx_jax/mix/compose.py)."""
+    arch = values.get("arch") or {}
+    if not isinstance(arch, dict):
+        raise ConfigError(f"model.arch={arch!r}: must be a dict of LlamaConfig fields")
+    for key in arch:
+        if key not in ARCH_KEYS:
+            raise unknown_key(f"model.arch.{key}", ARCH_KEYS)
+    return {**values, "arch": {k: _tuples(v) for k, v in arch.items()},
+            "lora": parse_lora(values["lora"]) if values.get("lora") else None}
+
+
+def _tuples(v):
+    """Lists (as plain() writes a config's tuples) back to tuples: LlamaConfig is hashable."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def parse_lora(values: dict) -> Lora:
+    """`model.lora` (a dict of LoRA settings) as a typed Lora; ConfigError naming the key otherwise."""
+    values = plain(values)
+    check_keys("model.lora", values, Lora)
+    check_values("model.lora", values, Lora)
+    return _typed(Lora, {**values, "targets": list(values.get("targets", Lora().targets))})
+
+
 def _typed(cls, values: dict):
     out = {}
     for f in fields(cls):
@@ -272,7 +315,7 @@ def parse(cfg) -> Run:
             raise ConfigError(f"config section {name!r} must be a dict, not {values!r}")
         check_keys(name, values, cls)
         check_values(name, values, cls)
-        sections[name] = _typed(cls, values)
+        sections[name] = _typed(cls, _model(values) if cls is Model else values)
     top = {k: d[k] for k in ("phase", "trainable", "mesh_rules") if k in d and d[k] is not None}
     check_values("", top, Run)
     return Run(**top, **sections)
@@ -293,8 +336,11 @@ def resumable_keys() -> tuple[str, ...]:
 
 
 def _type_name(f: dataclasses.Field) -> str:
-    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    return t + (" or None" if f.metadata["optional"] else "")
+    if f.metadata.get("kind") == "dict":        # as a config writes it (model.lora is typed when parsed)
+        t = "dict"
+    else:
+        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return t + (" or None" if f.metadata.get("optional") else "")
 
 
 def reference() -> str:
@@ -318,7 +364,28 @@ def reference() -> str:
             lines.append(f"| `{prefix}{f.name}` | {_type_name(f)} | `{default!r}` | {cell(m['allowed'])} | "
                          f"{'yes' if m['resumable'] or section_resumable else 'no'} | {cell(m['doc'])} |")
         lines.append("")
+        if cls is Model:
+            lines += _model_tables()
     return "\n".join(lines)
+
+
+def _model_tables() -> list[str]:
+    """The reference's sub-tables of `model`: the LoRA settings and the architecture (LlamaConfig's fields)."""
+    cell = lambda s: str(s).replace("|", "\\|")      # noqa: E731
+    lines = ["### `model.lora`", "", "| key | type | default | allowed | doc |", "|---|---|---|---|---|"]
+    for f in fields(Lora):
+        lines.append(f"| `model.lora.{f.name}` | {_type_name(f)} | `{defaults(Lora)[f.name]!r}` | "
+                     f"{cell(f.metadata['allowed'])} | {cell(f.metadata['doc'])} |")
+    lines += ["", "### `model.arch`", "",
+              "Checked by `LlamaConfig` (btx_jax/config.py) when the run starts from a random model; a key not "
+              "listed here is refused.", "", "| key | type | default | doc |", "|---|---|---|---|"]
+    for f in dataclasses.fields(LlamaConfig):
+        if f.name in ARCH_KEYS:
+            default = "required" if f.default is dataclasses.MISSING else f"`{f.default!r}`"
+            lines.append(f"| `model.arch.{f.name}` | {cell(f.type)} | {default} | {cell(f.metadata['doc'])} |")
+    return lines + ["", "`model.compose` takes `experts` (directories), `mode` (`lora`: a LoRA-MoE, or `ffn`: an "
+                    "FFN-MoE) and the fields of that mode's spec, `LoraMoESpec` or `FfnMoESpec` (btx_jax/mix/"
+                    "compose.py; [the pipeline](../pipeline.md)); `router_seed` defaults to `train.seed`.", ""]
 
 
 typing.get_type_hints(Run)       # the annotations resolve (a typo in one fails at import)

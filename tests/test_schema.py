@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from btx_jax import schema
-from btx_jax.config import ConfigError
+from btx_jax.config import ConfigError, LlamaConfig
 from btx_jax.configs.common import base_config
 
 REFERENCE = Path(__file__).parent.parent / "docs" / "reference" / "configuration.md"
@@ -20,9 +20,16 @@ def test_reference_is_up_to_date():
 
 
 def test_every_field_has_a_doc():
-    for cls in (schema.Run, *schema.SECTIONS.values()):
+    for cls in (schema.Run, *schema.SECTIONS.values(), schema.Lora):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("doc", "").strip(), f"{cls.__name__}.{f.name} has no doc"
+    specs = {"adapter", "moe"}          # set by the phases and converters, not by a config's model.arch
+    undocumented = [f.name for f in dataclasses.fields(LlamaConfig) if f.name not in specs and
+                    not f.metadata.get("doc", "").strip()]
+    assert not undocumented, f"LlamaConfig fields without a doc (and so refused in model.arch): {undocumented}"
+    reference = schema.reference()
+    assert all(f"`model.arch.{k}`" in reference for k in schema.ARCH_KEYS)
+    assert all(f"`model.lora.{f.name}`" in reference for f in dataclasses.fields(schema.Lora))
 
 
 def test_parse_types_and_defaults():
@@ -43,6 +50,33 @@ def test_parse_names_the_bad_key():
     c.train.lr = -1.0
     with pytest.raises(ConfigError, match=r"train.lr=-1.0: must be a number > 0"):
         schema.parse(c)
+
+
+def test_model_section_is_typed_and_its_sub_keys_checked():
+    """model.lora becomes a typed Lora (a misspelt key was silently dropped: a run trained without the dropout it
+    asked for), model.arch keys are LlamaConfig's (a misspelt one was a TypeError traceback)."""
+    from btx_jax.configs import expert
+    run = schema.parse(expert.get_config("wiki"))
+    assert run.model.lora == schema.Lora(rank=640, alpha=32.0, targets=["gate_proj", "up_proj", "down_proj"],
+                                         dropout=0.1)
+    assert schema.parse(base_config()).model.lora is None
+    c = expert.get_config("synthetic")
+    c.model.lora.dropuot = 0.1
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.lora.dropuot' \(did you mean "
+                                          r"'model.lora.dropout'\?\)"):
+        schema.parse(c)
+    c = expert.get_config("synthetic")
+    c.model.lora.targets = ("gate_proj", "wo")
+    with pytest.raises(ConfigError, match=r"model.lora.targets=\['gate_proj', 'wo'\]: must be a list of q_proj"):
+        schema.parse(c)
+    c = expert.get_config("synthetic")
+    c.model.arch.hiden_size = 64
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.arch.hiden_size' \(did you mean "
+                                          r"'model.arch.hidden_size'\?\)"):
+        schema.parse(c)
+    c = expert.get_config("synthetic")
+    c.model.arch.eos_token_id = (2, 3)
+    assert schema.parse(c).model.arch["eos_token_id"] == (2, 3)        # tuples stay tuples: LlamaConfig hashes
 
 
 def test_resumable_keys():

@@ -186,6 +186,7 @@ def test_two_processes_train_together_like_one(tmp_path):
     ("--config.phase=pretrain", "unknown phase"),
     ("--config.trainable=('nothing_matches',)", "match no parameter"),
     ("--config.model.lora.targets=('gate_proj','wo')", "'wo'"),
+    ("--config.model.lora.rank=0", "model.lora.rank=0: must be an integer >= 1"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path, override, message):
     proc = _run(_cli(tmp_path, override), check=False)

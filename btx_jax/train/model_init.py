@@ -11,21 +11,18 @@ until the trainer fills its sharded target):
 """
 from __future__ import annotations
 
+from btx_jax import schema
 from btx_jax.mix.compose import compose_source, make_spec
 from btx_jax.config import AdapterSpec, ConfigError, ExpertSpec, LlamaConfig
 from btx_jax.pretrained import ModelSource, open_model, random_source
 
 
-def _plain(d) -> dict:
-    return dict(d.to_dict() if hasattr(d, "to_dict") else d)
-
-
-def lora_spec(lora) -> AdapterSpec:
-    lora = _plain(lora)
-    return AdapterSpec(targets=tuple(lora.get("targets", ("gate_proj", "up_proj", "down_proj"))),
-                       experts=(ExpertSpec(rank=int(lora["rank"]), alpha=float(lora["alpha"]),
-                                           rslora=bool(lora.get("rslora", False))),),
-                       dropout=float(lora.get("dropout", 0.0)), init=lora.get("init", "kaiming"))
+def lora_spec(lora: schema.Lora | dict) -> AdapterSpec:
+    """The plain-LoRA AdapterSpec of `model.lora` (a schema.Lora, or its dict: checked like the config's)."""
+    lora = lora if isinstance(lora, schema.Lora) else schema.parse_lora(lora)
+    return AdapterSpec(targets=tuple(lora.targets), experts=(ExpertSpec(rank=lora.rank, alpha=lora.alpha,
+                                                                        rslora=lora.rslora),),
+                       dropout=lora.dropout, init=lora.init)
 
 
 def with_fresh_lora(src: ModelSource, spec: AdapterSpec, seed: int) -> ModelSource:
@@ -36,19 +33,20 @@ def with_fresh_lora(src: ModelSource, spec: AdapterSpec, seed: int) -> ModelSour
 
 
 def initial_source(model_cfg, seed: int) -> ModelSource:
-    m = _plain(model_cfg)
-    if m.get("compose"):
-        options = {"router_seed": seed, **_plain(m["compose"])}
+    """The starting model of config section `model_cfg` (its dict or ConfigDict; checked by btx_jax/schema.py)."""
+    m = schema.parse({"model": model_cfg}).model
+    if m.compose:
+        options = {"router_seed": seed, **m.compose}
         mode, experts = options.pop("mode", "lora"), options.pop("experts", None)
         if not experts:
             raise ConfigError("model.compose.experts: needs at least one expert directory")
-        return compose_source(m["init"], list(experts), make_spec(mode, options, lambda k: f"model.compose.{k}"))
-    if m.get("init", "random") == "random":
-        if not m.get("arch"):
+        return compose_source(m.init, list(experts), make_spec(mode, options, lambda k: f"model.compose.{k}"))
+    if m.init == "random":
+        if not m.arch:
             raise ConfigError("model.init='random' needs model.arch (LlamaConfig fields)")
-        src = random_source(LlamaConfig(**_plain(m["arch"])), seed)
+        src = random_source(LlamaConfig(**m.arch), seed)
     else:
-        src = open_model(m["init"])
-    if m.get("lora"):
-        src = with_fresh_lora(src, lora_spec(m["lora"]), seed)
+        src = open_model(m.init)
+    if m.lora is not None:
+        src = with_fresh_lora(src, lora_spec(m.lora), seed)
     return src

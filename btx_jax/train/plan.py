@@ -57,9 +57,9 @@ def load_config(spec: str):
 
 def model_config(cfg: dict, phase: str, experts: int, top_k: int):
     """The LlamaConfig a phase trains (abstract: no checkpoint is read)."""
-    arch = LlamaConfig(**dict(cfg["model"]["arch"]))
-    lora = cfg["model"].get("lora") or dict(targets=("gate_proj", "up_proj", "down_proj"), rank=8, alpha=16.0)
-    one = lora_spec(lora)
+    m = schema.parse(cfg).model
+    arch = LlamaConfig(**m.arch)
+    one = lora_spec(m.lora or schema.Lora())           # without one in the config: the schema's default LoRA
     if phase == "expert":
         return arch.replace(adapter=one)
     if phase == "full":

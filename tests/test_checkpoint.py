@@ -433,3 +433,15 @@ def test_write_tensors_streams_each_array_and_reads_back_as_safetensors(tmp_path
             index = json.loads((tmp_path / sub / "model.safetensors.index.json").read_text())
             assert len(files) > 2 and set(index["weight_map"]) == set(want)
             assert index["metadata"]["total_size"] == sum(a.nbytes for a in want.values())
+
+
+def test_a_lazy_leaf_indexes_like_numpy():
+    """Slices and integers (negative ones too; an integer drops its dimension), reading only what is asked for:
+    exports index stacked leaves per layer (`leaf[i]`) and per layer and expert (`leaf[i, e]`)."""
+    from btx_jax.checkpoint.lazy import LazyLeaf
+    a = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    asked = []
+    leaf = LazyLeaf(a.shape, a.dtype, lambda idx: asked.append(idx) or a[idx])
+    for index in (1, (1, 2), -1, (slice(0, 1),), (slice(None), 1), (0, slice(1, 3), -2)):
+        np.testing.assert_array_equal(leaf[index], a[index], err_msg=str(index))
+    assert asked[1] == (slice(1, 2), slice(2, 3), slice(0, 4))

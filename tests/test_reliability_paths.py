@@ -137,13 +137,13 @@ def test_a_signal_during_convert_leaves_no_temp_dir_and_the_old_output(models, t
 
 def test_sigterm_during_an_orbax_write_leaves_nothing(models, tmp_path, capsys, monkeypatch):
     import orbax.checkpoint as ocp
-    real = ocp.StandardCheckpointer.save
+    real = ocp.Checkpointer.save
 
     def save_and_signal(self, *a, **k):          # the signal arrives while orbax may still be writing
         out = real(self, *a, **k)
         os.kill(os.getpid(), signal.SIGTERM)
         return out
-    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save_and_signal)
+    monkeypatch.setattr(ocp.Checkpointer, "save", save_and_signal)
     assert convert.main(["hf-to-btx", str(models / "llama"), str(tmp_path / "btx")]) == 143
     one_line_error(capsys, "interrupted by SIGTERM", str(tmp_path / "btx"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]

@@ -96,5 +96,5 @@ def export_tensors(flat: dict[str, np.ndarray], config: LlamaConfig, select: Cal
         rule = param_paths.rule_for(path)
         arr = flat[path]
         for i, key in param_paths.hf_keys(path, config.num_layers, num_experts(config)):
-            t = np.asarray(arr if i is None else arr[i:i + 1][0])     # a slice: lazy leaves read slices
+            t = np.asarray(arr if i is None else arr[i])
             yield key_of(path, key), (t.T if rule.transpose else t)

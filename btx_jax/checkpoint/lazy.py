@@ -69,7 +69,13 @@ class LazyLeaf:
         return int(np.prod(self.shape)) * self.dtype.itemsize
 
     def __getitem__(self, index) -> np.ndarray:
-        return np.asarray(self._read(normalize(index, self.shape)), dtype=self.dtype)
+        """The values at `index`: slices, or integers (that dimension dropped, as numpy does)."""
+        index = index if isinstance(index, tuple) else (index,)
+        ints = tuple(d for d, s in enumerate(index) if isinstance(s, (int, np.integer)))
+        slices = tuple(slice(s % self.shape[d], s % self.shape[d] + 1) if d in ints else s
+                       for d, s in enumerate(index))
+        out = np.asarray(self._read(normalize(slices, self.shape)), dtype=self.dtype)
+        return out.squeeze(axis=ints) if ints else out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         full = self[tuple(slice(None) for _ in self.shape)]

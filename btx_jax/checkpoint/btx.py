@@ -258,7 +258,8 @@ def restore(directory: str | Path, target: dict[str, jax.ShapeDtypeStruct]) -> d
         out = param_paths.flatten(ckpt.restore(_params_dir(directory), args=args))
     for path, leaf in out.items():     # checked where the leaf lives: no extra host copy
         if jnp.issubdtype(leaf.dtype, jnp.floating) and not bool(jnp.isfinite(leaf).all()):
-            raise CheckpointError(f"{directory}: tensor {path!r} holds non-finite values (NaN/inf); refusing to load it")
+            raise CheckpointError(f"{directory}: tensor {path!r} holds non-finite values (NaN/inf); refusing to load "
+                                  "it")
     return out
 
 

@@ -15,10 +15,11 @@ foreign architecture, missing / misshapen tensor, corrupt safetensors, pickle ch
 --allow-pickle, an index.json shard or a frozen_from outside the expected places without
 BTX_ALLOW_EXTERNAL_FILES=1) it prints ONE line to stderr and exits with code 2.  DST is checked before any work:
 a file, a symlink, a path below a file, SRC or a directory inside it, or (with --overwrite) a directory holding
-SRC or any directory SRC's chain needs is refused.  DST is written into a temporary sibling directory and renamed at the end,
-so an error never leaves a half-written DST; SIGTERM / Ctrl-C print one line, remove it and exit 143 / 130.
+SRC or any directory SRC's chain needs is refused.  DST is written into a temporary sibling directory and renamed at
+the end, so an error never leaves a half-written DST; SIGTERM / Ctrl-C print one line, remove it and exit 143 / 130.
 
-The CLI is `btx convert` (it calls `main`).  A new conversion is one entry in CONVERSIONS: which format SRC must be, how to load it, which format to save.
+The CLI is `btx convert` (it calls `main`).  A new conversion is one entry in CONVERSIONS: which format SRC must be,
+how to load it, which format to save.
 """
 from __future__ import annotations
 

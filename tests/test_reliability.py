@@ -174,8 +174,8 @@ def test_rerunning_a_finished_run_changes_nothing(trained, tmp_path, capsys):
 def test_sigint_saves_then_exits_130(tmp_path, monkeypatch, capsys, python_sigint):
     real = trainer.make_data
 
-    def interrupting(cfg, vocab):          # Ctrl-C arrives while the third batch is being read
-        data = real(cfg, vocab)
+    def interrupting(t, d, vocab):         # Ctrl-C arrives while the third batch is being read
+        data = real(t, d, vocab)
         nxt = type(data).__next__
 
         class Interrupting(type(data)):

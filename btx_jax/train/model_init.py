@@ -33,8 +33,9 @@ def with_fresh_lora(src: ModelSource, spec: AdapterSpec, seed: int) -> ModelSour
 
 
 def initial_source(model_cfg, seed: int) -> ModelSource:
-    """The starting model of config section `model_cfg` (its dict or ConfigDict; checked by btx_jax/schema.py)."""
-    m = schema.parse({"model": model_cfg}).model
+    """The starting model of config section `model_cfg`: a schema.Model, or its dict or ConfigDict (checked like
+    the config's)."""
+    m = model_cfg if isinstance(model_cfg, schema.Model) else schema.parse({"model": model_cfg}).model
     if m.compose:
         options = {"router_seed": seed, **m.compose}
         mode, experts = options.pop("mode", "lora"), options.pop("experts", None)

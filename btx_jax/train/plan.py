@@ -83,12 +83,11 @@ def plan(cfg: dict, *, phase: str | None = None, batch: int | None = None, exper
         cfg["phase"] = phase
     if batch:
         cfg["train"]["global_batch_size"] = int(batch)
-    t = schema.parse(cfg).train
-    gb, seq = t.global_batch_size, t.seq_len
     mesh = mesh if mesh is not None else mesh_lib.make_mesh(cfg["mesh"])
     config = model_config(cfg, cfg["phase"], experts, top_k)
     phase = wire(cfg, mesh, random_source(config, 0))           # abstract: nothing is allocated
-    built = phase.built
+    built, t = phase.built, phase.train
+    gb, seq = t.global_batch_size, t.seq_len
     trainable, frozen = param_paths.unflatten(phase.trainable), param_paths.unflatten(phase.frozen)
     batch_abs = abstract_batch(built, t)
     target = target or aot.parse_target(f"cpu:{mesh.devices.size}")

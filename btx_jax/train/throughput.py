@@ -20,7 +20,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from btx_jax import schema
 from btx_jax.config import MLP_TARGETS, AdapterSpec, ExpertSpec, LlamaConfig
 from btx_jax.data.packing import FIELDS
 from btx_jax.data.synthetic import SyntheticPipeline
@@ -106,8 +105,8 @@ def phase_step(base, phase: str, config: LlamaConfig, params: dict, **train) -> 
     cfg = resolved(base)
     wired = wire(cfg, source=memory_source(Pretrained(config, params)))
     state, _ = initial_state(wired, 0)
-    t = schema.parse(cfg).train
-    batch = random_batch(config.vocab_size, t.global_batch_size, t.seq_len, wired.built.batch_sharding)
+    batch = random_batch(config.vocab_size, wired.train.global_batch_size, wired.train.seq_len,
+                         wired.built.batch_sharding)
     holder = {"state": state, "metrics": None}
 
     def step():

@@ -126,9 +126,10 @@ def _distributed_message(kwargs: dict, timeout: int, failed: bool = False) -> st
             "distributed.coordinator_address, that every process was started and that the port is reachable)")
 
 
-def make_data(cfg: dict, vocab_size: int):
-    """The training batch iterator of this process (synthetic tokens when data.kind='synthetic')."""
-    t, d = schema.parse(cfg).train, dict(cfg["data"])
+def make_data(t: schema.Train, d: dict, vocab_size: int):
+    """The training batch iterator of this process for train section `t` and data section `d` (synthetic tokens
+    when data.kind='synthetic')."""
+    d = dict(d)
     kw = dict(seq_len=t.seq_len, global_batch_size=t.global_batch_size, process_index=jax.process_index(),
               process_count=jax.process_count(), seed=t.seed)
     if d.get("kind") == "synthetic":
@@ -146,12 +147,12 @@ def summary(trainable, frozen, state_shardings, state) -> dict:
             "opt_state_leaves": len(jax.tree_util.tree_leaves(state["opt_state"]))}
 
 
-def phase_targets(shapes: dict, cfg: dict, mesh, rules) -> tuple[dict, dict]:
+def phase_targets(shapes: dict, run: schema.Run, mesh, rules) -> tuple[dict, dict]:
     """({path: ShapeDtypeStruct} trainable in fp32, frozen in train.frozen_dtype), each with its sharding,
     for a model's abstract leaves `shapes`."""
-    trainable, frozen = phases.split(shapes, phases.trainable_patterns(cfg["phase"], cfg.get("trainable")))
+    trainable, frozen = phases.split(shapes, phases.trainable_patterns(run.phase, run.trainable))
     return (mesh_lib.sharded_target(trainable, mesh, rules, jnp.float32),
-            mesh_lib.sharded_target(frozen, mesh, rules, schema.parse(cfg).train.frozen_dtype))
+            mesh_lib.sharded_target(frozen, mesh, rules, run.train.frozen_dtype))
 
 
 class BuiltStep(NamedTuple):
@@ -162,11 +163,10 @@ class BuiltStep(NamedTuple):
     abstract_state: dict              # ShapeDtypeStruct tree of the state, with shardings
 
 
-def build_step(cfg: dict, mesh, rules, model, trainable, frozen) -> BuiltStep:
+def build_step(t: schema.Train, mesh, rules, model, trainable, frozen) -> BuiltStep:
     """Optimizer, state/batch shardings and the jitted train step for `model` whose parameters split into
     `trainable`/`frozen` (arrays or ShapeDtypeStructs: only shapes and dtypes are read).  Shared by train()
     and btx_jax/train/plan.py (which lowers `step_fn` on `abstract_state` without allocating anything)."""
-    t = schema.parse(cfg).train
     tx = make_optimizer(t)
     shard = lambda tree: mesh_lib.param_shardings(tree, mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -210,6 +210,7 @@ class Phase(NamedTuple):
     frozen: dict
     model: Llama
     built: BuiltStep
+    train: schema.Train               # the config's train section, typed
 
 
 def wire(cfg: dict, mesh=None, source: ModelSource | None = None) -> Phase:
@@ -217,14 +218,14 @@ def wire(cfg: dict, mesh=None, source: ModelSource | None = None) -> Phase:
     train(), btx_jax/train/plan.py and btx_jax/train/throughput.py).  Reads configs and tensor headers only.
     `source`: start from this model instead of `cfg["model"]`'s."""
     rules = validate(cfg, jax.device_count() if mesh is None else mesh.devices.size)
-    t = schema.parse(cfg).train
+    run = schema.parse(cfg)
     mesh = mesh_lib.make_mesh(cfg["mesh"]) if mesh is None else mesh
-    source = source or initial_source(cfg["model"], seed=t.seed)
+    source = source or initial_source(run.model, seed=run.train.seed)
     check_model(cfg, source.config, list(source.abstract()))
-    trainable, frozen = phase_targets(source.abstract(), cfg, mesh, rules)
-    model = train_module(source.config, t)
-    built = build_step(cfg, mesh, rules, model, param_paths.unflatten(trainable), param_paths.unflatten(frozen))
-    return Phase(mesh, rules, source, trainable, frozen, model, built)
+    trainable, frozen = phase_targets(source.abstract(), run, mesh, rules)
+    model = train_module(source.config, run.train)
+    built = build_step(run.train, mesh, rules, model, param_paths.unflatten(trainable), param_paths.unflatten(frozen))
+    return Phase(mesh, rules, source, trainable, frozen, model, built, run.train)
 
 
 def initial_state(phase: Phase, seed: int) -> tuple[dict, str]:
@@ -258,7 +259,7 @@ def train(config, workdir: str | Path, hooks: Sequence[Hook] = ()) -> dict:
     maybe_initialize_distributed(cfg)
     with workdir_lock(workdir):     # first: a second run is refused before it compiles (the lock leaves no
         phase = wire(cfg)           # directory behind when the run stops before writing anything)
-        t = schema.parse(cfg).train
+        t = phase.train
         built = phase.built
         # compiled before any weight is read: the compiler's working memory is freed before the state exists
         try:
@@ -290,10 +291,10 @@ def workdir_lock(workdir: Path):
 
 
 def _train(cfg: dict, workdir: Path, phase: Phase, step_fn, extra: list[Hook]) -> dict:
-    t = schema.parse(cfg).train
+    t = phase.train
     built = phase.built
     vocab = phase.source.config.vocab_size
-    data = make_data(cfg, vocab)
+    data = make_data(t, cfg["data"], vocab)
     with contextlib.ExitStack() as closing:     # every hook closed however the run ends, the last first
         ckpt = checkpoints.Checkpointer(workdir / "checkpoints", t.ckpt_every, t.keep_checkpoints)
         closing.callback(ckpt.close)
